@@ -1,0 +1,35 @@
+"""peftedit: text-based editing of real photos with Stable Diffusion, saved as small safetensors edits.
+
+Python API::
+
+    from peftedit import load_model, imagic, Artifact
+    model = load_model(None)                      # the demo model; or a hub id / folder / .safetensors
+    edit = imagic.fit(model, "photo.png", "a photo of a sitting dog")
+    edit.save("adapters/dog-sitting")
+    image = imagic.render(model, Artifact.load("adapters/dog-sitting"), eta=0.7, seed=3)
+"""
+
+__version__ = "0.1.0"
+
+from .artifacts import Artifact  # noqa: E402
+from .config import RuntimeConfig, build  # noqa: E402
+from .errors import ArtifactError, NumericalError, PeftEditError  # noqa: E402
+from .methods import imagic  # noqa: E402
+from .methods.imagic import ImagicConfig  # noqa: E402
+from .models import Model, load_model  # noqa: E402
+
+load = Artifact.load
+
+__all__ = [
+    "Artifact",
+    "ArtifactError",
+    "ImagicConfig",
+    "Model",
+    "NumericalError",
+    "PeftEditError",
+    "RuntimeConfig",
+    "build",
+    "imagic",
+    "load",
+    "load_model",
+]

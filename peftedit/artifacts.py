@@ -1,0 +1,192 @@
+"""The edit folder: one photo's edit, saved so it can be shared and re-rendered without re-training.
+
+Layout (documented in adapters/README.md)::
+
+    edit.safetensors                  tensors needed to render + all metadata in the header
+    pytorch_lora_weights.safetensors  (Imagic) the LoRA, in the layout diffusers' load_lora_weights reads
+    preview.png                       a grid to look at
+    README.md                         a short model card
+
+Folders are written atomically: built next to the target under a hidden name, then renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .errors import ArtifactError
+
+FORMAT_VERSION = "1"
+EDIT_FILE = "edit.safetensors"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+PREVIEW_FILE = "preview.png"
+CARD_FILE = "README.md"
+PACKAGES = (
+    "peftedit",
+    "torch",
+    "diffusers",
+    "transformers",
+    "peft",
+    "bitsandbytes",
+    "safetensors",
+)
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of the packages that shape a result."""
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def now_utc() -> str:
+    """The current time as an ISO 8601 UTC string."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes of a tensor dict, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@dataclass
+class Artifact:
+    """One photo's edit: what a method's ``fit``/``invert`` returns and its ``render``/``edit`` takes."""
+
+    method: str
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    lora: dict[str, torch.Tensor] | None = None
+    lora_config: dict[str, Any] | None = None
+    preview: Image.Image | None = None
+    card: str = ""
+    extra_images: dict[str, Image.Image] = field(default_factory=dict)
+
+    def save(self, folder: str | Path, overwrite: bool = False) -> Path:
+        """Write the folder atomically; returns its path. An existing folder is replaced only with ``overwrite``."""
+        folder = Path(folder)
+        if folder.exists() and not overwrite:
+            raise ArtifactError(f"{folder} already exists; choose another -o or pass --overwrite")
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = folder.parent / f".{folder.name}.partial-{uuid.uuid4().hex[:8]}"
+        try:
+            tmp.mkdir()
+            self._write(tmp)
+            _replace_dir(tmp, folder)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return folder
+
+    def _write(self, tmp: Path) -> None:
+        files = {}
+        if self.lora is not None:
+            from diffusers import StableDiffusionPipeline
+
+            StableDiffusionPipeline.save_lora_weights(
+                tmp,
+                unet_lora_layers=self.lora,
+                unet_lora_adapter_metadata=dict(self.lora_config or {}),
+            )
+            files[LORA_FILE] = _file_sha256(tmp / LORA_FILE)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}
+        header = {
+            "format": "pt",
+            "peftedit.format_version": FORMAT_VERSION,
+            "peftedit.method": self.method,
+            "peftedit.meta": json.dumps(self.meta, sort_keys=True),
+            "peftedit.files": json.dumps(files, sort_keys=True),
+            "peftedit.tensors_sha256": tensors_sha256(tensors),
+        }
+        if self.lora_config is not None:
+            header["peftedit.lora_config"] = json.dumps(self.lora_config, sort_keys=True)
+        save_file(tensors, tmp / EDIT_FILE, metadata=header)
+        if self.preview is not None:
+            self.preview.save(tmp / PREVIEW_FILE)
+        for name, image in self.extra_images.items():
+            image.save(tmp / name)
+        if self.card:
+            (tmp / CARD_FILE).write_text(self.card)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Artifact:
+        """Read and verify an edit folder; raises :class:`ArtifactError` for anything incomplete or tampered."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ArtifactError(f"edit folder not found: {folder}")
+        path = folder / EDIT_FILE
+        if not path.is_file():
+            raise ArtifactError(f"{folder} is not a complete peftedit edit folder (no {EDIT_FILE})")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                header = handle.metadata() or {}
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise ArtifactError(f"{path}: corrupt safetensors file ({err})") from None
+        version = header.get("peftedit.format_version")
+        if version is None:
+            raise ArtifactError(f"{path} has no peftedit metadata: not a peftedit edit")
+        if version != FORMAT_VERSION:
+            raise ArtifactError(f"{folder} is format version {version}; this peftedit reads version {FORMAT_VERSION}")
+        if tensors_sha256(tensors) != header.get("peftedit.tensors_sha256"):
+            raise ArtifactError(f"{path}: tensors do not match their recorded checksum (modified or damaged)")
+        try:
+            meta = json.loads(header["peftedit.meta"])
+            files = json.loads(header["peftedit.files"])
+            lora_config = json.loads(header["peftedit.lora_config"]) if "peftedit.lora_config" in header else None
+        except (KeyError, json.JSONDecodeError) as err:
+            raise ArtifactError(f"{path}: damaged metadata ({err})") from None
+        for name, digest in files.items():
+            if not (folder / name).is_file():
+                raise ArtifactError(f"{folder} is incomplete: {name} is missing")
+            if _file_sha256(folder / name) != digest:
+                raise ArtifactError(f"{folder / name} does not match its recorded checksum (modified or damaged)")
+        lora = None
+        if LORA_FILE in files:
+            prefix = "unet."
+            lora = {k[len(prefix) :]: v for k, v in load_file(str(folder / LORA_FILE)).items() if k.startswith(prefix)}
+        preview = Image.open(folder / PREVIEW_FILE).convert("RGB") if (folder / PREVIEW_FILE).is_file() else None
+        return cls(header["peftedit.method"], tensors, meta, lora, lora_config, preview)
+
+    def require(self, *names: str) -> None:
+        """Raise :class:`ArtifactError` when a tensor the method needs is absent."""
+        missing = [n for n in names if n not in self.tensors]
+        if missing:
+            raise ArtifactError(f"{self.method} edit is missing tensors: {', '.join(missing)}")
+
+
+def _replace_dir(tmp: Path, folder: Path) -> None:
+    if not folder.exists():
+        os.replace(tmp, folder)
+        return
+    old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,282 @@
+"""The ``peftedit`` command: parse arguments, call the Python API, turn user errors into one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+import uuid
+from pathlib import Path
+
+from . import __version__
+
+EPILOG = """examples:
+  peftedit imagic photo.png "a photo of a sitting dog" -o adapters/dog-sitting
+  peftedit imagic photo.png "a photo of a sitting dog" --model stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+      --recipe sd15-8gb
+  peftedit edit adapters/dog-sitting --eta 0.7 --seed 3 -o sitting.png
+  peftedit inspect adapters/dog-sitting --json
+  peftedit generate "a large red circle on the left" --seed 1 -o circle.png
+
+With no --model, commands use the built-in demo model (a tiny world of coloured shapes). --debug shows tracebacks.
+"""
+
+
+def slug(*parts: str, limit: int = 60) -> str:
+    """A folder-friendly name from words."""
+    text = "-".join(re.sub(r"[^a-z0-9]+", "-", p.lower()).strip("-") for p in parts if p)
+    return text[:limit].strip("-") or "edit"
+
+
+def save_image_atomic(image, path: str | Path) -> Path:
+    """Save a PIL image via a temporary file and a rename, so no half-written picture is left behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}{path.suffix}"
+    try:
+        image.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="hub id, diffusers folder or .safetensors file (default: the demo model)")
+    p.add_argument("--single-file-config", help="diffusers config folder/id for a single .safetensors checkpoint")
+    p.add_argument("--recipe", help="recipe name in recipes/ or a .toml path")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="peftedit",
+        description="Edit real photos with a sentence; keep each edit as a small safetensors folder.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"peftedit {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "imagic",
+        help="fit an Imagic edit (embedding + LoRA) to a photo",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("image", help="input photo")
+    p.add_argument("text", help="target text: the photo as it should become")
+    _add_model_args(p)
+    p.add_argument("-o", "--output", help="edit folder to write (default: adapters/<image>-<text>)")
+    p.add_argument("--embedding-steps", type=int, help="stage 1 steps (imagic.embedding_steps)")
+    p.add_argument("--finetune-steps", type=int, help="stage 2 steps (imagic.finetune_steps)")
+    p.add_argument("--seed", type=int, help="training seed (runtime.seed)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+    p = sub.add_parser(
+        "edit",
+        help="render a saved edit (no re-training)",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("folder", help="edit folder written by 'imagic' or 'invert'")
+    p.add_argument("target", nargs="?", help="target prompt (inversions only; none = reconstruction)")
+    p.add_argument("--model", help="base model (default: the one recorded in the edit)")
+    p.add_argument("--single-file-config", help=argparse.SUPPRESS)
+    p.add_argument("--eta", type=float, help="Imagic interpolation (default: the edit's recipe)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance (default: the edit's recipe)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the edit's recipe)")
+    p.add_argument("-o", "--output", help="PNG to write (default: <folder>-<settings>.png)")
+
+    p = sub.add_parser("inspect", help="show what an edit folder holds")
+    p.add_argument("folder")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("generate", help="plain text-to-image with any model")
+    p.add_argument("prompt")
+    p.add_argument("--model", help="hub id, diffusers folder or .safetensors file (default: the demo model)")
+    p.add_argument("--single-file-config", help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's recommendation)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance (default: the model's recommendation)")
+    p.add_argument("-o", "--output", default="generated.png")
+    return parser
+
+
+def recipe_sections() -> dict[str, type]:
+    """Every table a recipe file may hold, by name."""
+    from .config import RuntimeConfig
+    from .methods.imagic import ImagicConfig
+
+    return {"runtime": RuntimeConfig, "imagic": ImagicConfig}
+
+
+def _sections(*names: str) -> dict[str, type]:
+    known = recipe_sections()
+    return {name: known[name] for name in names}
+
+
+def cmd_imagic(args) -> int:
+    from .config import build
+    from .methods import imagic
+    from .models import load_model
+
+    overrides = list(args.set)
+    for flag, key in (
+        ("embedding_steps", "imagic.embedding_steps"),
+        ("finetune_steps", "imagic.finetune_steps"),
+        ("seed", "runtime.seed"),
+    ):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    configs = build(_sections("runtime", "imagic"), args.recipe, overrides)
+    output = Path(args.output or Path("adapters") / slug(Path(args.image).stem, args.text))
+    if output.exists() and not args.overwrite:
+        raise FileExistsError(f"{output} already exists; choose another -o or pass --overwrite")
+    model = load_model(args.model, configs["runtime"], args.single_file_config)
+    artifact = imagic.fit(
+        model, args.image, args.text, configs["imagic"], configs["runtime"], show_progress=not args.quiet
+    )
+    artifact.save(output, overwrite=args.overwrite)
+    losses = artifact.meta["losses"]
+    print(
+        f"saved {output} (final losses: embedding {losses['embedding']:.4f}, LoRA {losses['finetune']:.4f}); "
+        f"preview: {output / 'preview.png'}"
+    )
+    return 0
+
+
+def cmd_edit(args) -> int:
+    from .artifacts import Artifact
+    from .models import load_model
+
+    artifact = Artifact.load(args.folder)
+    model = load_model(args.model or artifact.meta["base_model"], _runtime_from(artifact), args.single_file_config)
+    if artifact.method == "imagic":
+        from .methods import imagic
+
+        if args.target:
+            raise ValueError("an Imagic edit renders its own target text; drop the prompt (use --eta to vary it)")
+        image = imagic.render(model, artifact, eta=args.eta, seed=args.seed, guidance=args.guidance, steps=args.steps)
+        eta = artifact.meta["recipe"]["imagic"]["eta"] if args.eta is None else args.eta
+        default = f"{Path(args.folder).name}-eta{eta:g}-seed{args.seed}.png"
+    else:
+        raise ValueError(f"{args.folder}: unknown method {artifact.method!r}")
+    path = save_image_atomic(image, args.output or default)
+    print(f"wrote {path}")
+    return 0
+
+
+def _runtime_from(artifact):
+    """The runtime config an artifact was made with, for re-rendering on this machine (device picked afresh)."""
+    from .config import RuntimeConfig
+
+    saved = dict(artifact.meta.get("recipe", {}).get("runtime", {}))
+    saved.update(device="auto", dtype="auto")
+    return RuntimeConfig(**saved)
+
+
+def describe(artifact, folder: str | Path) -> dict:
+    """What ``inspect`` shows: method, prompts, base model, recipe, tensor shapes, files."""
+    meta = artifact.meta
+    return {
+        "folder": str(folder),
+        "method": artifact.method,
+        "prompts": meta.get("prompts"),
+        "base_model": meta.get("base_model"),
+        "base_fingerprint": meta.get("base_fingerprint"),
+        "resolution": meta.get("resolution"),
+        "image": meta.get("image"),
+        "created": meta.get("created"),
+        "versions": meta.get("versions"),
+        "losses": meta.get("losses"),
+        "recipe": meta.get("recipe"),
+        "tensors": {k: list(v.shape) for k, v in artifact.tensors.items()},
+        "lora": artifact.lora_config,
+        "files": sorted(p.name for p in Path(folder).iterdir()),
+    }
+
+
+def cmd_inspect(args) -> int:
+    from .artifacts import Artifact
+
+    info = describe(Artifact.load(args.folder), args.folder)
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return 0
+    for key in ("folder", "method", "prompts", "base_model", "base_fingerprint", "resolution", "created", "losses"):
+        print(f"{key:17} {info[key]}")
+    image = info["image"] or {}
+    print(f"{'image':17} {image.get('name')} {image.get('size')} {image.get('mode')} sha256 {image.get('sha256')}")
+    for name, shape in info["tensors"].items():
+        print(f"{'tensor':17} {name} {shape}")
+    if info["lora"]:
+        lora = info["lora"]
+        print(f"{'lora':17} rank {lora['r']}, alpha {lora['lora_alpha']}, {len(lora['target_modules'])} target names")
+    for section, values in (info["recipe"] or {}).items():
+        print(f"{'recipe.' + section:17} " + ", ".join(f"{k}={v}" for k, v in values.items()))
+    print(f"{'files':17} {', '.join(info['files'])}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .generate import generate
+    from .models import load_model
+
+    model = load_model(args.model, single_file_config=args.single_file_config)
+    image = generate(model, args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance)
+    print(f"wrote {save_image_atomic(image, args.output)}")
+    return 0
+
+
+COMMANDS = {"imagic": cmd_imagic, "edit": cmd_edit, "inspect": cmd_inspect, "generate": cmd_generate}
+
+
+class _OneLine(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"peftedit: {record.levelname.lower()}: {record.getMessage()}"
+
+
+def _setup_logging(debug: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLine())
+    log = logging.getLogger("peftedit")
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    log.propagate = False
+    if not debug:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        for name in ("diffusers", "transformers", "bitsandbytes", "peft"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``peftedit`` command; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.debug)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("peftedit: interrupted; nothing was saved", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as err:
+        if args.debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"peftedit: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Typed configs and strict recipes.
+
+Every tunable number is a dataclass field with a default and a ``help`` saying where the default comes from.
+Recipes are TOML files whose tables map onto these dataclasses; an unknown table or key is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from .errors import PeftEditError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def option(default: Any, help: str) -> Any:
+    """A dataclass field with a default and its one-line help (mutable defaults are copied)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and how the model runs: device, precision, attention backend and memory savers."""
+
+    device: str = option("auto", "auto = cuda when available, else cpu.")
+    dtype: str = option(
+        "auto",
+        "auto = fp16 on CUDA (SD's usual half precision), fp32 on CPU; or fp32/fp16/bf16.",
+    )
+    attention: str = option(
+        "auto",
+        "auto = xformers when installed on CUDA, else PyTorch SDPA; or sdpa/xformers.",
+    )
+    gradient_checkpointing: bool = option(True, "Recompute UNet activations in backward: less memory, ~30% slower.")
+    optimizer: str = option(
+        "adamw8bit",
+        "adamw8bit (bitsandbytes, 8-bit states) or adamw (torch, fp32 states).",
+    )
+    offload_encoders: bool = option(True, "Move the VAE and text encoder off the GPU while training.")
+    seed: int = option(0, "Seed for noise and timestep sampling during training.")
+
+    def __post_init__(self) -> None:
+        _choice(
+            "runtime.device",
+            self.device,
+            ("auto", "cpu", "cuda", "mps"),
+            prefix_ok=("cuda:",),
+        )
+        _choice("runtime.dtype", self.dtype, ("auto", "fp32", "fp16", "bf16"))
+        _choice("runtime.attention", self.attention, ("auto", "sdpa", "xformers"))
+        _choice("runtime.optimizer", self.optimizer, ("adamw8bit", "adamw"))
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...], prefix_ok: tuple[str, ...] = ()) -> None:
+    if value not in allowed and not value.startswith(prefix_ok or ("\0",)):
+        raise PeftEditError(f"{name} = {value!r} is not one of {', '.join(allowed)}")
+
+
+def positive(name: str, value: float, zero_ok: bool = False) -> None:
+    """Raise when a numeric config value is negative (or zero unless allowed)."""
+    if value < 0 or (value == 0 and not zero_ok):
+        raise PeftEditError(f"{name} = {value!r} must be {'>= 0' if zero_ok else '> 0'}")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The config as plain data (for artifacts and ``inspect``)."""
+    return dataclasses.asdict(config)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
+    kind = type(f.default) if f.default is not dataclasses.MISSING else type(f.default_factory())
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is bool and not isinstance(value, bool) or kind is not bool and isinstance(value, bool):
+        raise PeftEditError(f"{section}.{f.name} = {value!r} must be a {kind.__name__}")
+    if not isinstance(value, kind):
+        raise PeftEditError(f"{section}.{f.name} = {value!r} must be a {kind.__name__}")
+    return value
+
+
+def build(
+    sections: dict[str, type],
+    recipe: str | Path | None = None,
+    overrides: list[str] | None = None,
+):
+    """Build one config per section from an optional recipe file and ``key=value`` overrides.
+
+    ``sections`` maps table names (``runtime``, ``imagic``…) to dataclasses. Returns a dict of config objects.
+    A key in an override may omit its table when only one table has it. Unknown tables and keys raise.
+    """
+    raw: dict[str, dict[str, Any]] = {name: {} for name in sections}
+    if recipe is not None:
+        path = resolve_recipe(recipe)
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise PeftEditError(f"recipe {path} is not valid TOML: {err}") from None
+        for table, values in data.items():
+            if table not in sections or not isinstance(values, dict):
+                raise PeftEditError(f"recipe {path}: unknown table [{table}] (known: {', '.join(sections)})")
+            raw[table].update(values)
+    for item in overrides or []:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise PeftEditError(f"--set {item!r}: expected key=value")
+        table, key = _locate(sections, key.strip())
+        raw[table][key] = _parse_value(text.strip())
+    out = {}
+    for table, cls in sections.items():
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for key in raw[table]:
+            if key not in fields:
+                raise PeftEditError(f"unknown key {table}.{key} (known: {', '.join(fields)})")
+        values = {k: _coerce(table, fields[k], v) for k, v in raw[table].items()}
+        out[table] = cls(**values)
+    return out
+
+
+def _locate(sections: dict[str, type], key: str) -> tuple[str, str]:
+    if "." in key:
+        table, _, name = key.partition(".")
+        if table not in sections:
+            raise PeftEditError(f"--set {key}: unknown table {table!r} (known: {', '.join(sections)})")
+        return table, name
+    owners = [t for t, cls in sections.items() if key in {f.name for f in dataclasses.fields(cls)}]
+    if len(owners) != 1:
+        what = "is ambiguous" if owners else "is not a known key"
+        raise PeftEditError(f"--set {key}: {what}; write it as table.key (tables: {', '.join(sections)})")
+    return owners[0], key
+
+
+def resolve_recipe(recipe: str | Path) -> Path:
+    """A recipe path, or the name of one shipped in ``recipes/`` (with or without ``.toml``)."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    for candidate in (RECIPES_DIR / f"{recipe}", RECIPES_DIR / f"{recipe}.toml"):
+        if candidate.is_file():
+            return candidate
+    known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.toml")))
+    raise PeftEditError(f"recipe {recipe!r} not found (a file path, or one of: {known})")

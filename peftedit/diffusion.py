@@ -1,0 +1,173 @@
+"""Shared diffusion mechanics: prompts and images in and out of the model's spaces, the denoising loss, and a
+guided sampler. Every target and step goes through the scheduler, so epsilon and v-prediction models both work."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from diffusers import DDIMScheduler
+from PIL import Image
+
+from .errors import NumericalError, PeftEditError
+from .images import to_image, to_tensor
+
+log = logging.getLogger("peftedit")
+
+CondSource = torch.Tensor | Callable[[int], torch.Tensor]
+
+
+def check_prompt(tokenizer, text: str) -> str:
+    """Strip a prompt; raise on an empty one and warn (naming the dropped words) when it is too long."""
+    text = " ".join(str(text).split())
+    if not text:
+        raise PeftEditError("the prompt is empty: describe the picture you want")
+    limit = tokenizer.model_max_length - 2
+    ids = tokenizer(text, add_special_tokens=False, truncation=False).input_ids
+    if len(ids) > limit:
+        dropped = tokenizer.decode(ids[limit:]).strip()
+        log.warning(
+            "prompt is %d tokens, the text encoder reads %d; dropped: %r",
+            len(ids),
+            limit,
+            dropped,
+        )
+    return text
+
+
+@torch.no_grad()
+def encode_text(pipe, text: str) -> torch.Tensor:
+    """The text encoder's output sequence for ``text`` (``""`` allowed), as fp32 [1, 77, d] on the pipe's device."""
+    tokens = pipe.tokenizer(
+        text,
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    device = pipe.text_encoder.device
+    return pipe.text_encoder(tokens.input_ids.to(device))[0].float()
+
+
+@torch.no_grad()
+def encode_image(pipe, image: Image.Image) -> torch.Tensor:
+    """The VAE latent (posterior mean, scaled) of an RGB image, as fp32 [1, 4, h, w]."""
+    vae = pipe.vae
+    pixels = to_tensor(image).to(vae.device, vae.dtype)
+    latent = vae.encode(pixels).latent_dist.mean
+    return latent.float() * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def decode_latents(pipe, latents: torch.Tensor) -> list[Image.Image]:
+    """Images for a batch of scaled latents."""
+    vae = pipe.vae
+    pixels = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
+    return [to_image(p) for p in pixels]
+
+
+def fresh_scheduler(pipe, steps: int | None = None) -> DDIMScheduler:
+    """A new DDIM scheduler from the pipe's config (no shared state), with ``steps`` timesteps set if given."""
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if steps is not None:
+        scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def training_target(scheduler, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet should predict for ``scheduler.add_noise(clean, noise, t)``, per ``prediction_type``."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(clean, noise, t)
+    if kind == "sample":
+        return clean
+    raise PeftEditError(f"unsupported prediction_type {kind!r}")
+
+
+def denoising_loss(
+    unet, scheduler, clean: torch.Tensor, cond: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """MSE denoising loss at one random timestep (fp32), with noise drawn from ``generator`` (CPU)."""
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (clean.shape[0],), generator=generator)
+    noise = torch.randn(clean.shape, generator=generator)
+    noisy = scheduler.add_noise(clean.cpu(), noise, t)
+    target = training_target(scheduler, clean.cpu(), noise, t).to(clean.device)
+    device, dtype = clean.device, unet.dtype
+    pred = unet(noisy.to(device, dtype), t.to(device), encoder_hidden_states=cond.to(dtype)).sample
+    return torch.nn.functional.mse_loss(pred.float(), target.float())
+
+
+@torch.no_grad()
+def mean_denoising_loss(unet, scheduler, clean: torch.Tensor, cond: torch.Tensor, samples: int = 16, seed: int = 0):
+    """Denoising loss averaged over ``samples`` fixed (timestep, noise) draws: a repeatable measure of fit."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    losses = [float(denoising_loss(unet, scheduler, clean, cond, generator)) for _ in range(samples)]
+    return sum(losses) / len(losses)
+
+
+def check_finite(loss: torch.Tensor, stage: str, step: int, advice: str) -> float:
+    """The loss as a float; raises :class:`NumericalError` naming the stage when it is NaN or infinite."""
+    value = float(loss.detach())
+    if value != value or value in (float("inf"), float("-inf")):
+        raise NumericalError(f"{stage}: loss became {value} at step {step}; {advice}")
+    return value
+
+
+def guided_prediction(
+    unet,
+    latents: torch.Tensor,
+    t,
+    cond: torch.Tensor,
+    uncond: torch.Tensor | None,
+    guidance: float,
+) -> torch.Tensor:
+    """Classifier-free-guided model output (fp32); one batched UNet call, or conditional only when uncond is None."""
+    dtype = unet.dtype
+    if uncond is None:
+        return unet(latents.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample.float()
+    both = unet(
+        torch.cat([latents, latents]).to(dtype),
+        t,
+        encoder_hidden_states=torch.cat([uncond, cond]).to(dtype),
+    ).sample.float()
+    out_uncond, out_cond = both.chunk(2)
+    return out_uncond + guidance * (out_cond - out_uncond)
+
+
+def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Gaussian starting latents from a CPU generator, so a seed means the same picture on every device."""
+    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))
+
+
+def _at(source: CondSource, i: int) -> torch.Tensor:
+    return source(i) if callable(source) else source
+
+
+@torch.no_grad()
+def sample(
+    unet,
+    scheduler,
+    latents: torch.Tensor,
+    cond: CondSource,
+    uncond: CondSource | None,
+    guidance: float,
+    after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    progress: Callable | None = None,
+) -> torch.Tensor:
+    """Run the scheduler's timesteps from ``latents`` with guided predictions; returns the final latents (fp32).
+
+    ``cond``/``uncond`` are tensors or functions of the step index (per-step null embeddings); ``after_step`` may
+    replace the latents after each step (null-text offsets, Prompt-to-Prompt blending).
+    """
+    latents = latents.to(unet.device, torch.float32)
+    steps = list(enumerate(scheduler.timesteps))
+    for i, t in progress(steps) if progress else steps:
+        uncond_i = _at(uncond, i) if uncond is not None and guidance != 1.0 else None
+        pred = guided_prediction(unet, latents, t, _at(cond, i), uncond_i, guidance)
+        latents = scheduler.step(pred, t, latents).prev_sample.float()
+        if after_step is not None:
+            latents = after_step(i, latents)
+    return latents

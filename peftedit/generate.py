@@ -1,0 +1,40 @@
+"""Plain text-to-image with any loaded model, through the same sampler the edit methods use."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image
+
+from .diffusion import check_prompt, decode_latents, encode_text, fresh_scheduler, initial_noise, sample
+from .models import Model
+
+# Sampling defaults for a model that recommends none: SD's usual 50 DDIM steps at guidance 7.5.
+DEFAULT_STEPS = 50
+DEFAULT_GUIDANCE = 7.5
+# A model folder may recommend its own sampling settings in this file (the demo model does).
+RECOMMENDATION_FILE = "peftedit_demo.json"
+
+
+def recommended_sampling(model: Model) -> tuple[int, float]:
+    """(steps, guidance) the model folder recommends, else SD's defaults."""
+    path = Path(model.name if Path(model.name).is_dir() else model.pipe.config._name_or_path) / RECOMMENDATION_FILE
+    if path.is_file():
+        data = json.loads(path.read_text())
+        return int(data.get("steps", DEFAULT_STEPS)), float(data.get("guidance", DEFAULT_GUIDANCE))
+    return DEFAULT_STEPS, DEFAULT_GUIDANCE
+
+
+def generate(model: Model, prompt: str, seed: int = 0, steps: int | None = None, guidance: float | None = None):
+    """One image for ``prompt`` (PIL); steps and guidance default to the model's recommendation."""
+    pipe = model.pipe
+    prompt = check_prompt(pipe.tokenizer, prompt)
+    rec_steps, rec_guidance = recommended_sampling(model)
+    scheduler = fresh_scheduler(pipe, steps or rec_steps)
+    side = pipe.unet.config.sample_size
+    noise = initial_noise((1, pipe.unet.config.in_channels, side, side), seed) * scheduler.init_noise_sigma
+    cond, uncond = encode_text(pipe, prompt), encode_text(pipe, "")
+    latents = sample(pipe.unet, scheduler, noise, cond, uncond, rec_guidance if guidance is None else guidance)
+    image: Image.Image = decode_latents(pipe, latents)[0]
+    return image

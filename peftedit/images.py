@@ -1,0 +1,151 @@
+"""Reading photos the way users have them, and the pictures peftedit writes (grids).
+
+Policy (documented in the README): the image is decoded fully (a corrupt file is an error), rotated by its EXIF
+orientation, converted to RGB (transparency composited on white; 16-bit and float scaled to 8 bits), then the
+shorter side is resized to the model's resolution (Lanczos) and the centre square is cropped. Images under
+``MIN_SIDE`` pixels are refused; images over ``MAX_PIXELS`` are refused before decoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+
+from .errors import PeftEditError
+
+log = logging.getLogger("peftedit")
+
+MIN_SIDE = 32
+MAX_PIXELS = 80_000_000
+# A crop that drops more than this share of the picture is worth a warning.
+CROP_WARN_SHARE = 0.5
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 hex digest of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        if image.mode == "F":
+            top = max(float(array.max()), 1.0)
+        image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def open_image(path: str | Path) -> tuple[Image.Image, str]:
+    """Decode an image file fully, apply its EXIF orientation; returns it as 8-bit RGB and its original mode."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as raw:
+            if raw.width * raw.height > MAX_PIXELS:
+                raise PeftEditError(f"{path}: {raw.width}x{raw.height} is too large (max {MAX_PIXELS} pixels)")
+            raw.load()
+            mode = raw.mode
+            image = ImageOps.exif_transpose(raw)
+            image.load()
+    except UnidentifiedImageError:
+        raise PeftEditError(f"{path}: not an image file (or a format Pillow cannot read)") from None
+    except (OSError, SyntaxError, Image.DecompressionBombError) as err:
+        raise PeftEditError(f"{path}: corrupt or truncated image ({err})") from None
+    if min(image.size) < MIN_SIDE:
+        raise PeftEditError(f"{path}: {image.width}x{image.height} is too small (each side must be >= {MIN_SIDE} px)")
+    return _to_rgb(image), mode
+
+
+def fit_square(image: Image.Image, side: int) -> Image.Image:
+    """Resize the shorter side to ``side`` and crop the centre square."""
+    width, height = image.size
+    if min(width, height) < side:
+        log.warning(
+            "image is %dx%d, smaller than the model's %d px: it is upscaled",
+            width,
+            height,
+            side,
+        )
+    if 1 - min(width, height) / max(width, height) > CROP_WARN_SHARE:
+        log.warning(
+            "image is %dx%d: the centre square crop drops more than half of it",
+            width,
+            height,
+        )
+    scale = side / min(width, height)
+    resized = image.resize(
+        (max(side, round(width * scale)), max(side, round(height * scale))),
+        Image.LANCZOS,
+    )
+    left = (resized.width - side) // 2
+    top = (resized.height - side) // 2
+    return resized.crop((left, top, left + side, top + side))
+
+
+def load_image(path: str | Path, side: int) -> tuple[Image.Image, dict]:
+    """Open, normalise and crop an input photo for a model of ``side`` pixels.
+
+    Returns the square RGB image and facts for the artifact (sha256, original size and mode, path name).
+    """
+    path = Path(path)
+    image, mode = open_image(path)
+    info = {
+        "sha256": file_sha256(path),
+        "name": path.name,
+        "size": list(image.size),
+        "mode": mode,
+    }
+    return fit_square(image, side), info
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB image as a [1, 3, H, W] float tensor in [-1, 1]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
+
+
+def to_image(tensor: torch.Tensor) -> Image.Image:
+    """A [1, 3, H, W] or [3, H, W] tensor in [-1, 1] as an 8-bit RGB image."""
+    if tensor.dim() == 4:
+        tensor = tensor[0]
+    array = ((tensor.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array, "RGB")
+
+
+def psnr(a: Image.Image, b: Image.Image) -> float:
+    """Peak signal-to-noise ratio in dB between two same-size 8-bit images."""
+    x = np.asarray(a, dtype=np.float64)
+    y = np.asarray(b, dtype=np.float64)
+    mse = float(np.mean((x - y) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def grid(images: list[Image.Image], labels: list[str] | None = None, min_cell: int = 128) -> Image.Image:
+    """One row of images with a label under each; small images are enlarged (nearest) to ``min_cell``."""
+    cell = max(min_cell, max(im.width for im in images))
+    label_h = 14 if labels else 0
+    sheet = Image.new("RGB", (cell * len(images), cell + label_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, im in enumerate(images):
+        resample = Image.NEAREST if im.width < cell else Image.LANCZOS
+        sheet.paste(im.resize((cell, cell), resample), (i * cell, 0))
+        if labels:
+            draw.text((i * cell + 3, cell + 1), labels[i], fill="black")
+    return sheet

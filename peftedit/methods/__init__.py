@@ -1,0 +1,1 @@
+"""One module per editing method, over the shared mechanics in the package root."""

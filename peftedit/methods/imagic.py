@@ -1,0 +1,305 @@
+"""Imagic (Kawar et al., CVPR 2023) with the model fine-tune done as a peft LoRA adapter.
+
+Stage 1 optimizes the target text's embedding e_tgt into e_opt so the frozen model reconstructs the photo;
+stage 2 fine-tunes a LoRA on the UNet with e_opt fixed; rendering interpolates eta*e_tgt + (1-eta)*e_opt and
+samples through the adapted UNet with classifier-free guidance against the empty prompt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..artifacts import Artifact
+from ..config import RuntimeConfig, option, positive, to_dict
+from ..diffusion import (
+    check_finite,
+    check_prompt,
+    decode_latents,
+    denoising_loss,
+    encode_image,
+    encode_text,
+    fresh_scheduler,
+    initial_noise,
+    sample,
+)
+from ..errors import ArtifactError, PeftEditError
+from ..images import grid
+from ..models import Model
+from ..optim import make_optimizer
+from .common import (
+    base_meta,
+    check_base,
+    checkpointing,
+    encoders_offloaded,
+    prepare_image,
+    progress,
+)
+
+METHOD = "imagic"
+ADAPTER = "peftedit"
+# LoRA target groups: module-name suffixes inside the UNet (peft matches suffixes).
+LORA_TARGETS = {
+    "attention": ["to_q", "to_k", "to_v", "to_out.0"],
+    "feedforward": ["ff.net.0.proj", "ff.net.2"],
+    "projections": ["proj_in", "proj_out"],
+    "conv": ["conv1", "conv2", "conv_shortcut"],
+}
+
+
+@dataclass
+class ImagicConfig:
+    """Imagic hyperparameters; each help names where its default comes from."""
+
+    embedding_steps: int = option(500, "Stage 1 steps. Community pipeline: 500; paper (SD): 1000.")
+    embedding_lr: float = option(1e-3, "Stage 1 learning rate. Community pipeline: 1e-3; paper (SD): 2e-3.")
+    finetune_steps: int = option(
+        1000,
+        "Stage 2 steps. Community pipeline: 1000; paper (SD): 1500 (full fine-tune).",
+    )
+    lora_lr: float = option(
+        1e-4,
+        "Stage 2 LoRA learning rate (full fine-tunes use 5e-7..2e-6; LoRA needs more).",
+    )
+    lora_rank: int = option(8, "LoRA rank.")
+    lora_alpha: float = option(8.0, "LoRA alpha; the update is scaled by alpha/rank (stored for diffusers).")
+    lora_targets: list = option(["attention"], f"UNet layers to adapt, any of: {', '.join(LORA_TARGETS)}.")
+    eta: float = option(0.7, "Interpolation eta*e_tgt + (1-eta)*e_opt. Paper: 0.6-0.8 works best.")
+    guidance: float = option(7.5, "Classifier-free guidance at render. SD / community pipeline default: 7.5.")
+    render_steps: int = option(50, "DDIM steps at render. Community pipeline default: 50.")
+    preview_etas: list = option([0.5, 0.6, 0.7, 0.8, 0.9], "Etas rendered into the preview grid.")
+    preview_seed: int = option(0, "Seed of the preview renders.")
+
+    def __post_init__(self) -> None:
+        for name in ("embedding_steps", "finetune_steps"):
+            positive(f"imagic.{name}", getattr(self, name), zero_ok=True)
+        for name in (
+            "embedding_lr",
+            "lora_lr",
+            "lora_rank",
+            "lora_alpha",
+            "render_steps",
+        ):
+            positive(f"imagic.{name}", getattr(self, name))
+        positive("imagic.guidance", self.guidance, zero_ok=True)
+        unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
+        if unknown or not self.lora_targets:
+            raise PeftEditError(f"imagic.lora_targets = {self.lora_targets!r}: choose from {', '.join(LORA_TARGETS)}")
+
+    def lora_config(self) -> dict:
+        """LoraConfig keyword arguments (also stored for diffusers' ``load_lora_weights``)."""
+        modules = [m for group in self.lora_targets for m in LORA_TARGETS[group]]
+        return {
+            "r": self.lora_rank,
+            "lora_alpha": self.lora_alpha,
+            "target_modules": modules,
+            "init_lora_weights": True,
+            "lora_dropout": 0.0,
+            "bias": "none",
+        }
+
+
+def optimize_embedding(unet, scheduler, latent, e_tgt, config, runtime, generator, show) -> tuple[torch.Tensor, float]:
+    """Stage 1: optimize a copy of e_tgt (fp32) so the frozen UNet denoises the photo; returns it and the last loss."""
+    embedding = e_tgt.detach().clone().float().requires_grad_(True)
+    optimizer = make_optimizer([embedding], config.embedding_lr, runtime.optimizer)
+    loss_value = float("nan")
+    bar = progress(config.embedding_steps, "imagic 1/2 embedding", show)
+    for step in bar:
+        loss = denoising_loss(unet, scheduler, latent, embedding, generator)
+        loss_value = check_finite(
+            loss,
+            "stage 1 (embedding)",
+            step,
+            "try a lower imagic.embedding_lr or dtype fp32",
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+    return embedding.detach(), loss_value
+
+
+def lora_parameters(unet) -> list[torch.nn.Parameter]:
+    """The adapter's parameters, made fp32 and trainable (the frozen base may be half precision)."""
+    params = []
+    for name, param in unet.named_parameters():
+        if f".{ADAPTER}." in name or name.endswith(f".{ADAPTER}"):
+            param.data = param.data.float()
+            param.requires_grad_(True)
+            params.append(param)
+    return params
+
+
+def finetune_lora(unet, scheduler, latent, e_opt, config, runtime, generator, show) -> tuple[dict, float]:
+    """Stage 2: train a LoRA on the UNet with e_opt fixed; returns its state dict (peft keys, fp32) and last loss."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(runtime.seed)  # LoRA A's random init: part of the run's seed, not global state
+        unet.add_adapter(LoraConfig(**config.lora_config()), adapter_name=ADAPTER)
+    try:
+        params = lora_parameters(unet)
+        optimizer = make_optimizer(params, config.lora_lr, runtime.optimizer)
+        loss_value = float("nan")
+        bar = progress(config.finetune_steps, "imagic 2/2 LoRA", show)
+        for step in bar:
+            loss = denoising_loss(unet, scheduler, latent, e_opt, generator)
+            loss_value = check_finite(
+                loss,
+                "stage 2 (LoRA fine-tune)",
+                step,
+                "try a lower imagic.lora_lr or dtype fp32",
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+        state = get_peft_model_state_dict(unet, adapter_name=ADAPTER)
+        return {k: v.detach().float().cpu().clone() for k, v in state.items()}, loss_value
+    finally:
+        unet.delete_adapters(ADAPTER)
+
+
+def fit(
+    model: Model,
+    image: str | Path | Image.Image,
+    target_text: str,
+    config: ImagicConfig | None = None,
+    runtime: RuntimeConfig | None = None,
+    show_progress: bool = True,
+) -> Artifact:
+    """Run Imagic's two training stages on one photo; returns the edit artifact (with its preview grid).
+
+    The model is left as it was: the LoRA lives in the artifact, not in ``model``.
+    """
+    config = config or ImagicConfig()
+    runtime = runtime or RuntimeConfig()
+    pipe, unet = model.pipe, model.pipe.unet
+    target_text = check_prompt(pipe.tokenizer, target_text)
+    picture, image_info = prepare_image(image, model.resolution)
+    latent = encode_image(pipe, picture)
+    e_tgt = encode_text(pipe, target_text)
+    e_uncond = encode_text(pipe, "")
+    meta, probe = base_meta(model, {"runtime": to_dict(runtime), "imagic": to_dict(config)}, image_info)
+    generator = torch.Generator("cpu").manual_seed(runtime.seed)
+    scheduler = fresh_scheduler(pipe)
+    with (
+        encoders_offloaded(pipe, runtime.offload_encoders),
+        checkpointing(unet, runtime.gradient_checkpointing),
+    ):
+        e_opt, embedding_loss = optimize_embedding(
+            unet, scheduler, latent, e_tgt, config, runtime, generator, show_progress
+        )
+        lora, finetune_loss = finetune_lora(unet, scheduler, latent, e_opt, config, runtime, generator, show_progress)
+    meta.update(
+        prompts={"target": target_text},
+        losses={"embedding": embedding_loss, "finetune": finetune_loss},
+    )
+    tensors = {
+        "e_tgt": e_tgt.cpu(),
+        "e_opt": e_opt.cpu(),
+        "e_uncond": e_uncond.cpu(),
+        "base_probe": probe,
+    }
+    artifact = Artifact(METHOD, tensors, meta, lora=lora, lora_config=config.lora_config())
+    etas = config.preview_etas
+    renders = render(model, artifact, eta=etas, seed=config.preview_seed, check=False)
+    artifact.preview = grid([picture, *renders], ["input"] + [f"eta {e:g}" for e in etas])
+    artifact.card = model_card(artifact)
+    return artifact
+
+
+@contextlib.contextmanager
+def lora_applied(unet, artifact: Artifact):
+    """The artifact's LoRA on ``unet`` inside the block (fp32 adapter weights), removed afterwards."""
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+
+    unet.add_adapter(LoraConfig(**artifact.lora_config), adapter_name=ADAPTER)
+    try:
+        lora_parameters(unet)
+        result = set_peft_model_state_dict(unet, artifact.lora, adapter_name=ADAPTER)
+        missing = [k for k in result.missing_keys if f".{ADAPTER}" in k]
+        if missing or result.unexpected_keys:
+            raise ArtifactError(
+                f"LoRA weights do not fit this UNet ({len(missing)} missing, "
+                f"{len(result.unexpected_keys)} unexpected keys)"
+            )
+        for param in unet.parameters():
+            param.requires_grad_(False)
+        yield unet
+    finally:
+        unet.delete_adapters(ADAPTER)
+
+
+def render(
+    model: Model,
+    artifact: Artifact,
+    eta: float | list[float] | None = None,
+    seed: int = 0,
+    guidance: float | None = None,
+    steps: int | None = None,
+    check: bool = True,
+) -> Image.Image | list[Image.Image]:
+    """Render an Imagic edit at ``eta`` (a list gives one image per eta); returns PIL image(s).
+
+    Guidance and steps default to the artifact's recipe. Raises :class:`ArtifactError` for another base model.
+    """
+    if artifact.method != METHOD or artifact.lora is None:
+        raise ArtifactError(f"this is a {artifact.method!r} edit, not an Imagic one")
+    artifact.require("e_tgt", "e_opt", "e_uncond", "base_probe")
+    if check:
+        check_base(model, artifact)
+    recipe = artifact.meta["recipe"][METHOD]
+    etas = [eta] if not isinstance(eta, list) else eta
+    etas = [recipe["eta"] if e is None else float(e) for e in etas]
+    guidance = recipe["guidance"] if guidance is None else guidance
+    steps = recipe["render_steps"] if steps is None else steps
+    positive("--steps", steps)
+    pipe = model.pipe
+    device = pipe.unet.device
+    e_tgt, e_opt = (
+        artifact.tensors["e_tgt"].to(device),
+        artifact.tensors["e_opt"].to(device),
+    )
+    uncond = artifact.tensors["e_uncond"].to(device)
+    images = []
+    with lora_applied(pipe.unet, artifact):
+        for value in etas:
+            scheduler = fresh_scheduler(pipe, steps)
+            side = pipe.unet.config.sample_size
+            noise = initial_noise((1, pipe.unet.config.in_channels, side, side), seed) * scheduler.init_noise_sigma
+            cond = value * e_tgt + (1 - value) * e_opt
+            latents = sample(pipe.unet, scheduler, noise, cond, uncond, guidance)
+            images.extend(decode_latents(pipe, latents))
+    return images if isinstance(eta, list) else images[0]
+
+
+def model_card(artifact: Artifact) -> str:
+    """A short README for the edit folder."""
+    meta = artifact.meta
+    recipe = meta["recipe"][METHOD]
+    return f"""# peftedit Imagic edit
+
+- target text: "{meta["prompts"]["target"]}"
+- base model: `{meta["base_model"]}` (fingerprint {meta["base_fingerprint"]})
+- input image: {meta["image"].get("name")} (sha256 {meta["image"].get("sha256")})
+- LoRA: rank {recipe["lora_rank"]}, alpha {recipe["lora_alpha"]}, targets {", ".join(recipe["lora_targets"])}
+- created {meta["created"]} with peftedit {meta["versions"].get("peftedit")}
+
+![preview](preview.png)
+
+Render again (no re-training):
+
+    peftedit edit . --eta {recipe["eta"]} --seed 0 -o edit.png
+
+The LoRA alone loads in vanilla diffusers with `pipe.load_lora_weights(folder)`; Imagic also needs the optimized
+embedding: `e = eta * e_tgt + (1 - eta) * e_opt` from `edit.safetensors`, passed as `prompt_embeds` with
+`negative_prompt_embeds=e_uncond`.
+"""

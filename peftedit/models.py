@@ -1,0 +1,185 @@
+"""Loading a Stable Diffusion pipeline (hub id, local diffusers folder, single checkpoint file),
+choosing device, precision and attention backend, and fingerprinting the base weights."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import RuntimeConfig
+from .errors import ArtifactError, PeftEditError
+
+log = logging.getLogger("peftedit")
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SINGLE_FILE_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# Values sampled from each weight tensor for the fingerprint's probe.
+PROBE_PER_TENSOR = 8
+# Relative tolerance when comparing probes: loose enough for fp16/bf16 loads of the same weights.
+PROBE_RTOL = 2e-2
+
+
+@dataclass
+class Model:
+    """A loaded pipeline with what peftedit needs to know about it."""
+
+    pipe: object
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def resolution(self) -> int:
+        """Image side in pixels the UNet was built for."""
+        return int(self.pipe.unet.config.sample_size) * int(self.pipe.vae_scale_factor)
+
+
+DEMO_NAME = "peftedit-demo"
+
+
+def demo_model_dir() -> Path:
+    """Folder of the built-in demo model (diffusers layout)."""
+    from .demo import DEMO_MODEL_DIR
+
+    return Path(DEMO_MODEL_DIR)
+
+
+def resolve_device(runtime: RuntimeConfig) -> torch.device:
+    """The torch device for a runtime config (``auto`` picks CUDA when available)."""
+    if runtime.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if runtime.device.startswith("cuda") and not torch.cuda.is_available():
+        raise PeftEditError(f"runtime.device = {runtime.device!r} but CUDA is not available here; use cpu")
+    return torch.device(runtime.device)
+
+
+def resolve_dtype(runtime: RuntimeConfig, device: torch.device) -> torch.dtype:
+    """Half precision on CUDA, fp32 elsewhere, unless the runtime config names one."""
+    if runtime.dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return DTYPES[runtime.dtype]
+
+
+def load_model(
+    model: str | Path | None,
+    runtime: RuntimeConfig | None = None,
+    single_file_config: str | None = None,
+):
+    """Load a StableDiffusionPipeline from a hub id, a diffusers folder or one ``.safetensors`` checkpoint.
+
+    Returns a :class:`Model` on the runtime's device and dtype with the attention backend set.
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    runtime = runtime or RuntimeConfig()
+    device = resolve_device(runtime)
+    dtype = resolve_dtype(runtime, device)
+    name = DEMO_NAME if model is None else str(model)
+    path = Path(name).expanduser()
+    if name == DEMO_NAME:
+        log.warning(
+            "using the built-in demo model (a tiny world of coloured shapes); for Stable Diffusion pass e.g. "
+            "--model stable-diffusion-v1-5/stable-diffusion-v1-5"
+        )
+        path = demo_model_dir()
+        if not (path / "model_index.json").is_file():
+            raise PeftEditError(f"the demo model is not installed at {path}; pass --model")
+    kwargs = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    try:
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise PeftEditError(f"{path}: pickle checkpoints are not loaded (unsafe); convert it to .safetensors")
+        if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+            if single_file_config:
+                kwargs["config"] = single_file_config
+            pipe = StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+        elif path.is_dir():
+            if not (path / "model_index.json").is_file():
+                raise PeftEditError(f"{path} is not a diffusers model folder (no model_index.json)")
+            pipe = StableDiffusionPipeline.from_pretrained(str(path), **kwargs)
+        elif path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+            raise PeftEditError(f"model {name!r}: not a diffusers folder, a .safetensors file or a hub id")
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(name, use_safetensors=True, **kwargs)
+    except PeftEditError:
+        raise
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PeftEditError(f"could not load model {name!r}: {first}") from err
+    # DDIM is what both methods are defined with; keep the model's own betas and prediction_type.
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    set_attention(pipe.unet, runtime.attention, device)
+    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+        part.requires_grad_(False)
+        part.eval()
+    return Model(pipe=pipe, name=name, device=device, dtype=dtype)
+
+
+def set_attention(unet, backend: str, device: torch.device) -> str:
+    """Install a memory-efficient attention processor on every UNet layer; returns the backend used."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    has_xformers = importlib.util.find_spec("xformers") is not None
+    if backend == "xformers" and not (has_xformers and device.type == "cuda"):
+        raise PeftEditError("runtime.attention = 'xformers' needs the xformers package and a CUDA device")
+    if backend == "xformers" or (backend == "auto" and has_xformers and device.type == "cuda"):
+        unet.enable_xformers_memory_efficient_attention()
+        return "xformers"
+    unet.set_attn_processor(AttnProcessor2_0())
+    return "sdpa"
+
+
+def _base_weights(pipe) -> list[tuple[str, torch.Tensor]]:
+    """The UNet and text encoder's own weights by name, in a fixed order, ignoring any LoRA wrapping."""
+    out = []
+    for prefix, module in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder)):
+        for name, tensor in module.state_dict().items():
+            if "lora_" not in name:
+                out.append((f"{prefix}.{name.replace('.base_layer', '')}", tensor))
+    return sorted(out, key=lambda item: item[0])
+
+
+def weight_probe(pipe) -> torch.Tensor:
+    """A few values from every UNet and text-encoder weight, in a fixed order, as fp32 on CPU."""
+    values = []
+    for _, tensor in _base_weights(pipe):
+        flat = tensor.detach().reshape(-1)
+        index = torch.linspace(0, flat.numel() - 1, PROBE_PER_TENSOR).long().to(flat.device)
+        values.append(flat[index].float().cpu())
+    return torch.cat(values)
+
+
+def architecture_hash(pipe) -> str:
+    """sha256 of the UNet and text encoder's parameter names and shapes."""
+    digest = hashlib.sha256()
+    for name, tensor in _base_weights(pipe):
+        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
+    return digest.hexdigest()
+
+
+def fingerprint(pipe) -> tuple[str, torch.Tensor]:
+    """(id, probe): a short id of the base weights for display, and the probe to compare loads with tolerance."""
+    probe = weight_probe(pipe)
+    digest = hashlib.sha256(architecture_hash(pipe).encode())
+    digest.update(probe.to(torch.bfloat16).float().numpy().round(2).tobytes())
+    return digest.hexdigest()[:16], probe
+
+
+def check_same_base(pipe, model_name: str, saved_name: str, saved_arch: str, saved_probe: torch.Tensor) -> None:
+    """Raise :class:`ArtifactError` naming both models when ``pipe`` is not the base an artifact was made on."""
+    same = architecture_hash(pipe) == saved_arch
+    if same:
+        probe = weight_probe(pipe)
+        same = probe.shape == saved_probe.shape and torch.allclose(probe, saved_probe, rtol=PROBE_RTOL, atol=1e-3)
+    if not same:
+        raise ArtifactError(
+            f"base model mismatch: the edit was made on {saved_name!r} but the loaded model is {model_name!r} "
+            "(different weights); pass --model with the original base model"
+        )

@@ -1,0 +1,202 @@
+"""The command line end to end on a tiny model: fit, re-render, inspect, and one-line errors that leave nothing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from peftedit.cli import main
+
+FAST = ["--set", "render_steps=6", "--set", "preview_etas=[0.6]", "--set", "runtime.device=cpu"]
+
+
+def _run(capsys, *argv):
+    code = main(["--quiet", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def edit_dir(eps_dir, photo, tmp_path, capsys):
+    out = tmp_path / "adapters" / "edit"
+    code, stdout, err = _run(
+        capsys,
+        "imagic",
+        photo,
+        "a photo of a red circle",
+        "--model",
+        eps_dir,
+        "-o",
+        out,
+        "--embedding-steps",
+        20,
+        "--finetune-steps",
+        20,
+        *FAST,
+    )
+    assert code == 0, err
+    assert "saved" in stdout
+    return out
+
+
+def _leftovers(folder):
+    return [p.name for p in folder.iterdir() if p.name.startswith(".")] if folder.exists() else []
+
+
+def test_imagic_writes_a_complete_folder_and_edit_rerenders_identically(edit_dir, tmp_path, capsys):
+    names = {p.name for p in edit_dir.iterdir()}
+    assert names == {"edit.safetensors", "pytorch_lora_weights.safetensors", "preview.png", "README.md"}
+    assert not _leftovers(edit_dir.parent)
+    first, second = tmp_path / "a.png", tmp_path / "b.png"
+    for target in (first, second):
+        code, out, err = _run(capsys, "edit", edit_dir, "--eta", 0.6, "--seed", 2, "--steps", 6, "-o", target)
+        assert code == 0, err
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(second)))
+
+
+def test_inspect_reports_the_edit(edit_dir, capsys):
+    code, out, _ = _run(capsys, "inspect", edit_dir, "--json")
+    info = json.loads(out)
+    assert code == 0 and info["method"] == "imagic"
+    assert info["prompts"]["target"] == "a photo of a red circle"
+    assert info["recipe"]["imagic"]["embedding_steps"] == 20
+    assert info["tensors"]["e_opt"] == [1, 77, 32]
+    code, out, _ = _run(capsys, "inspect", edit_dir)
+    assert code == 0 and "a photo of a red circle" in out and "lora" in out
+
+
+def _one_line_error(code, err, *fragments):
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.startswith("peftedit: error:")]
+    assert len(lines) == 1, err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["missing.png", "a dog"], ["image not found"]),
+        (["{photo}", "   "], ["prompt is empty"]),
+        (["{photo}", "a dog", "--set", "imagic.lora_rnak=4"], ["unknown key imagic.lora_rnak"]),
+        (["{photo}", "a dog", "--recipe", "nope"], ["recipe 'nope' not found"]),
+        (["{photo}", "a dog", "--model", "{tmp}/weights.ckpt"], ["pickle checkpoints are not loaded"]),
+        (["{photo}", "a dog", "--model", "{tmp}"], ["not a diffusers model folder"]),
+    ],
+)
+def test_bad_imagic_input_is_one_line_and_leaves_nothing(args, fragments, eps_dir, photo, tmp_path, capsys):
+    args = [a.format(photo=photo, tmp=tmp_path) for a in args]
+    if "--model" not in args:
+        args += ["--model", str(eps_dir)]
+    out = tmp_path / "adapters" / "x"
+    code, _, err = _run(capsys, "imagic", *args, "-o", out, "--embedding-steps", 2, "--finetune-steps", 2, *FAST)
+    _one_line_error(code, err, *fragments)
+    assert not out.exists() and not _leftovers(out.parent)
+
+
+def test_nan_loss_stops_naming_the_stage(eps_dir, photo, tmp_path, capsys, monkeypatch):
+    import torch
+
+    from peftedit.methods import imagic
+
+    real = imagic.denoising_loss
+    monkeypatch.setattr(imagic, "denoising_loss", lambda *a: real(*a) * torch.tensor(float("nan")))
+    out = tmp_path / "adapters" / "nan"
+    code, _, err = _run(capsys, "imagic", photo, "a red circle", "--model", eps_dir, "-o", out, *FAST)
+    _one_line_error(code, err, "stage 1 (embedding)", "nan", "embedding_lr")
+    assert not out.exists() and not _leftovers(out.parent)
+
+
+def test_long_prompt_warns_with_the_dropped_words(eps_dir, photo, tmp_path, capsys):
+    text = "a photo of a red circle " + "on a bench " * 30 + "zebra"
+    code, _, err = _run(
+        capsys,
+        "imagic",
+        photo,
+        text,
+        "--model",
+        eps_dir,
+        "-o",
+        tmp_path / "long",
+        "--embedding-steps",
+        1,
+        "--finetune-steps",
+        1,
+        *FAST,
+    )
+    assert code == 0
+    assert "dropped" in err and "zebra" in err
+
+
+def test_existing_output_is_not_overwritten(edit_dir, eps_dir, photo, capsys):
+    before = (edit_dir / "edit.safetensors").read_bytes()
+    code, _, err = _run(capsys, "imagic", photo, "a dog", "--model", eps_dir, "-o", edit_dir, *FAST)
+    _one_line_error(code, err, "already exists")
+    assert (edit_dir / "edit.safetensors").read_bytes() == before
+
+
+def test_damaged_edit_folders_are_refused(edit_dir, tmp_path, capsys):
+    import shutil
+
+    def broken(name, damage):
+        folder = tmp_path / name
+        shutil.copytree(edit_dir, folder)
+        damage(folder)
+        return folder
+
+    def tamper_tensor(folder):
+        from safetensors import safe_open
+
+        path = folder / "edit.safetensors"
+        with safe_open(str(path), "pt") as handle:
+            header = handle.metadata()
+        tensors = load_file(str(path))
+        tensors["e_opt"] = tensors["e_opt"] + 1
+        save_file(tensors, str(path), metadata=header)
+
+    def other_version(folder):
+        from safetensors import safe_open
+
+        path = folder / "edit.safetensors"
+        with safe_open(str(path), "pt") as handle:
+            header = dict(handle.metadata())
+        header["peftedit.format_version"] = "99"
+        save_file(load_file(str(path)), str(path), metadata=header)
+
+    cases = [
+        (broken("no-lora", lambda f: (f / "pytorch_lora_weights.safetensors").unlink()), "incomplete"),
+        (broken("no-edit", lambda f: (f / "edit.safetensors").unlink()), "not a complete peftedit edit folder"),
+        (broken("lora-bytes", lambda f: _flip_last_byte(f / "pytorch_lora_weights.safetensors")), "checksum"),
+        (broken("tensor", tamper_tensor), "checksum"),
+        (broken("garbage", lambda f: (f / "edit.safetensors").write_bytes(b"\x00" * 40)), "corrupt"),
+        (broken("version", other_version), "format version 99"),
+        (tmp_path / "nowhere", "edit folder not found"),
+    ]
+    for folder, fragment in cases:
+        code, _, err = _run(capsys, "edit", folder, "-o", tmp_path / "out.png")
+        _one_line_error(code, err, fragment)
+        assert not (tmp_path / "out.png").exists()
+
+
+def _flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_other_base_model_is_named_in_the_error(edit_dir, other_dir, eps_dir, tmp_path, capsys):
+    code, _, err = _run(capsys, "edit", edit_dir, "--model", other_dir, "-o", tmp_path / "x.png")
+    _one_line_error(code, err, "base model mismatch", str(eps_dir), str(other_dir))
+    code, _, err = _run(capsys, "edit", edit_dir, "a cat", "-o", tmp_path / "x.png")
+    _one_line_error(code, err, "drop the prompt")
+
+
+def test_help_has_examples(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code == 0
+    assert "examples:" in capsys.readouterr().out

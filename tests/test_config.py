@@ -1,0 +1,69 @@
+"""Strict recipes and typed configs."""
+
+from __future__ import annotations
+
+import pytest
+import tomllib
+
+from peftedit import ImagicConfig, PeftEditError, RuntimeConfig, build
+from peftedit.cli import recipe_sections
+from peftedit.config import RECIPES_DIR
+
+SECTIONS = {"runtime": RuntimeConfig, "imagic": ImagicConfig}
+
+
+def test_overrides_reach_the_right_table_and_type():
+    configs = build(SECTIONS, None, ["lora_rank=16", "imagic.eta=0.6", "runtime.dtype=bf16", "embedding_lr=1"])
+    assert configs["imagic"].lora_rank == 16 and configs["imagic"].eta == 0.6
+    assert configs["imagic"].embedding_lr == 1.0 and isinstance(configs["imagic"].embedding_lr, float)
+    assert configs["runtime"].dtype == "bf16"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("imagic.lora_rnak=4", "unknown key imagic.lora_rnak"),
+        ("nosuch=1", "not a known key"),
+        ("seed", "expected key=value"),
+        ("imagic.lora_rank=big", "must be a int"),
+        ("imagic.lora_rank=0", "must be > 0"),
+        ("imagic.lora_targets=['attention','mlp']", "lora_targets"),
+        ("runtime.dtype=fp8", "not one of"),
+        ("gradient_checkpointing=1", "must be a bool"),
+    ],
+)
+def test_bad_overrides_raise_naming_the_key(override, message):
+    with pytest.raises(PeftEditError, match=message):
+        build(SECTIONS, None, [override])
+
+
+def test_unknown_recipe_key_and_table_are_errors(tmp_path):
+    bad_key = tmp_path / "bad.toml"
+    bad_key.write_text("[imagic]\nembedding_step = 10\n")
+    with pytest.raises(PeftEditError, match="unknown key imagic.embedding_step"):
+        build(SECTIONS, bad_key)
+    bad_table = tmp_path / "table.toml"
+    bad_table.write_text("[imagic_v2]\neta = 0.5\n")
+    with pytest.raises(PeftEditError, match=r"unknown table \[imagic_v2\]"):
+        build(SECTIONS, bad_table)
+    with pytest.raises(PeftEditError, match="not found"):
+        build(SECTIONS, "no-such-recipe")
+
+
+def test_every_shipped_recipe_loads():
+    recipes = sorted(RECIPES_DIR.glob("*.toml"))
+    assert recipes
+    known = recipe_sections()
+    for path in recipes:
+        tables = set(tomllib.loads(path.read_text()))
+        assert tables <= set(known), f"{path.name} has tables no command reads: {tables - set(known)}"
+        configs = build({name: known[name] for name in tables}, path)
+        assert set(configs) == tables, path
+
+
+def test_every_field_has_help():
+    import dataclasses
+
+    for cls in (RuntimeConfig, ImagicConfig):
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"

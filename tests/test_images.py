@@ -1,0 +1,113 @@
+"""Input photos as users have them: modes, sizes, EXIF, broken files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from peftedit import PeftEditError
+from peftedit import images as images_mod
+from peftedit.images import grid, load_image
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.mark.parametrize("name", ["couple_beach.jpeg", "milk_cookie.jpeg", "dog2_standing.png"])
+def test_tedbench_photos_load_at_model_size(name):
+    image, info = load_image(DATA / name, 64)
+    assert image.size == (64, 64) and image.mode == "RGB"
+    assert info["name"] == name and len(info["sha256"]) == 64
+
+
+def _save(tmp_path, image, name="in.png", **kw):
+    path = tmp_path / name
+    image.save(path, **kw)
+    return path
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Image.new("L", (50, 40), 128),
+        lambda: Image.new("1", (50, 40), 1),
+        lambda: Image.new("P", (50, 40), 3),
+        lambda: Image.new("CMYK", (50, 40), (0, 0, 0, 0)),
+        lambda: Image.fromarray(np.full((40, 50), 40000, dtype=np.uint16)),
+    ],
+    ids=["grayscale", "bilevel", "palette", "cmyk-as-jpeg", "16-bit"],
+)
+def test_odd_modes_become_rgb(tmp_path, make):
+    image = make()
+    path = _save(tmp_path, image, "in.jpg" if image.mode == "CMYK" else "in.png")
+    out, info = load_image(path, 32)
+    assert out.mode == "RGB" and out.size == (32, 32)
+
+
+def test_sixteen_bit_is_scaled_not_clipped(tmp_path):
+    path = _save(tmp_path, Image.fromarray(np.full((40, 50), 32768, dtype=np.uint16)))
+    out, _ = load_image(path, 32)
+    assert abs(int(np.asarray(out)[0, 0, 0]) - 128) <= 1
+
+
+def test_transparency_is_composited_on_white(tmp_path):
+    rgba = Image.new("RGBA", (40, 40), (255, 0, 0, 0))
+    rgba.paste((0, 0, 255, 255), (10, 10, 30, 30))
+    out, _ = load_image(_save(tmp_path, rgba), 40)
+    pixels = np.asarray(out)
+    assert tuple(pixels[0, 0]) == (255, 255, 255)
+    assert tuple(pixels[20, 20]) == (0, 0, 255)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = Image.new("RGB", (60, 40), "white")
+    image.paste((255, 0, 0), (0, 0, 10, 40))  # red strip on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: display needs a 90 degree clockwise turn
+    path = _save(tmp_path, image, "rot.jpg", exif=exif, quality=95)
+    upright, _ = images_mod.open_image(path)
+    assert upright.size == (40, 60)
+    top, bottom = np.asarray(upright)[2, 20], np.asarray(upright)[57, 20]
+    assert top[0] > 200 and top[1] < 80 and bottom.min() > 200  # the strip is now along the top
+    _, info = load_image(path, 40)
+    assert info["size"] == [40, 60]
+
+
+def test_non_square_is_centre_cropped(tmp_path):
+    image = Image.new("RGB", (120, 40), "white")
+    image.paste((0, 0, 0), (40, 0, 80, 40))  # black centre square
+    out, _ = load_image(_save(tmp_path, image), 40)
+    assert np.asarray(out).mean() < 5
+
+
+def test_tiny_image_is_refused(tmp_path):
+    with pytest.raises(PeftEditError, match="too small"):
+        load_image(_save(tmp_path, Image.new("RGB", (16, 100))), 64)
+
+
+def test_huge_image_is_refused_before_decoding(tmp_path, monkeypatch):
+    monkeypatch.setattr(images_mod, "MAX_PIXELS", 1000)
+    with pytest.raises(PeftEditError, match="too large"):
+        load_image(_save(tmp_path, Image.new("RGB", (100, 100))), 64)
+
+
+def test_missing_corrupt_truncated_and_non_image_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_image(tmp_path / "nope.png", 64)
+    text = tmp_path / "notes.png"
+    text.write_text("this is not a picture")
+    with pytest.raises(PeftEditError, match="not an image"):
+        load_image(text, 64)
+    full = _save(tmp_path, Image.effect_noise((200, 200), 50).convert("RGB"), "full.jpg")
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(full.read_bytes()[:2000])
+    with pytest.raises(PeftEditError, match="corrupt or truncated"):
+        load_image(truncated, 64)
+
+
+def test_grid_lays_images_out_in_a_row():
+    sheet = grid([Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue")], ["a", "b"])
+    assert sheet.size == (256, 128 + 14)
+    assert sheet.getpixel((10, 10)) == (255, 0, 0) and sheet.getpixel((200, 10)) == (0, 0, 255)

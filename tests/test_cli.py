@@ -200,3 +200,27 @@ def test_help_has_examples(capsys):
         main(["--help"])
     assert stop.value.code == 0
     assert "examples:" in capsys.readouterr().out
+
+
+def test_model_sources_dispatch_to_the_right_loader(tmp_path, monkeypatch, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    seen = {}
+
+    def fake_single_file(path, **kwargs):
+        seen["single_file"] = (path, kwargs.get("config"))
+        raise OSError("stop here")
+
+    monkeypatch.setattr(StableDiffusionPipeline, "from_single_file", staticmethod(fake_single_file))
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"")
+    code, _, err = _run(capsys, "generate", "a dog", "--model", checkpoint, "--single-file-config", "cfg")
+    assert seen["single_file"] == (str(checkpoint), "cfg")
+    _one_line_error(code, err, "could not load model", "stop here")
+
+
+def test_unreachable_hub_id_is_one_line(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    code, _, err = _run(capsys, "generate", "a dog", "--model", "nobody-here/no-such-model")
+    _one_line_error(code, err, "could not load model 'nobody-here/no-such-model'")

@@ -134,3 +134,16 @@ def test_artifact_records_what_it_was_made_with(fitted, photo):
     assert meta["recipe"]["imagic"]["finetune_steps"] == 60
     assert meta["scheduler"]["prediction_type"] in ("epsilon", "v_prediction")
     assert fitted.preview.size[0] == 3 * fitted.preview.size[1] - 3 * 14  # input + 2 renders, labels below
+
+
+def test_half_precision_base_trains_fp32_parameters(eps_dir, photo):
+    from peftedit import load_model
+
+    runtime = RuntimeConfig(device="cpu", dtype="bf16")
+    model = load_model(str(eps_dir), runtime)
+    config = ImagicConfig(embedding_steps=3, finetune_steps=3, render_steps=2, preview_etas=[0.5])
+    artifact = imagic.fit(model, photo, "a red circle", config, runtime, False)
+    assert all(t.dtype == torch.float32 for t in artifact.tensors.values())
+    assert all(t.dtype == torch.float32 for t in artifact.lora.values())
+    assert {p.dtype for p in model.pipe.unet.parameters()} == {torch.bfloat16}
+    assert not torch.equal(artifact.tensors["e_opt"], artifact.tensors["e_tgt"])

@@ -51,6 +51,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
 
 
+def _command(sub, name: str, help: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -64,12 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser(
-        "imagic",
-        help="fit an Imagic edit (embedding + LoRA) to a photo",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = _command(sub, "imagic", "fit an Imagic edit (embedding + LoRA) to a photo")
     p.add_argument("image", help="input photo")
     p.add_argument("text", help="target text: the photo as it should become")
     _add_model_args(p)
@@ -79,12 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="training seed (runtime.seed)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
-    p = sub.add_parser(
-        "edit",
-        help="render a saved edit (no re-training)",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = _command(sub, "edit", "render a saved edit (no re-training)")
     p.add_argument("folder", help="edit folder written by 'imagic' or 'invert'")
     p.add_argument("target", nargs="?", help="target prompt (inversions only; none = reconstruction)")
     p.add_argument("--model", help="base model (default: the one recorded in the edit)")

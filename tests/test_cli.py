@@ -107,7 +107,7 @@ def test_nan_loss_stops_naming_the_stage(eps_dir, photo, tmp_path, capsys, monke
     monkeypatch.setattr(imagic, "denoising_loss", lambda *a: real(*a) * torch.tensor(float("nan")))
     out = tmp_path / "adapters" / "nan"
     code, _, err = _run(capsys, "imagic", photo, "a red circle", "--model", eps_dir, "-o", out, *FAST)
-    _one_line_error(code, err, "stage 1 (embedding)", "nan", "embedding_lr")
+    _one_line_error(code, err, "stage 1/2 (embedding)", "nan", "embedding_lr")
     assert not out.exists() and not _leftovers(out.parent)
 
 

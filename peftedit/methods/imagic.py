@@ -103,25 +103,40 @@ class ImagicConfig:
         }
 
 
-def optimize_embedding(unet, scheduler, latent, e_tgt, config, runtime, generator, show) -> tuple[torch.Tensor, float]:
-    """Stage 1: optimize a copy of e_tgt (fp32) so the frozen UNet denoises the photo; returns it and the last loss."""
-    embedding = e_tgt.detach().clone().float().requires_grad_(True)
-    optimizer = make_optimizer([embedding], config.embedding_lr, runtime.optimizer)
+def _train(unet, scheduler, latent, cond, params, lr, steps, runtime, generator, stage, advice, show) -> float:
+    """Minimise the denoising loss over ``params`` for ``steps`` steps; returns the last loss."""
+    optimizer = make_optimizer(params, lr, runtime.optimizer)
     loss_value = float("nan")
-    bar = progress(config.embedding_steps, "imagic 1/2 embedding", show)
+    bar = progress(steps, f"imagic {stage}", show)
     for step in bar:
-        loss = denoising_loss(unet, scheduler, latent, embedding, generator)
-        loss_value = check_finite(
-            loss,
-            "stage 1 (embedding)",
-            step,
-            "try a lower imagic.embedding_lr or dtype fp32",
-        )
+        loss = denoising_loss(unet, scheduler, latent, cond, generator)
+        loss_value = check_finite(loss, stage, step, advice)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
-    return embedding.detach(), loss_value
+    return loss_value
+
+
+def optimize_embedding(unet, scheduler, latent, e_tgt, config, runtime, generator, show) -> tuple[torch.Tensor, float]:
+    """Stage 1: optimize a copy of e_tgt (fp32) so the frozen UNet denoises the photo; returns it and the last loss."""
+    embedding = e_tgt.detach().clone().float().requires_grad_(True)
+    advice = "try a lower imagic.embedding_lr or runtime.dtype=fp32"
+    loss = _train(
+        unet,
+        scheduler,
+        latent,
+        embedding,
+        [embedding],
+        config.embedding_lr,
+        config.embedding_steps,
+        runtime,
+        generator,
+        "stage 1/2 (embedding)",
+        advice,
+        show,
+    )
+    return embedding.detach(), loss
 
 
 def lora_parameters(unet) -> list[torch.nn.Parameter]:
@@ -144,24 +159,23 @@ def finetune_lora(unet, scheduler, latent, e_opt, config, runtime, generator, sh
         torch.manual_seed(runtime.seed)  # LoRA A's random init: part of the run's seed, not global state
         unet.add_adapter(LoraConfig(**config.lora_config()), adapter_name=ADAPTER)
     try:
-        params = lora_parameters(unet)
-        optimizer = make_optimizer(params, config.lora_lr, runtime.optimizer)
-        loss_value = float("nan")
-        bar = progress(config.finetune_steps, "imagic 2/2 LoRA", show)
-        for step in bar:
-            loss = denoising_loss(unet, scheduler, latent, e_opt, generator)
-            loss_value = check_finite(
-                loss,
-                "stage 2 (LoRA fine-tune)",
-                step,
-                "try a lower imagic.lora_lr or dtype fp32",
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+        advice = "try a lower imagic.lora_lr or runtime.dtype=fp32"
+        loss = _train(
+            unet,
+            scheduler,
+            latent,
+            e_opt,
+            lora_parameters(unet),
+            config.lora_lr,
+            config.finetune_steps,
+            runtime,
+            generator,
+            "stage 2/2 (LoRA fine-tune)",
+            advice,
+            show,
+        )
         state = get_peft_model_state_dict(unet, adapter_name=ADAPTER)
-        return {k: v.detach().float().cpu().clone() for k, v in state.items()}, loss_value
+        return {k: v.detach().float().cpu().clone() for k, v in state.items()}, loss
     finally:
         unet.delete_adapters(ADAPTER)
 

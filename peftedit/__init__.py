@@ -7,6 +7,10 @@ Python API::
     edit = imagic.fit(model, "photo.png", "a photo of a sitting dog")
     edit.save("adapters/dog-sitting")
     image = imagic.render(model, Artifact.load("adapters/dog-sitting"), eta=0.7, seed=3)
+
+    from peftedit import nulltext, p2p               # null-text inversion + Prompt-to-Prompt
+    inversion = nulltext.invert(model, "cat.png", "a photo of a cat")
+    tiger = nulltext.edit(model, inversion, "a photo of a tiger", p2p.Control(blend=["cat", "tiger"]))
 """
 
 __version__ = "0.1.0"
@@ -14,8 +18,9 @@ __version__ = "0.1.0"
 from .artifacts import Artifact  # noqa: E402
 from .config import RuntimeConfig, build  # noqa: E402
 from .errors import ArtifactError, NumericalError, PeftEditError  # noqa: E402
-from .methods import imagic  # noqa: E402
+from .methods import imagic, nulltext, p2p  # noqa: E402
 from .methods.imagic import ImagicConfig  # noqa: E402
+from .methods.nulltext import NullTextConfig  # noqa: E402
 from .models import Model, load_model  # noqa: E402
 
 load = Artifact.load
@@ -25,6 +30,7 @@ __all__ = [
     "ArtifactError",
     "ImagicConfig",
     "Model",
+    "NullTextConfig",
     "NumericalError",
     "PeftEditError",
     "RuntimeConfig",
@@ -32,4 +38,6 @@ __all__ = [
     "imagic",
     "load",
     "load_model",
+    "nulltext",
+    "p2p",
 ]

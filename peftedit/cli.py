@@ -19,6 +19,9 @@ EPILOG = """examples:
       --recipe sd15-8gb
   peftedit edit adapters/dog-sitting --eta 0.7 --seed 3 -o sitting.png
   peftedit inspect adapters/dog-sitting --json
+  peftedit invert cat.png "a photo of a cat" -o adapters/cat              # null-text inversion
+  peftedit edit adapters/cat "a photo of a tiger" --blend cat tiger -o tiger.png
+  peftedit edit adapters/cat "a photo of a cat" --p2p reweight --reweight cat=2.0 -o more-cat.png
   peftedit generate "a large red circle on the left" --seed 1 -o circle.png
 
 With no --model, commands use the built-in demo model (a tiny world of coloured shapes). --debug shows tracebacks.
@@ -78,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="training seed (runtime.seed)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
+    p = _command(sub, "invert", "invert a photo for Prompt-to-Prompt editing (null-text and others)")
+    p.add_argument("image", help="input photo")
+    p.add_argument("source", help="source prompt: what the photo shows")
+    _add_model_args(p)
+    p.add_argument("-o", "--output", help="edit folder to write (default: adapters/<image>-<prompt>)")
+    p.add_argument("--method", choices=NULLTEXT_METHODS, help="inversion method (nulltext.method; default null-text)")
+    p.add_argument("--steps", type=int, help="DDIM steps, also of every edit (nulltext.steps)")
+    p.add_argument("--inner-steps", type=int, help="most optimizer steps per timestep (nulltext.inner_steps)")
+    p.add_argument("--guidance", type=float, help="guidance the inversion is made for (nulltext.guidance)")
+    p.add_argument("--seed", type=int, help="runtime.seed (DDIM inversion itself is deterministic)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
     p = _command(sub, "edit", "render a saved edit (no re-training)")
     p.add_argument("folder", help="edit folder written by 'imagic' or 'invert'")
     p.add_argument("target", nargs="?", help="target prompt (inversions only; none = reconstruction)")
@@ -88,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, help="classifier-free guidance (default: the edit's recipe)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the edit's recipe)")
     p.add_argument("-o", "--output", help="PNG to write (default: <folder>-<settings>.png)")
+    p.add_argument("--p2p", choices=("replace", "refine", "reweight"), help="Prompt-to-Prompt edit (inversions)")
+    p.add_argument("--blend", nargs="+", metavar="WORD", help="local blend: only where these words attend may change")
+    p.add_argument("--reweight", action="append", metavar="WORD=F", help="scale a target word's attention, e.g. cat=2")
+    p.add_argument("--cross-replace", type=float, help="share of steps with the source's cross-attention (0.8)")
+    p.add_argument("--self-replace", type=float, help="share of steps with the source's self-attention (0.4)")
+    p.add_argument("--save-attention", metavar="PNG", help="write the per-word cross-attention maps as a grid")
 
     p = sub.add_parser("inspect", help="show what an edit folder holds")
     p.add_argument("folder")
@@ -108,8 +129,9 @@ def recipe_sections() -> dict[str, type]:
     """Every table a recipe file may hold, by name."""
     from .config import RuntimeConfig
     from .methods.imagic import ImagicConfig
+    from .methods.nulltext import NullTextConfig
 
-    return {"runtime": RuntimeConfig, "imagic": ImagicConfig}
+    return {"runtime": RuntimeConfig, "imagic": ImagicConfig, "nulltext": NullTextConfig}
 
 
 def _sections(*names: str) -> dict[str, type]:
@@ -161,11 +183,79 @@ def cmd_edit(args) -> int:
         image = imagic.render(model, artifact, eta=args.eta, seed=args.seed, guidance=args.guidance, steps=args.steps)
         eta = artifact.meta["recipe"]["imagic"]["eta"] if args.eta is None else args.eta
         default = f"{Path(args.folder).name}-eta{eta:g}-seed{args.seed}.png"
+    elif artifact.method in NULLTEXT_METHODS:
+        image, default = _edit_inversion(args, model, artifact)
     else:
         raise ValueError(f"{args.folder}: unknown method {artifact.method!r}")
     path = save_image_atomic(image, args.output or default)
     print(f"wrote {path}")
     return 0
+
+
+def cmd_invert(args) -> int:
+    from .config import build
+    from .methods import nulltext
+    from .models import load_model
+
+    overrides = list(args.set)
+    for flag, key in (
+        ("method", "nulltext.method"),
+        ("steps", "nulltext.steps"),
+        ("inner_steps", "nulltext.inner_steps"),
+        ("guidance", "nulltext.guidance"),
+        ("seed", "runtime.seed"),
+    ):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    if args.seed is not None:
+        logging.getLogger("peftedit").warning("--seed has no effect on an inversion (DDIM is deterministic)")
+    configs = build(_sections("runtime", "nulltext"), args.recipe, overrides)
+    output = Path(args.output or Path("adapters") / slug(Path(args.image).stem, args.source))
+    if output.exists() and not args.overwrite:
+        raise FileExistsError(f"{output} already exists; choose another -o or pass --overwrite")
+    model = load_model(args.model, configs["runtime"], args.single_file_config)
+    artifact = nulltext.invert(
+        model, args.image, args.source, configs["nulltext"], configs["runtime"], show_progress=not args.quiet
+    )
+    artifact.save(output, overwrite=args.overwrite)
+    losses = artifact.meta["losses"]
+    print(
+        f"saved {output} ({artifact.method}, {artifact.meta['steps']} steps; reconstruction PSNR "
+        f"{losses['psnr']:.2f} dB, latent MSE {losses['latent_error']:.3g}); preview: {output / 'preview.png'}"
+    )
+    return 0
+
+
+def _edit_inversion(args, model, artifact):
+    """A Prompt-to-Prompt edit (or, with no target, input | reconstruction) and its default file name."""
+    from .diffusion import decode_latents
+    from .images import grid
+    from .methods import nulltext, p2p
+
+    if args.eta is not None:
+        raise ValueError("--eta is for Imagic edits; edit an inversion with a target prompt")
+    chosen = {
+        "mode": args.p2p,
+        "blend": args.blend,
+        "reweight": p2p.parse_reweight(args.reweight) or None,
+        "cross_replace": args.cross_replace,
+        "self_replace": args.self_replace,
+    }
+    chosen = {k: v for k, v in chosen.items() if v is not None}
+    control = p2p.Control(**chosen) if chosen else None
+    result = nulltext.run_edit(
+        model, artifact, args.target, control, args.steps, args.guidance, maps=bool(args.save_attention)
+    )
+    name = Path(args.folder).name
+    if len(result.images) == 1:
+        source = decode_latents(model.pipe, artifact.tensors["z_0"])[0]
+        image, default = grid([source, result.image], ["input (VAE)", "reconstruction"]), f"{name}-reconstruction.png"
+    else:
+        image, default = result.image, f"{name}-{slug(result.prompts[-1])}.png"
+    if args.save_attention:
+        maps = p2p.attention_grid(model.pipe.tokenizer, result.prompts[-1], result.maps[-1], result.image)
+        print(f"wrote {save_image_atomic(maps, args.save_attention)}")
+    return image, default
 
 
 def _runtime_from(artifact):
@@ -230,7 +320,14 @@ def cmd_generate(args) -> int:
     return 0
 
 
-COMMANDS = {"imagic": cmd_imagic, "edit": cmd_edit, "inspect": cmd_inspect, "generate": cmd_generate}
+COMMANDS = {
+    "imagic": cmd_imagic,
+    "invert": cmd_invert,
+    "edit": cmd_edit,
+    "inspect": cmd_inspect,
+    "generate": cmd_generate,
+}
+NULLTEXT_METHODS = ("null-text", "negative-prompt", "direct", "ddim")
 
 
 class _OneLine(logging.Formatter):

@@ -171,3 +171,37 @@ def sample(
         if after_step is not None:
             latents = after_step(i, latents)
     return latents
+
+
+@torch.no_grad()
+def ddim_invert(
+    unet,
+    scheduler_config,
+    latent: torch.Tensor,
+    cond: torch.Tensor,
+    steps: int,
+    progress: Callable | None = None,
+) -> list[torch.Tensor]:
+    """DDIM inversion at guidance 1: the latents z_0 (= ``latent``) … z_T, fp32 on the UNet's device.
+
+    Runs diffusers' ``DDIMInverseScheduler`` on exactly the timesteps a ``steps``-step ``DDIMScheduler`` from the same
+    config samples with (reversed), so the sampler's step ``i`` goes from z_{T-i} towards z_{T-i-1}. Every conversion
+    is the scheduler's own, so epsilon and v-prediction models both work.
+    """
+    from diffusers import DDIMInverseScheduler
+
+    inverse = DDIMInverseScheduler.from_config(scheduler_config)
+    inverse.set_timesteps(steps)
+    forward = DDIMScheduler.from_config(scheduler_config)
+    forward.set_timesteps(steps)
+    if not torch.equal(inverse.timesteps.flip(0).cpu(), forward.timesteps.cpu()):
+        raise PeftEditError(
+            f"timestep_spacing {forward.config.timestep_spacing!r} gives inversion timesteps that differ from the "
+            "sampler's; use a scheduler config with 'leading' or 'trailing' spacing"
+        )
+    latents = [latent.to(unet.device, torch.float32)]
+    timesteps = list(inverse.timesteps)
+    for t in progress(timesteps) if progress else timesteps:
+        pred = guided_prediction(unet, latents[-1], t, cond, None, 1.0)
+        latents.append(inverse.step(pred, t, latents[-1]).prev_sample.float())
+    return latents

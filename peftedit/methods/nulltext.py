@@ -1,0 +1,343 @@
+"""Inverting a real photo for Prompt-to-Prompt editing, and the edits themselves.
+
+The pivot is a DDIM inversion at guidance 1 with the source prompt. Guided sampling from its end drifts off it; the
+methods differ in how they pull it back:
+
+- ``null-text`` (Mokady et al., CVPR 2023): per timestep, optimize the null (unconditional) embedding so the guided
+  step lands on the pivot; the per-step embeddings are the edit.
+- ``negative-prompt`` (Miyake et al., 2023): no optimization; the source prompt's embedding stands in for the null one.
+- ``direct`` (PnP inversion, Ju et al., ICLR 2024): store each step's offset from the guided step to the pivot and add
+  it back in the source branch while editing.
+- ``ddim``: the plain inversion with the empty prompt as null; the baseline.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..artifacts import Artifact
+from ..config import RuntimeConfig, option, positive, to_dict
+from ..diffusion import (
+    check_finite,
+    check_prompt,
+    ddim_invert,
+    decode_latents,
+    encode_image,
+    encode_text,
+    fresh_scheduler,
+    guided_prediction,
+    sample,
+)
+from ..errors import ArtifactError, PeftEditError
+from ..images import grid, psnr
+from ..models import Model
+from ..optim import make_optimizer
+from . import p2p
+from .common import base_meta, check_base, checkpointing, encoders_offloaded, prepare_image, progress
+
+log = logging.getLogger("peftedit")
+
+METHODS = ("null-text", "negative-prompt", "direct", "ddim")
+TABLE = "nulltext"
+# Scheduler settings an edit must share with its inversion (the timesteps and the noise schedule).
+SCHEDULER_KEYS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "prediction_type",
+    "timestep_spacing",
+    "steps_offset",
+    "set_alpha_to_one",
+    "clip_sample",
+    "rescale_betas_zero_snr",
+)
+
+
+@dataclass
+class NullTextConfig:
+    """Inversion hyperparameters; each help names where its default comes from."""
+
+    method: str = option("null-text", f"One of {', '.join(METHODS)} (see the module docstring).")
+    steps: int = option(50, "DDIM steps of the inversion and of every edit. Null-text reference: NUM_DDIM_STEPS = 50.")
+    guidance: float = option(7.5, "Classifier-free guidance the inversion is made for. Null-text reference: 7.5.")
+    inner_steps: int = option(10, "Most optimizer steps per timestep. Null-text reference: num_inner_steps = 10.")
+    lr: float = option(1e-2, "Adam learning rate at the first timestep. Null-text reference: 1e-2.")
+    lr_decay: float = option(1e-2, "Step i's learning rate is lr * (1 - lr_decay * i). Reference: 1 - i/100.")
+    early_stop: float = option(1e-5, "Step i stops when loss < early_stop + i * early_stop_slope. Reference: 1e-5.")
+    early_stop_slope: float = option(2e-5, "Growth of the early-stop threshold per step. Null-text reference: 2e-5.")
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise PeftEditError(f"nulltext.method = {self.method!r}: choose one of {', '.join(METHODS)}")
+        positive("nulltext.steps", self.steps)
+        if self.steps > 1000:
+            raise PeftEditError(f"nulltext.steps = {self.steps} is more than the model's 1000 training timesteps")
+        positive("nulltext.inner_steps", self.inner_steps, zero_ok=True)
+        for name in ("guidance", "lr_decay", "early_stop", "early_stop_slope"):
+            positive(f"nulltext.{name}", getattr(self, name), zero_ok=True)
+        positive("nulltext.lr", self.lr)
+        if self.lr_decay * (self.steps - 1) >= 1:
+            raise PeftEditError(
+                f"nulltext.lr_decay = {self.lr_decay} makes the learning rate reach 0 within {self.steps} steps"
+            )
+
+
+def optimize_null_text(unet, scheduler, pivots, cond, uncond, config, runtime, show):
+    """Per-timestep null embeddings [T, 77, d] (fp32), the final latent, and per-step statistics."""
+    steps = len(scheduler.timesteps)
+    null = uncond.detach().float()
+    nulls, latents = [], pivots[-1]
+    stats = {"inner_steps": [], "loss": [], "pivot_error": []}
+    bar = progress(steps, "null-text", show)
+    for i in bar:
+        t, target = scheduler.timesteps[i], pivots[steps - 1 - i]
+        with torch.no_grad():
+            pred_cond = guided_prediction(unet, latents, t, cond, None, 1.0)
+        null = null.detach().clone().requires_grad_(True)
+        optimizer = make_optimizer([null], config.lr * (1 - config.lr_decay * i), runtime.optimizer)
+        threshold = config.early_stop + i * config.early_stop_slope
+        used, value = 0, float("nan")
+        for j in range(config.inner_steps):
+            pred_uncond = guided_prediction(unet, latents, t, null, None, 1.0)
+            pred = pred_uncond + config.guidance * (pred_cond - pred_uncond)
+            loss = torch.nn.functional.mse_loss(scheduler.step(pred, t, latents).prev_sample, target)
+            value = check_finite(loss, "null-text optimization", i, "try runtime.dtype=fp32 or a lower nulltext.lr")
+            used = j + 1
+            if value < threshold:
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        null = null.detach()
+        nulls.append(null)
+        with torch.no_grad():
+            pred = guided_prediction(unet, latents, t, cond, null, config.guidance)
+            latents = scheduler.step(pred, t, latents).prev_sample.float()
+        error = float(torch.nn.functional.mse_loss(latents, target))
+        stats["inner_steps"].append(used)
+        stats["loss"].append(value)
+        stats["pivot_error"].append(error)
+        bar.set_postfix(t=int(t), loss=f"{value:.2e}", inner=used, refresh=False)
+    return torch.cat(nulls).cpu(), latents, stats
+
+
+@torch.no_grad()
+def direct_offsets(unet, scheduler, pivots, cond, uncond, guidance):
+    """PnP inversion: per step, the pivot minus the guided step taken from the pivot, [T, 4, h, w]."""
+    steps = len(scheduler.timesteps)
+    offsets = []
+    for i, t in enumerate(scheduler.timesteps):
+        current = pivots[steps - i]
+        pred = guided_prediction(unet, current, t, cond, uncond, guidance)
+        offsets.append(pivots[steps - 1 - i] - scheduler.step(pred, t, current).prev_sample.float())
+    return torch.cat(offsets).cpu()
+
+
+def invert(
+    model: Model,
+    image: str | Path | Image.Image,
+    source_prompt: str,
+    config: NullTextConfig | None = None,
+    runtime: RuntimeConfig | None = None,
+    show_progress: bool = True,
+) -> Artifact:
+    """Invert one photo with ``config.method``; returns the edit artifact (preview: input | reconstruction)."""
+    config = config or NullTextConfig()
+    runtime = runtime or RuntimeConfig()
+    pipe, unet = model.pipe, model.pipe.unet
+    source_prompt = check_prompt(pipe.tokenizer, source_prompt)
+    picture, image_info = prepare_image(image, model.resolution)
+    z0 = encode_image(pipe, picture)
+    e_src, e_uncond = encode_text(pipe, source_prompt), encode_text(pipe, "")
+    meta, probe = base_meta(model, {"runtime": to_dict(runtime), TABLE: to_dict(config)}, image_info)
+    tensors: dict[str, torch.Tensor] = {}
+    with encoders_offloaded(pipe, runtime.offload_encoders):
+        bar = partial(tqdm, desc="pivot (DDIM inversion)", disable=not show_progress, dynamic_ncols=True)
+        pivots = ddim_invert(unet, pipe.scheduler.config, z0, e_src, config.steps, bar)
+        scheduler = fresh_scheduler(pipe, config.steps)
+        stats: dict = {}
+        if config.method == "null-text":
+            with checkpointing(unet, runtime.gradient_checkpointing):
+                nulls, _, stats = optimize_null_text(
+                    unet, scheduler, pivots, e_src, e_uncond, config, runtime, show_progress
+                )
+            tensors["null_embeddings"] = nulls
+        elif config.method == "direct":
+            tensors["offsets"] = direct_offsets(unet, scheduler, pivots, e_src, e_uncond, config.guidance)
+    tensors.update(
+        z_T=pivots[-1].cpu(),
+        z_0=z0.cpu(),
+        timesteps=scheduler.timesteps.clone().cpu(),
+        e_src=e_src.cpu(),
+        e_uncond=e_uncond.cpu(),
+        base_probe=probe,
+    )
+    meta.update(prompts={"source": source_prompt}, guidance=config.guidance, steps=config.steps)
+    artifact = Artifact(config.method, tensors, meta)
+    result = run_edit(model, artifact, check=False, pivots=pivots)
+    stats.setdefault("pivot_error", result.pivot_error)
+    meta["per_step"] = stats
+    meta["losses"] = {
+        "psnr": psnr(picture, result.images[0]),
+        "latent_error": float(torch.nn.functional.mse_loss(result.latents[:1].cpu(), z0.cpu())),
+        "pivot_error_mean": sum(stats["pivot_error"]) / len(stats["pivot_error"]),
+    }
+    label = f"{config.method} {meta['losses']['psnr']:.1f} dB"
+    artifact.preview = grid([picture, result.images[0]], ["input", label])
+    artifact.card = model_card(artifact)
+    return artifact
+
+
+@dataclass
+class EditResult:
+    """What an edit run produced: one image and latent per branch ([source] or [source, target]) and the maps."""
+
+    images: list[Image.Image]
+    latents: torch.Tensor
+    prompts: list[str]
+    maps: torch.Tensor | None = None
+    pivot_error: list[float] = field(default_factory=list)
+
+    @property
+    def image(self) -> Image.Image:
+        """The edited picture (the reconstruction when there is no target)."""
+        return self.images[-1]
+
+
+def check_inversion(model: Model, artifact: Artifact, steps: int | None = None, check: bool = True) -> None:
+    """Raise :class:`ArtifactError` unless ``artifact`` is an inversion this model can edit with ``steps`` steps."""
+    if artifact.method not in METHODS:
+        raise ArtifactError(f"this is a {artifact.method!r} edit, not an inversion ({', '.join(METHODS)})")
+    artifact.require("z_T", "timesteps", "e_src", "e_uncond", "base_probe")
+    if artifact.method == "null-text":
+        artifact.require("null_embeddings")
+    if artifact.method == "direct":
+        artifact.require("offsets")
+    made = artifact.meta["steps"]
+    if steps is not None and steps != made:
+        raise ArtifactError(
+            f"this inversion was made with {made} DDIM steps and only edits with {made} (asked for {steps}); "
+            f"invert again with --steps {steps}"
+        )
+    if check:
+        check_base(model, artifact)
+    saved, current = artifact.meta["scheduler"], dict(model.pipe.scheduler.config)
+    differ = [k for k in SCHEDULER_KEYS if _plain(saved.get(k)) != _plain(current.get(k))]
+    if differ:
+        what = ", ".join(f"{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in differ)
+        raise ArtifactError(f"the model's scheduler differs from the one this inversion was made with ({what})")
+    timesteps = fresh_scheduler(model.pipe, made).timesteps.cpu()
+    if not torch.equal(timesteps, artifact.tensors["timesteps"]):
+        raise ArtifactError("the scheduler's timesteps differ from the ones this inversion was made with")
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+@torch.no_grad()
+def run_edit(
+    model: Model,
+    artifact: Artifact,
+    target_prompt: str | None = None,
+    control: p2p.Control | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    maps: bool = False,
+    check: bool = True,
+    pivots: list[torch.Tensor] | None = None,
+) -> EditResult:
+    """Sample from the inversion: the source branch alone (reconstruction) or [source, target] with P2P control."""
+    check_inversion(model, artifact, steps, check)
+    pipe, unet, meta = model.pipe, model.pipe.unet, artifact.meta
+    made = meta["guidance"]
+    if guidance is not None and guidance != made:
+        log.warning("the inversion was made for guidance %g; at %g the source branch will drift", made, guidance)
+    guidance = made if guidance is None else guidance
+    device = unet.device
+    tensors = {k: v.to(device) for k, v in artifact.tensors.items()}
+    prompts = [meta["prompts"]["source"]]
+    if target_prompt is not None:
+        prompts.append(check_prompt(pipe.tokenizer, target_prompt))
+    elif control is not None and (control.mode or control.reweight):
+        prompts.append(prompts[0])
+    elif control is not None and control.blend:
+        log.warning("--blend is ignored without a target prompt")
+    branches = len(prompts)
+    cond = torch.cat([tensors["e_src"]] + [encode_text(pipe, p).to(device) for p in prompts[1:]])
+    null = {"null-text": None, "negative-prompt": tensors["e_src"]}.get(artifact.method, tensors["e_uncond"])
+
+    def uncond(i: int) -> torch.Tensor:
+        row = tensors["null_embeddings"][i : i + 1] if null is None else null
+        return row.expand(branches, -1, -1)
+
+    scheduler = fresh_scheduler(pipe, meta["steps"])
+    controller = p2p.Controller(unet, pipe.tokenizer, prompts, control, meta["steps"])
+    errors: list[float] = []
+
+    def after_step(i: int, latents: torch.Tensor) -> torch.Tensor:
+        if artifact.method == "direct":
+            latents = torch.cat([latents[:1] + tensors["offsets"][i : i + 1], latents[1:]])
+        latents = controller.after_step(i, latents)
+        if pivots is not None:
+            errors.append(float(torch.nn.functional.mse_loss(latents[:1], pivots[len(pivots) - 2 - i])))
+        return latents
+
+    start = tensors["z_T"].expand(branches, -1, -1, -1)
+    if branches == 2 or maps:
+        with p2p.installed(unet, controller):
+            latents = sample(unet, scheduler, start, cond, uncond, guidance, after_step)
+    else:
+        latents = sample(unet, scheduler, start, cond, uncond, guidance, after_step)
+    images = decode_latents(pipe, latents)
+    return EditResult(images, latents, prompts, controller.mean_maps(), errors)
+
+
+def edit(
+    model: Model,
+    artifact: Artifact,
+    target_prompt: str | None = None,
+    control: p2p.Control | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+) -> Image.Image:
+    """The edited picture (PIL); with no target prompt and no control, the reconstruction of the input.
+
+    DDIM with eta 0 is deterministic, so there is no seed. Raises :class:`ArtifactError` for another base model,
+    scheduler or step count than the inversion was made with.
+    """
+    return run_edit(model, artifact, target_prompt, control, steps, guidance).image
+
+
+def reconstruct(model: Model, artifact: Artifact) -> Image.Image:
+    """The inversion's reconstruction of the input photo (PIL)."""
+    return edit(model, artifact)
+
+
+def model_card(artifact: Artifact) -> str:
+    """A short README for the edit folder."""
+    meta = artifact.meta
+    losses = meta.get("losses", {})
+    return f"""# peftedit {artifact.method} inversion
+
+- source prompt: "{meta["prompts"]["source"]}"
+- base model: `{meta["base_model"]}` (fingerprint {meta["base_fingerprint"]})
+- input image: {meta["image"].get("name")} (sha256 {meta["image"].get("sha256")})
+- {meta["steps"]} DDIM steps at guidance {meta["guidance"]}; PSNR {losses.get("psnr", float("nan")):.2f} dB
+- created {meta["created"]} with peftedit {meta["versions"].get("peftedit")}
+
+![preview](preview.png)
+
+Edit (Prompt-to-Prompt, no re-inversion):
+
+    peftedit edit . "{meta["prompts"]["source"]}" --p2p replace -o edit.png
+"""

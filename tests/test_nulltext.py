@@ -1,0 +1,303 @@
+"""Null-text inversion and Prompt-to-Prompt on tiny models (epsilon and v-prediction): null-text reconstructs better
+than plain DDIM, the early stop is respected, reloads are bit-identical, and mistakes give clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler
+from diffusers.models.attention_processor import AttnProcessor2_0
+from PIL import Image
+
+from peftedit import Artifact, ArtifactError, NullTextConfig, PeftEditError, RuntimeConfig, imagic, nulltext, p2p
+from peftedit.cli import main
+from peftedit.diffusion import ddim_invert, encode_image, encode_text
+from peftedit.images import load_image
+
+RUNTIME = RuntimeConfig(device="cpu", gradient_checkpointing=False)  # checkpointing: the bf16 test
+SOURCE = "a photo of a red circle"
+# The tiny random text encoder needs a larger step than CLIP's 1e-2 to get far in a few inner steps (measured at
+# 10 steps x 4 inner: latent error vs ddim ~0.6x (epsilon) / ~0.37x (v) at lr 1e-2; ~0.30x / ~0.14x at 5e-2).
+FAST = dict(steps=10, inner_steps=4, lr=5e-2)
+
+
+@pytest.fixture(scope="module")
+def module_photo(tmp_path_factory):
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", (48, 40), "white")
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((6, 6, 26, 26), fill=(220, 40, 40))
+    draw.rectangle((30, 10, 42, 34), fill=(40, 90, 220))
+    path = tmp_path_factory.mktemp("nulltext-photo") / "photo.png"
+    image.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def _shared():
+    return {}
+
+
+@pytest.fixture
+def model(tiny_dir, _shared):
+    """One tiny model per prediction type, shared by this module's tests (they leave it as they found it)."""
+    from peftedit import load_model
+
+    key = ("model", str(tiny_dir))
+    if key not in _shared:
+        _shared[key] = load_model(str(tiny_dir), RUNTIME)
+    return _shared[key]
+
+
+@pytest.fixture
+def inversions(model, module_photo, _shared):
+    """Inversions of the photo by method, made once per model."""
+
+    def get(method):
+        key = ("inversion", model.name, method)
+        if key not in _shared:
+            _shared[key] = _invert(model, module_photo, method)
+        return _shared[key]
+
+    return get
+
+
+def _invert(model, photo, method="null-text", **overrides):
+    config = NullTextConfig(method=method, **{**FAST, **overrides})
+    return nulltext.invert(model, photo, SOURCE, config, RUNTIME, show_progress=False)
+
+
+def test_null_text_reconstructs_better_than_ddim_and_respects_the_early_stop(model, inversions):
+    inverted, baseline = inversions("null-text"), inversions("ddim")
+    ours, theirs = inverted.meta["losses"], baseline.meta["losses"]
+    # The tiny VAE cannot decode photos: compare the final latent with the encoded input, and each step with the pivot.
+    assert ours["latent_error"] < 0.45 * theirs["latent_error"], (ours, theirs)
+    assert ours["pivot_error_mean"] < 0.45 * theirs["pivot_error_mean"], (ours, theirs)
+    steps = inverted.meta["per_step"]
+    assert len(steps["inner_steps"]) == len(steps["loss"]) == FAST["steps"]
+    _check_early_stop(steps, NullTextConfig().early_stop, FAST["inner_steps"])
+    assert inverted.tensors["null_embeddings"].shape == (FAST["steps"], 77, 32)
+    assert torch.equal(inverted.tensors["timesteps"], _timesteps(model, FAST["steps"]))
+
+
+def _check_early_stop(steps, early_stop, most):
+    for i, (used, loss) in enumerate(zip(steps["inner_steps"], steps["loss"], strict=True)):
+        threshold = early_stop + i * NullTextConfig().early_stop_slope
+        assert used == most or (loss < threshold and used < most), (i, used, loss, threshold)
+
+
+def _timesteps(model, steps):
+    scheduler = DDIMScheduler.from_config(model.pipe.scheduler.config)
+    scheduler.set_timesteps(steps)
+    return scheduler.timesteps
+
+
+def test_a_loose_early_stop_stops_every_step_at_once(eps_model, photo):
+    artifact = _invert(eps_model, photo, early_stop=10.0, steps=4)
+    steps = artifact.meta["per_step"]
+    _check_early_stop(steps, 10.0, FAST["inner_steps"])
+    assert steps["inner_steps"] == [1] * 4  # every step stops at its first loss: the null embedding never moves
+    assert torch.equal(artifact.tensors["null_embeddings"][-1], artifact.tensors["e_uncond"][0])
+
+
+class _ConstantEpsilon(torch.nn.Module):
+    """A stand-in UNet predicting the same noise everywhere: DDIM steps with it are exactly invertible."""
+
+    def __init__(self, noise):
+        super().__init__()
+        self.register_buffer("noise", noise)
+
+    @property
+    def dtype(self):
+        return self.noise.dtype
+
+    @property
+    def device(self):
+        return self.noise.device
+
+    def forward(self, latents, t, encoder_hidden_states):
+        return type("Out", (), {"sample": self.noise.expand_as(latents)})()
+
+
+def test_pivot_is_on_the_samplers_timesteps(eps_model, photo):
+    pipe = eps_model.pipe
+    picture, _ = load_image(photo, eps_model.resolution)
+    latent, cond = encode_image(pipe, picture), encode_text(pipe, SOURCE)
+    stub = _ConstantEpsilon(torch.randn(latent.shape, generator=torch.Generator().manual_seed(0)))
+    pivots = ddim_invert(stub, pipe.scheduler.config, latent, cond, 6)
+    assert len(pivots) == 7 and torch.equal(pivots[0], latent)
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(6)
+    z = pivots[-1]
+    for i, t in enumerate(scheduler.timesteps):  # the sampler walks the pivot back step by step
+        z = scheduler.step(stub.noise, t, z).prev_sample
+        assert torch.allclose(z, pivots[5 - i], atol=1e-5), i
+
+
+def test_reload_reproduces_the_reconstruction_bit_identically(model, inversions, tmp_path):
+    inverted = inversions("null-text")
+    first = nulltext.run_edit(model, inverted)
+    inverted.save(tmp_path / "inv")
+    loaded = Artifact.load(tmp_path / "inv")
+    assert loaded.method == "null-text"
+    assert all(torch.equal(loaded.tensors[k], inverted.tensors[k]) for k in inverted.tensors)
+    second = nulltext.run_edit(model, loaded)
+    assert torch.equal(first.latents, second.latents)
+    assert np.array_equal(np.asarray(first.image), np.asarray(nulltext.reconstruct(model, loaded)))
+    error = float(torch.nn.functional.mse_loss(second.latents.cpu(), inverted.tensors["z_0"]))
+    assert error == pytest.approx(inverted.meta["losses"]["latent_error"], rel=1e-4)
+
+
+def test_replace_with_the_same_prompt_reproduces_the_reconstruction(model, inversions):
+    inverted = inversions("null-text")
+    reconstruction = nulltext.run_edit(model, inverted).latents
+    result = nulltext.run_edit(model, inverted, SOURCE, p2p.Control(mode="replace"))
+    assert result.latents.shape[0] == 2
+    scale = float(reconstruction.abs().max())
+    assert torch.allclose(result.latents[0], reconstruction[0], atol=1e-3 * scale)
+    assert torch.allclose(result.latents[1], reconstruction[0], atol=1e-3 * scale)
+
+
+@pytest.mark.parametrize("method", nulltext.METHODS)
+def test_each_method_inverts_and_edits(model, inversions, method):
+    artifact = inversions(method)
+    expected = {"null-text": "null_embeddings", "direct": "offsets"}.get(method)
+    assert (expected in artifact.tensors) if expected else not {"null_embeddings", "offsets"} & set(artifact.tensors)
+    if method == "direct":
+        assert artifact.tensors["offsets"].shape == (FAST["steps"], 4, 8, 8)
+        assert artifact.meta["losses"]["latent_error"] < 1e-8  # offsets put the source branch back on the pivot
+    control = p2p.Control(mode="refine", blend=["circle", "square"], reweight={"blue": 2.0})
+    result = nulltext.run_edit(model, artifact, "a photo of a blue square", control, maps=True)
+    reconstruction = nulltext.run_edit(model, artifact).latents
+    # The source branch reproduces the reconstruction up to float noise (batching, explicit attention) that guidance
+    # 7.5 on a random UNet amplifies; the target branch moves much further.
+    drift = float((result.latents[0] - reconstruction[0]).abs().max())
+    assert drift < 0.02 * float(reconstruction.abs().max()), drift
+    assert float((result.latents[1] - result.latents[0]).abs().max()) > 10 * drift
+    assert result.maps.shape == (2, 4, 4, 77) and torch.isfinite(result.maps).all()
+    assert isinstance(nulltext.edit(model, artifact, "a photo of a blue circle"), Image.Image)
+
+
+def test_maps_are_materialised_only_where_used(eps_model):
+    unet = eps_model.pipe.unet
+    controller = p2p.Controller(unet, eps_model.pipe.tokenizer, [SOURCE], None, 10)
+    with p2p.installed(unet, controller):
+        kinds = {n: type(p) for n, p in unet.attn_processors.items()}
+    stored = [n for n, k in kinds.items() if k is p2p.ControlledAttention]
+    assert stored and all(n.endswith("attn2.processor") for n in stored)  # reconstruction: cross-attention maps only
+    assert {k for n, k in kinds.items() if n not in stored} == {AttnProcessor2_0}
+    assert {type(p) for p in unet.attn_processors.values()} == {AttnProcessor2_0}  # restored afterwards
+
+
+def test_half_precision_unet_optimizes_fp32_embeddings(eps_dir, photo):
+    from peftedit import load_model
+
+    runtime = RuntimeConfig(device="cpu", dtype="bf16")
+    model = load_model(str(eps_dir), runtime)
+    config = NullTextConfig(steps=3, inner_steps=2)
+    artifact = nulltext.invert(model, photo, SOURCE, config, runtime, show_progress=False)
+    assert all(t.dtype == torch.float32 for k, t in artifact.tensors.items() if k != "timesteps")
+    assert not torch.equal(artifact.tensors["null_embeddings"][0], artifact.tensors["e_uncond"][0])
+
+
+def test_mismatched_edits_are_clear_errors(eps_model, eps_inverted):
+    with pytest.raises(ArtifactError, match="made with 4 DDIM steps"):
+        nulltext.edit(eps_model, eps_inverted, steps=20)
+    original = eps_model.pipe.scheduler
+    eps_model.pipe.scheduler = DDIMScheduler.from_config(original.config, timestep_spacing="trailing")
+    try:
+        with pytest.raises(ArtifactError, match="timestep_spacing"):
+            nulltext.edit(eps_model, eps_inverted)
+    finally:
+        eps_model.pipe.scheduler = original
+    with pytest.raises(PeftEditError, match="use --p2p refine"):
+        nulltext.edit(eps_model, eps_inverted, "a photo of a big red circle", p2p.Control(mode="replace"))
+    with pytest.raises(PeftEditError, match="'tiger'.*not in the target"):
+        nulltext.edit(eps_model, eps_inverted, "a photo of a blue circle", p2p.Control(reweight={"tiger": 2.0}))
+    with pytest.raises(PeftEditError, match="'tiger'.*neither prompt"):
+        nulltext.edit(eps_model, eps_inverted, "a photo of a blue circle", p2p.Control(blend=["tiger"]))
+    with pytest.raises(ArtifactError, match="not an Imagic one"):
+        imagic.render(eps_model, eps_inverted)
+    imagic_like = Artifact("imagic", dict(eps_inverted.tensors), dict(eps_inverted.meta))
+    with pytest.raises(ArtifactError, match="not an inversion"):
+        nulltext.edit(eps_model, imagic_like)
+
+
+@pytest.fixture
+def eps_inverted(eps_model, photo):
+    return _invert(eps_model, photo, "negative-prompt", steps=4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        (dict(method="nulltext"), "choose one of"),
+        (dict(steps=0), "must be > 0"),
+        (dict(steps=200), "lr_decay"),
+        (dict(inner_steps=-1), "must be >= 0"),
+    ],
+)
+def test_bad_config_is_refused(kwargs, fragment):
+    with pytest.raises(PeftEditError, match=fragment):
+        NullTextConfig(**kwargs)
+
+
+def test_bad_control_and_input_are_refused(eps_model, photo, tmp_path):
+    with pytest.raises(PeftEditError, match="choose one of"):
+        p2p.Control(mode="swap")
+    with pytest.raises(PeftEditError, match="between 0 and 1"):
+        p2p.Control(cross_replace=1.5)
+    with pytest.raises(PeftEditError, match="needs --reweight"):
+        p2p.Control(mode="reweight")
+    with pytest.raises(PeftEditError, match="WORD=FACTOR"):
+        p2p.parse_reweight(["cat:2"])
+    assert p2p.parse_reweight(["cat=2", "red=0.5,blue=1"]) == {"cat": 2.0, "red": 0.5, "blue": 1.0}
+    with pytest.raises(PeftEditError, match="prompt is empty"):
+        nulltext.invert(eps_model, photo, "  ", NullTextConfig(**FAST), RUNTIME, False)
+    with pytest.raises(FileNotFoundError):
+        nulltext.invert(eps_model, tmp_path / "missing.png", SOURCE, NullTextConfig(**FAST), RUNTIME, False)
+
+
+def test_every_field_has_help():
+    for cls in (NullTextConfig, p2p.Control):
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
+
+
+def _run(capsys, *argv):
+    code = main(["--quiet", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_invert_edit_and_errors(eps_dir, photo, tmp_path, capsys):
+    folder = tmp_path / "adapters" / "inv"
+    args = ["--model", eps_dir, "--steps", 6, "--inner-steps", 2, "--set", "runtime.device=cpu", "-o", folder]
+    code, out, err = _run(capsys, "invert", photo, SOURCE, *args)
+    assert code == 0, err
+    assert "PSNR" in out and {p.name for p in folder.iterdir()} == {"edit.safetensors", "preview.png", "README.md"}
+    side = tmp_path / "reconstruction.png"
+    code, out, err = _run(capsys, "edit", folder, "-o", side)
+    assert code == 0, err
+    assert Image.open(side).size == Image.open(folder / "preview.png").size  # input | reconstruction
+    edited, maps = tmp_path / "edited.png", tmp_path / "maps.png"
+    code, out, err = _run(
+        capsys, "edit", folder, "a photo of a blue circle", "--blend", "circle", "--save-attention", maps, "-o", edited
+    )
+    assert code == 0, err
+    assert Image.open(edited).size == (16, 16) and Image.open(maps).size[0] == 7 * 128  # image + 6 tokens
+    code, out, err = _run(capsys, "inspect", folder)
+    assert code == 0 and "null_embeddings [6, 77, 32]" in out
+    for argv, fragment in (
+        (["edit", folder, "--steps", 7, "-o", edited], "made with 6 DDIM steps"),
+        (["edit", folder, "a photo of a big red circle", "--p2p", "replace", "-o", edited], "use --p2p refine"),
+        (["invert", photo, SOURCE, *args], "already exists"),
+        (["invert", photo, SOURCE, *args, "--overwrite", "--set", "nulltext.method=fast"], "choose one of"),
+    ):
+        code, out, err = _run(capsys, *argv)
+        lines = [line for line in err.splitlines() if line.startswith("peftedit: error:")]
+        assert code == 2 and len(lines) == 1 and fragment in lines[0], (argv, err)

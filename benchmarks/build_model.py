@@ -1,0 +1,115 @@
+"""Stable Diffusion pipelines with random weights, built from the architecture configs in ``benchmarks/configs/``.
+
+No download, ever: the UNet, VAE and text encoder come from their JSON configs, the tokenizer is peftedit's small
+word-level CLIP tokenizer written to a folder. Memory and speed depend on the architecture, not on the weights, so
+these stand in for the real checkpoints in benchmarks. Run ``python -m benchmarks.build_model sd15 OUT_DIR`` to save
+one as a diffusers folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from peftedit.models import DTYPES
+from peftedit.tiny import write_tokenizer
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def model_names() -> list[str]:
+    """The architectures there is a config for (``sd15``, ``sd21``, ``tiny``)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def load_config(name: str) -> dict:
+    """The architecture config ``name`` (sections ``unet``, ``vae``, ``text_encoder``, ``scheduler``)."""
+    path = CONFIG_DIR / f"{name}.json"
+    if not path.is_file():
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(model_names())}")
+    return json.loads(path.read_text())
+
+
+def resolution(name: str) -> int:
+    """Image side in pixels of the architecture ``name`` (latent side x the VAE's downsampling)."""
+    config = load_config(name)
+    return config["unet"]["sample_size"] * 2 ** (len(config["vae"]["block_out_channels"]) - 1)
+
+
+def build_pipeline(
+    name: str,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+):
+    """A randomly initialised StableDiffusionPipeline of architecture ``name`` in ``dtype`` on ``device``.
+
+    The modules are created directly on ``device`` (fast on a GPU) from ``seed``. The text encoder's vocabulary is
+    ``max(len(tokenizer), config vocab_size)`` so its embedding table has the real model's shape.
+    """
+    import diffusers
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    config = load_config(name)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = CLIPTokenizer.from_pretrained(str(write_tokenizer(tmp)))
+    text = dict(config["text_encoder"])
+    text["vocab_size"] = max(len(tokenizer), text["vocab_size"])
+    text_config = CLIPTextConfig(
+        **text,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    scheduler_config = dict(config["scheduler"])
+    scheduler = getattr(diffusers, scheduler_config.pop("_class_name")).from_config(scheduler_config)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**config["unet"])
+        vae = AutoencoderKL(**config["vae"])
+        text_encoder = CLIPTextModel(text_config)
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def save_model(name: str, folder: str | Path, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
+    """Build architecture ``name`` on the CPU and save it as a diffusers folder (safetensors); returns the folder."""
+    folder = Path(folder)
+    pipe = build_pipeline(name, dtype=dtype, seed=seed)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def parameter_counts(pipe) -> dict[str, int]:
+    """Number of parameters of the UNet, VAE and text encoder."""
+    parts = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
+    return {key: sum(p.numel() for p in part.parameters()) for key, part in parts.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", choices=model_names())
+    parser.add_argument("out", help="folder to write (diffusers layout)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    folder = save_model(args.model, args.out, DTYPES[args.dtype], args.seed)
+    print(f"wrote {folder}")
+
+
+if __name__ == "__main__":
+    main()

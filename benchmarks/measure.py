@@ -1,0 +1,174 @@
+"""Measuring one stage: peak CUDA memory and seconds per step, without touching the code being measured.
+
+Steps are counted by hooks on official extension points: a global optimizer step-post hook for training stages (it
+also sees the optimizer the library builds inside its own loop, so its state can be inspected) and a forward hook on
+the UNet for sampling stages (one guided UNet call per denoising step). The first ``warmup`` steps are not timed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+log = logging.getLogger("benchmarks")
+
+GIB = 2**30
+
+
+@dataclass
+class Measurement:
+    """What one stage cost. Memory fields are None off CUDA; ``seconds_per_step`` is None when nothing was timed."""
+
+    peak_allocated_gib: float | None = None
+    peak_reserved_gib: float | None = None
+    seconds_per_step: float | None = None
+    steps_timed: int = 0
+    seconds_total: float = 0.0
+    optimizer_state: dict | None = None
+    stamps: list[float] = field(default_factory=list, repr=False)
+
+    def fields(self) -> dict:
+        """The measurement as row fields."""
+        out = {
+            "peak_allocated_gib": self.peak_allocated_gib,
+            "peak_reserved_gib": self.peak_reserved_gib,
+            "seconds_per_step": self.seconds_per_step,
+            "steps_timed": self.steps_timed,
+            "seconds_total": self.seconds_total,
+        }
+        if self.optimizer_state is not None:
+            out["optimizer_state"] = self.optimizer_state
+        return out
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA work so a timestamp means what it says."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def release(device: torch.device) -> None:
+    """Collect garbage and return cached CUDA blocks, so the next stage's reserved peak starts from live tensors.
+
+    Nothing to do off CUDA, where memory is not measured (and a full collection of this heap takes a while).
+    """
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def optimizer_state_summary(optimizer: torch.optim.Optimizer) -> dict:
+    """How an optimizer keeps its state: tensor count per dtype, MiB in all, and the largest tensor's state dtypes."""
+    dtypes: Counter = Counter()
+    nbytes = 0
+    largest: tuple[int, list[int], list[str]] = (0, [], [])
+    for param, state in optimizer.state.items():
+        tensors = [v for v in state.values() if torch.is_tensor(v) and v.numel() == param.numel()]
+        for value in tensors:
+            dtypes[str(value.dtype).removeprefix("torch.")] += 1
+        nbytes += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+        if param.numel() > largest[0]:
+            kinds = sorted({str(v.dtype).removeprefix("torch.") for v in tensors})
+            largest = (param.numel(), list(param.shape), kinds)
+    return {
+        "class": type(optimizer).__name__,
+        "params": sum(len(g["params"]) for g in optimizer.param_groups),
+        "state_dtypes": dict(dtypes),
+        "state_mib": nbytes / 2**20,
+        "largest_param_shape": largest[1],
+        "largest_param_state_dtypes": largest[2],
+    }
+
+
+@contextlib.contextmanager
+def measure(device: torch.device, count: str, unet=None, warmup: int = 1):
+    """Measure the block; yields a :class:`Measurement` filled in when the block ends.
+
+    ``count`` says what a step is: ``"optimizer"`` (every optimizer step anywhere) or ``"unet"`` (every forward call
+    of ``unet``). Peak memory counters are reset at the start, after releasing cached blocks.
+    """
+    if count not in ("optimizer", "unet"):
+        raise ValueError(f"count = {count!r}: use 'optimizer' or 'unet'")
+    result = Measurement()
+
+    def stamp() -> None:
+        synchronize(device)
+        result.stamps.append(time.perf_counter())
+
+    def on_step(optimizer, args, kwargs) -> None:
+        stamp()
+        if len(result.stamps) == warmup + 1:
+            result.optimizer_state = optimizer_state_summary(optimizer)
+
+    release(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if count == "optimizer":
+        handle = register_optimizer_step_post_hook(on_step)
+    else:
+        handle = unet.register_forward_hook(lambda module, args, output: stamp())
+    synchronize(device)
+    start = time.perf_counter()
+    try:
+        yield result
+    finally:
+        handle.remove()
+        synchronize(device)
+        result.seconds_total = time.perf_counter() - start
+    if device.type == "cuda":
+        result.peak_allocated_gib = torch.cuda.max_memory_allocated(device) / GIB
+        result.peak_reserved_gib = torch.cuda.max_memory_reserved(device) / GIB
+    intervals = [b - a for a, b in zip([start, *result.stamps], result.stamps, strict=False)][warmup:]
+    result.steps_timed = len(intervals)
+    result.seconds_per_step = sum(intervals) / len(intervals) if intervals else None
+
+
+@dataclass
+class StageResult:
+    """One row's worth: a method's stage and what it cost, or why it was not measured."""
+
+    method: str
+    stage: str
+    measurement: Measurement | None = None
+    status: str = "ok"
+    note: str = ""
+
+
+class Recorder:
+    """Runs stages on one model under :func:`measure` and collects a :class:`StageResult` for each."""
+
+    def __init__(self, device: torch.device, unet, warmup: int) -> None:
+        self.device, self.unet, self.warmup = device, unet, warmup
+        self.results: list[StageResult] = []
+
+    def run(self, method: str, stage: str, fn, count: str = "unet", note: str = "", timed: bool = True):
+        """Measure ``fn()``; returns its value, or None when it raised.
+
+        ``count`` is what a step is (see :func:`measure`); ``timed=False`` for whole-pipeline runs, whose steps are of
+        several kinds. A failure (out of memory, a missing feature) becomes a row with ``status = "error: ..."``, so
+        one broken stage does not lose the others.
+        """
+        warmup = self.warmup if timed else 10**9
+        try:
+            with measure(self.device, count, self.unet, warmup) as result:
+                value = fn()
+        except Exception as err:  # a benchmark reports every failure as a row and goes on
+            log.exception("%s / %s failed", method, stage)
+            first = (str(err).strip().splitlines() or [""])[0][:300]
+            self.results.append(StageResult(method, stage, None, f"error: {type(err).__name__}: {first}", note))
+            release(self.device)
+            return None
+        self.results.append(StageResult(method, stage, result, note=note))
+        return value
+
+    def skip(self, method: str, stages: list[str], why: str) -> None:
+        """Record that these stages were not measured, and why."""
+        self.results.extend(StageResult(method, stage, None, why) for stage in stages)

@@ -1,0 +1,338 @@
+"""Peak GPU memory and seconds per step of every stage of peftedit's methods, against the reference implementations.
+
+One command per model and device:
+
+    python -m benchmarks.memory --model sd15 --device cuda
+    python -m benchmarks.memory --model tiny --device cpu --steps 2 --warmup 1
+
+The model is built with random weights from ``benchmarks/configs/<model>.json`` (no download), saved to a temporary
+folder and loaded with ``peftedit.load_model`` under the shipped 8 GB recipes' runtime settings. Each stage calls the
+library's own functions; the baselines (the diffusers community Imagic pipeline, the null-text reference) run in the
+same process on an fp32 copy. Rows go to ``benchmarks/results/<device>-<date>.json`` (merged with rows already there)
+and a Markdown table is printed. On CPU the memory fields are null and timings only show that the path runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shlex
+import sys
+import tempfile
+from datetime import date
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from peftedit import ImagicConfig, RuntimeConfig, load_model
+from peftedit.artifacts import now_utc, package_versions
+from peftedit.config import build, resolve_recipe, to_dict
+
+from . import imagic_bench, nulltext_bench
+from .build_model import model_names, parameter_counts, save_model
+from .measure import StageResult, release
+from .nulltext_bench import BASELINE_RUNTIME
+
+log = logging.getLogger("benchmarks")
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+IMAGIC_RECIPE = "sd15-8gb"
+NULLTEXT_RECIPE = "nulltext-sd15-8gb"
+# Goals of issue 5 (SD 1.5 at 512 px).
+GOAL_PEAK_RESERVED_GIB = 7.5
+GOAL_MEMORY_RATIO = 0.3
+GOAL_IMAGIC_TIME_RATIO = 0.5
+# Rows without a reference of their own compare against the null-text reference's stage of the same role.
+BASELINE_OF = {
+    ("negative-prompt", "pipeline"): ("null-text", "pipeline"),
+    ("negative-prompt", "edit"): ("null-text", "edit"),
+    ("direct", "pipeline"): ("null-text", "pipeline"),
+    ("direct", "edit"): ("null-text", "edit"),
+}
+
+
+def input_photo(side: int) -> Image.Image:
+    """A deterministic RGB picture (gradient, disc, bar) of ``side`` pixels."""
+    image = Image.linear_gradient("L").resize((side, side)).convert("RGB")
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((side // 8, side // 8, side // 2, side // 2), fill=(220, 40, 40))
+    draw.rectangle((side * 5 // 8, side // 4, side * 7 // 8, side * 3 // 4), fill=(40, 90, 220))
+    return image
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or ``cpu``."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def configs(args) -> tuple[dict, dict | None]:
+    """({runtime, imagic} from the Imagic recipe, {runtime, nulltext} from the null-text recipe or None)."""
+    overrides = [f"runtime.device={args.device}", *args.set]
+
+    def mine(tables):
+        return [o for o in overrides if o.split("=", 1)[0].split(".", 1)[0] in tables]
+
+    tables = {"runtime": RuntimeConfig, "imagic": ImagicConfig}
+    imagic = build(tables, _recipe(IMAGIC_RECIPE), mine({"runtime", "imagic"}))
+    nulltext, _ = nulltext_bench.load_nulltext()
+    if nulltext is None:
+        return imagic, None
+    tables = {"runtime": RuntimeConfig, "nulltext": nulltext.NullTextConfig}
+    overrides_nt = mine({"runtime", "nulltext"})
+    if args.inner_steps is not None:
+        overrides_nt.append(f"nulltext.inner_steps={args.inner_steps}")
+    return imagic, build(tables, _recipe(NULLTEXT_RECIPE), overrides_nt)
+
+
+def _recipe(name: str) -> str | None:
+    """The shipped recipe ``name``, or None (RuntimeConfig defaults) when it is not there."""
+    try:
+        return str(resolve_recipe(name))
+    except Exception:
+        log.warning("recipe %s not found; using the config defaults", name)
+        return None
+
+
+def run_ours(folder: Path, args, imagic_cfg: dict, nulltext_cfg: dict | None) -> tuple[list[StageResult], dict]:
+    """Our stages on the model loaded with the recipes' runtime settings; returns results and facts about the load."""
+    runtime = imagic_cfg["runtime"]
+    model = load_model(str(folder), runtime)
+    facts = {
+        "resolution": model.resolution,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "attention": type(next(iter(model.pipe.unet.attn_processors.values()))).__name__,
+        "parameters": parameter_counts(model.pipe),
+        "device": model.device,
+    }
+    picture = input_photo(model.resolution)
+    results = []
+    if "imagic" in args.methods:
+        results += imagic_bench.ours(model, picture, imagic_cfg["imagic"], runtime, args.steps, args.warmup)
+    if "nulltext" in args.methods:
+        config, nt_runtime = (nulltext_cfg["nulltext"], nulltext_cfg["runtime"]) if nulltext_cfg else (None, runtime)
+        loaded = ("device", "dtype", "attention")
+        if any(getattr(nt_runtime, k) != getattr(runtime, k) for k in loaded):
+            log.warning("the null-text recipe's runtime differs in %s; the model is loaded as the Imagic one", loaded)
+        results += nulltext_bench.ours(model, picture, config, nt_runtime, args.steps, args.warmup)
+    del model
+    release(facts["device"])
+    return results, facts
+
+
+def run_baseline(folder: Path, args, nulltext_cfg: dict | None) -> list[StageResult]:
+    """The reference implementations' stages on an fp32 load of the same model."""
+    model = load_model(str(folder), RuntimeConfig(device=args.device, **BASELINE_RUNTIME))
+    picture = input_photo(model.resolution)
+    results = []
+    if "imagic" in args.methods:
+        results += imagic_bench.baseline(model, picture, args.steps, args.warmup)
+    if "nulltext" in args.methods:
+        config = nulltext_cfg["nulltext"] if nulltext_cfg else None
+        results += nulltext_bench.baseline(model, picture, config, args.steps, args.warmup)
+    device = model.device
+    del model
+    release(device)
+    return results
+
+
+def _peak(results: list[StageResult], method: str, key: str) -> float | None:
+    """The largest ``key`` peak over a method's measured stages (a whole-pipeline peak for the baselines)."""
+    values = [getattr(r.measurement, key) for r in results if r.method == method and r.measurement is not None]
+    values = [v for v in values if v is not None]
+    return max(values) if values else None
+
+
+def _ratio(ours: float | None, base: float | None) -> float | None:
+    return ours / base if ours is not None and base else None
+
+
+def make_rows(
+    ours: list[StageResult], baseline: list[StageResult], facts: dict, args, inner_steps: int | None
+) -> list[dict]:
+    """One row per measured (method, stage) of ours, with the baseline's numbers and the ratios."""
+    by_key = {(r.method, r.stage): r for r in baseline}
+    for method in {r.method for r in baseline}:
+        failed = [r.stage for r in baseline if r.method == method and r.status != "ok"]
+        status = f"lower bound: {', '.join(failed)} not measured" if failed else "ok"
+        by_key[(method, "pipeline")] = StageResult(method, "pipeline", status=status, note="max over the stages")
+    device = facts["device"]
+    common = {
+        "device": device_name(device),
+        "model": args.model,
+        "resolution": facts["resolution"],
+        "dtype": facts["dtype"],
+        "attention": facts["attention"],
+        "parameters": facts["parameters"],
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "inner_steps": inner_steps,
+        "versions": {**package_versions(), "cuda": torch.version.cuda},
+        "command": args.command,
+        "created": now_utc(),
+    }
+    rows = []
+    for result in ours:
+        base_method, base_stage = BASELINE_OF.get((result.method, result.stage), (result.method, result.stage))
+        base = by_key.get((base_method, base_stage))
+        measured = result.measurement.fields() if result.measurement is not None else {}
+        if result.stage == "pipeline":
+            measured.update(seconds_per_step=None, steps_timed=0)
+        base_fields = base.measurement.fields() if base is not None and base.measurement is not None else {}
+        if base is not None and base.stage == "pipeline":
+            base_fields = {
+                "peak_allocated_gib": _peak(baseline, base_method, "peak_allocated_gib"),
+                "peak_reserved_gib": _peak(baseline, base_method, "peak_reserved_gib"),
+            }
+        row = {
+            **common,
+            "method": result.method,
+            "stage": result.stage,
+            "status": result.status,
+            "note": result.note,
+            "peak_allocated_gib": measured.get("peak_allocated_gib"),
+            "peak_reserved_gib": measured.get("peak_reserved_gib"),
+            "seconds_per_step": measured.get("seconds_per_step"),
+            "steps_timed": measured.get("steps_timed", 0),
+            "seconds_total": measured.get("seconds_total"),
+            "optimizer_state": measured.get("optimizer_state"),
+            "baseline": f"{base_method}/{base_stage}" if base is not None else None,
+            "baseline_status": base.status if base is not None else "no baseline for this stage",
+            "baseline_note": base.note if base is not None else "",
+            "baseline_peak_allocated_gib": base_fields.get("peak_allocated_gib"),
+            "baseline_peak_reserved_gib": base_fields.get("peak_reserved_gib"),
+            "baseline_seconds_per_step": base_fields.get("seconds_per_step"),
+            "baseline_optimizer_state": base_fields.get("optimizer_state"),
+        }
+        row["memory_ratio"] = _ratio(row["peak_reserved_gib"], row["baseline_peak_reserved_gib"])
+        row["time_ratio"] = _ratio(row["seconds_per_step"], row["baseline_seconds_per_step"])
+        rows.append(row)
+    return rows
+
+
+def default_out(device: torch.device) -> Path:
+    """``benchmarks/results/<device>-<date>.json`` with the device name made file-safe."""
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+    return RESULTS_DIR / f"{slug}-{date.today().isoformat()}.json"
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    """Merge ``rows`` into the JSON list at ``path`` (a row replaces one with the same key) and write atomically."""
+    key = lambda row: (row["device"], row["model"], row["method"], row["stage"], row["resolution"])
+    old = json.loads(path.read_text()) if path.is_file() else []
+    new_keys = {key(r) for r in rows}
+    merged = [r for r in old if key(r) not in new_keys] + rows
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp")
+    tmp.write_text(json.dumps(merged, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
+def markdown(rows: list[dict]) -> str:
+    """The rows as a Markdown table (GiB, seconds, ratios ours/baseline)."""
+    head = (
+        "| model | method | stage | peak alloc GiB | peak reserved GiB | s/step | baseline reserved GiB "
+        "| baseline s/step | memory ratio | time ratio | status |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        status = r["status"] if r["baseline_status"] == "ok" else f"{r['status']}; baseline {r['baseline_status']}"
+        cells = [
+            r["model"],
+            r["method"],
+            r["stage"],
+            _fmt(r["peak_allocated_gib"]),
+            _fmt(r["peak_reserved_gib"]),
+            _fmt(r["seconds_per_step"]),
+            _fmt(r["baseline_peak_reserved_gib"]),
+            _fmt(r["baseline_seconds_per_step"]),
+            _fmt(r["memory_ratio"], 2),
+            _fmt(r["time_ratio"], 2),
+            status,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def goals(rows: list[dict]) -> list[str]:
+    """Issue 5's goals checked against the rows (SD 1.5 only; other models are reported, not judged)."""
+    out = []
+    for r in rows:
+        if r["model"] != "sd15" or r["device"] == "cpu" or r["status"] != "ok":
+            continue
+        name = f"{r['method']}/{r['stage']}"
+        if r["stage"] == "pipeline" and r["peak_reserved_gib"] is not None:
+            ok = r["peak_reserved_gib"] <= GOAL_PEAK_RESERVED_GIB
+            out.append(f"{name}: peak reserved {r['peak_reserved_gib']:.2f} GiB <= {GOAL_PEAK_RESERVED_GIB}: {ok}")
+        if r["stage"] == "pipeline" and r["memory_ratio"] is not None:
+            ok = r["memory_ratio"] <= GOAL_MEMORY_RATIO
+            out.append(f"{name}: memory ratio {r['memory_ratio']:.2f} <= {GOAL_MEMORY_RATIO}: {ok}")
+        if r["method"] == "imagic" and r["stage"] in ("embedding", "lora") and r["time_ratio"] is not None:
+            ok = r["time_ratio"] <= GOAL_IMAGIC_TIME_RATIO
+            out.append(f"{name}: time ratio {r['time_ratio']:.2f} <= {GOAL_IMAGIC_TIME_RATIO}: {ok}")
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=model_names(), default="sd15")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=6, help="steps per stage (DDIM steps for sampling stages)")
+    parser.add_argument("--warmup", type=int, default=2, help="steps per stage not timed")
+    parser.add_argument("--inner-steps", type=int, default=None, help="null-text steps per timestep (recipe: 10)")
+    parser.add_argument("--methods", nargs="+", choices=["imagic", "nulltext"], default=["imagic", "nulltext"])
+    parser.add_argument("--no-baseline", action="store_true", help="skip the reference implementations")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="TABLE.KEY=VALUE",
+        help="override a recipe value, e.g. runtime.dtype=fp32 (repeatable)",
+    )
+    parser.add_argument("--model-dir", type=Path, help="a saved model folder to use instead of building one")
+    parser.add_argument("--out", type=Path, help="results file (default benchmarks/results/<device>-<date>.json)")
+    args = parser.parse_args(argv)
+    args.command = "python -m benchmarks.memory " + shlex.join(sys.argv[1:] if argv is None else argv)
+    if args.steps <= args.warmup:
+        parser.error(f"--steps {args.steps} must be more than --warmup {args.warmup}")
+    for item in args.set:
+        if "." not in item.split("=", 1)[0]:
+            parser.error(f"--set {item!r}: write it as table.key=value (runtime, imagic or nulltext)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run the benchmark; returns the rows written."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    imagic_cfg, nulltext_cfg = configs(args)
+    inner_steps = nulltext_cfg["nulltext"].inner_steps if nulltext_cfg else None
+    with tempfile.TemporaryDirectory(prefix="peftedit-bench-") as tmp:
+        folder = args.model_dir or save_model(args.model, Path(tmp) / args.model)
+        log.info("model %s in %s; running our stages", args.model, folder)
+        ours, facts = run_ours(folder, args, imagic_cfg, nulltext_cfg)
+        baseline = [] if args.no_baseline else run_baseline(folder, args, nulltext_cfg)
+    rows = make_rows(ours, baseline, facts, args, inner_steps)
+    for row in rows:
+        source = imagic_cfg if row["method"] == "imagic" or nulltext_cfg is None else nulltext_cfg
+        row["runtime"] = to_dict(source["runtime"])
+    path = write_rows(args.out or default_out(facts["device"]), rows)
+    print(markdown(rows))
+    for line in goals(rows):
+        print(line)
+    print(f"wrote {len(rows)} rows to {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

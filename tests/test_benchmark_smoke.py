@@ -1,0 +1,120 @@
+"""The memory benchmark runs end to end on the tiny architecture and writes complete rows (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks import memory
+from benchmarks.build_model import build_pipeline, load_config, parameter_counts, resolution
+
+STAGES = {
+    "imagic": {"pipeline", "embedding", "lora", "render"},
+    "null-text": {"pipeline", "pivot", "null-optimization", "edit"},
+    "negative-prompt": {"pipeline", "edit"},
+    "direct": {"pipeline", "offsets", "edit"},
+}
+FIELDS = (
+    "device model method stage resolution peak_allocated_gib peak_reserved_gib seconds_per_step seconds_total "
+    "baseline_peak_reserved_gib baseline_seconds_per_step memory_ratio time_ratio versions command status"
+).split()
+
+
+@pytest.fixture
+def one_thread():
+    """One CPU thread: two threads on a shared two-core machine run these small convolutions ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _positive(value) -> bool:
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """One benchmark run on the tiny model: (rows returned, rows read back, printed output)."""
+    out = tmp_path_factory.mktemp("results") / "cpu.json"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        argv = ["--model", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--inner-steps", "1"]
+        rows = memory.main([*argv, "--set", "runtime.dtype=fp32", "--out", str(out)])
+    finally:
+        torch.set_num_threads(before)
+    return rows, json.loads(out.read_text())
+
+
+def test_every_stage_has_a_complete_row(bench):
+    rows, written = bench
+    assert written == rows
+    found = {(r["method"], r["stage"]) for r in rows}
+    assert found == {(m, s) for m, stages in STAGES.items() for s in stages}
+    for row in rows:
+        missing = [f for f in FIELDS if f not in row]
+        assert not missing, (row["method"], row["stage"], missing)
+        assert row["device"] == "cpu" and row["model"] == "tiny" and row["resolution"] == 32
+        assert row["versions"]["torch"] == torch.__version__
+        assert row["command"].startswith("python -m benchmarks.memory --model tiny")
+
+
+def test_numbers_are_finite_and_memory_is_null_on_cpu(bench):
+    rows, _ = bench
+    for row in rows:
+        where = (row["method"], row["stage"], row["status"], row["baseline_status"])
+        if row["status"].startswith("not available"):
+            continue
+        assert row["status"] == "ok", where
+        assert row["peak_allocated_gib"] is None and row["peak_reserved_gib"] is None
+        assert _positive(row["seconds_total"]), where
+        if row["stage"] == "pipeline":
+            continue
+        assert _positive(row["seconds_per_step"]) and row["steps_timed"] >= 1, where
+        if row["baseline"] is not None:  # every stage with a reference runs it too
+            assert row["baseline_status"] == "ok", where
+            assert _positive(row["baseline_seconds_per_step"]) and _positive(row["time_ratio"]), where
+
+
+def test_training_stages_report_the_optimizer_state(bench):
+    rows, _ = bench
+    by_stage = {(r["method"], r["stage"]): r for r in rows}
+    embedding = by_stage[("imagic", "embedding")]
+    assert embedding["optimizer_state"]["class"] in ("AdamW8bit", "AdamW")
+    assert embedding["optimizer_state"]["largest_param_shape"] == [1, 77, 32]
+    assert embedding["baseline_optimizer_state"]["class"] == "Adam"
+    lora = by_stage[("imagic", "lora")]
+    # the baseline fine-tunes the whole UNet: far more optimizer state than the LoRA
+    assert lora["baseline_optimizer_state"]["state_mib"] > 10 * lora["optimizer_state"]["state_mib"]
+
+
+def test_markdown_table_has_one_line_per_row(bench):
+    rows, _ = bench
+    table = memory.markdown(rows).splitlines()
+    assert table[0].startswith("| model | method | stage |") and len(table) == len(rows) + 2
+
+
+def test_configs_build_their_architectures(one_thread):
+    pipe = build_pipeline("tiny")
+    assert resolution("tiny") == 32 and pipe.unet.config.cross_attention_dim == 32
+    assert pipe.text_encoder.config.vocab_size >= len(pipe.tokenizer)
+    assert all(n > 0 for n in parameter_counts(pipe).values())
+    for name, side, context in (("sd15", 512, 768), ("sd21", 768, 1024)):
+        config = load_config(name)
+        assert resolution(name) == side and config["unet"]["cross_attention_dim"] == context
+        assert config["text_encoder"]["hidden_size"] == context
+
+
+def test_missing_nulltext_module_gives_not_available_rows(tmp_path, monkeypatch, one_thread):
+    from benchmarks import nulltext_bench
+
+    monkeypatch.setattr(nulltext_bench, "load_nulltext", lambda: (None, "not available: nulltext is missing"))
+    argv = ["--model", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--methods", "nulltext"]
+    rows = memory.main([*argv, "--no-baseline", "--set", "runtime.dtype=fp32", "--out", str(tmp_path / "r.json")])
+    assert {(r["method"], r["stage"]) for r in rows} == {(m, s) for m in STAGES if m != "imagic" for s in STAGES[m]}
+    assert all(r["status"] == "not available: nulltext is missing" for r in rows)
+    assert json.loads((tmp_path / "r.json").read_text()) == rows

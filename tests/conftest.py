@@ -12,7 +12,8 @@ from peftedit.config import RuntimeConfig
 from peftedit.models import load_model
 from peftedit.tiny import build_pipeline, write_tokenizer
 
-torch.set_num_threads(2)
+# One thread: on a shared 2-core machine two threads per process spin far slower on these tiny models.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

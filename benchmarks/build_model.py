@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from peftedit.models import DTYPES
-from peftedit.tiny import write_tokenizer
+from peftedit.tiny import assemble, write_tokenizer
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -52,7 +52,7 @@ def build_pipeline(
     ``max(len(tokenizer), config vocab_size)`` so its embedding table has the real model's shape.
     """
     import diffusers
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     config = load_config(name)
@@ -73,16 +73,7 @@ def build_pipeline(
         unet = UNet2DConditionModel(**config["unet"])
         vae = AutoencoderKL(**config["vae"])
         text_encoder = CLIPTextModel(text_config)
-    pipe = StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = assemble(unet, vae, text_encoder, tokenizer, scheduler)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
 

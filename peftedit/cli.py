@@ -139,24 +139,30 @@ def _sections(*names: str) -> dict[str, type]:
     return {name: known[name] for name in names}
 
 
-def cmd_imagic(args) -> int:
+def _prepare(args, table: str, flags: dict[str, str], prompt: str):
+    """Configs from recipe, --set and the command's own flags; the output folder (refused if it exists); the model."""
     from .config import build
-    from .methods import imagic
     from .models import load_model
 
     overrides = list(args.set)
-    for flag, key in (
-        ("embedding_steps", "imagic.embedding_steps"),
-        ("finetune_steps", "imagic.finetune_steps"),
-        ("seed", "runtime.seed"),
-    ):
-        if getattr(args, flag) is not None:
-            overrides.append(f"{key}={getattr(args, flag)}")
-    configs = build(_sections("runtime", "imagic"), args.recipe, overrides)
-    output = Path(args.output or Path("adapters") / slug(Path(args.image).stem, args.text))
+    overrides += [f"{key}={getattr(args, flag)}" for flag, key in flags.items() if getattr(args, flag) is not None]
+    configs = build(_sections("runtime", table), args.recipe, overrides)
+    output = Path(args.output or Path("adapters") / slug(Path(args.image).stem, prompt))
     if output.exists() and not args.overwrite:
         raise FileExistsError(f"{output} already exists; choose another -o or pass --overwrite")
     model = load_model(args.model, configs["runtime"], args.single_file_config)
+    return configs, output, model
+
+
+def cmd_imagic(args) -> int:
+    from .methods import imagic
+
+    flags = {
+        "embedding_steps": "imagic.embedding_steps",
+        "finetune_steps": "imagic.finetune_steps",
+        "seed": "runtime.seed",
+    }
+    configs, output, model = _prepare(args, "imagic", flags, args.text)
     artifact = imagic.fit(
         model, args.image, args.text, configs["imagic"], configs["runtime"], show_progress=not args.quiet
     )
@@ -193,27 +199,18 @@ def cmd_edit(args) -> int:
 
 
 def cmd_invert(args) -> int:
-    from .config import build
     from .methods import nulltext
-    from .models import load_model
 
-    overrides = list(args.set)
-    for flag, key in (
-        ("method", "nulltext.method"),
-        ("steps", "nulltext.steps"),
-        ("inner_steps", "nulltext.inner_steps"),
-        ("guidance", "nulltext.guidance"),
-        ("seed", "runtime.seed"),
-    ):
-        if getattr(args, flag) is not None:
-            overrides.append(f"{key}={getattr(args, flag)}")
     if args.seed is not None:
         logging.getLogger("peftedit").warning("--seed has no effect on an inversion (DDIM is deterministic)")
-    configs = build(_sections("runtime", "nulltext"), args.recipe, overrides)
-    output = Path(args.output or Path("adapters") / slug(Path(args.image).stem, args.source))
-    if output.exists() and not args.overwrite:
-        raise FileExistsError(f"{output} already exists; choose another -o or pass --overwrite")
-    model = load_model(args.model, configs["runtime"], args.single_file_config)
+    flags = {
+        "method": "nulltext.method",
+        "steps": "nulltext.steps",
+        "inner_steps": "nulltext.inner_steps",
+        "guidance": "nulltext.guidance",
+        "seed": "runtime.seed",
+    }
+    configs, output, model = _prepare(args, "nulltext", flags, args.source)
     artifact = nulltext.invert(
         model, args.image, args.source, configs["nulltext"], configs["runtime"], show_progress=not args.quiet
     )

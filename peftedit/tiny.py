@@ -84,8 +84,6 @@ def build_pipeline(
     """
     from diffusers import (
         AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
         UNet2DConditionModel,
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -129,7 +127,14 @@ def build_pipeline(
             projection_dim=cross_attention_dim,
         )
     )
-    scheduler = DDIMScheduler(
+    return assemble(unet, vae, text_encoder, tokenizer, sd_scheduler(prediction_type))
+
+
+def sd_scheduler(prediction_type: str = "epsilon"):
+    """A DDIM scheduler with Stable Diffusion's noise schedule (scaled-linear betas 0.00085..0.012)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -138,6 +143,12 @@ def build_pipeline(
         steps_offset=1,
         prediction_type=prediction_type,
     )
+
+
+def assemble(unet, vae, text_encoder, tokenizer, scheduler):
+    """A StableDiffusionPipeline from its parts, without a safety checker."""
+    from diffusers import StableDiffusionPipeline
+
     return StableDiffusionPipeline(
         unet=unet,
         vae=vae,

@@ -13,16 +13,16 @@ from .models import Model
 # Sampling defaults for a model that recommends none: SD's usual 50 DDIM steps at guidance 7.5.
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 7.5
-# A model folder may recommend its own sampling settings in this file (the demo model does).
-RECOMMENDATION_FILE = "peftedit_demo.json"
 
 
 def recommended_sampling(model: Model) -> tuple[int, float]:
     """(steps, guidance) the model folder recommends, else SD's defaults."""
-    path = Path(model.name if Path(model.name).is_dir() else model.pipe.config._name_or_path) / RECOMMENDATION_FILE
+    from .demo import DEMO_SETTINGS_FILE  # a model folder may recommend its own sampling (the demo model does)
+
+    path = Path(model.name if Path(model.name).is_dir() else model.pipe.config._name_or_path) / DEMO_SETTINGS_FILE
     if path.is_file():
         data = json.loads(path.read_text())
-        return int(data.get("steps", DEFAULT_STEPS)), float(data.get("guidance", DEFAULT_GUIDANCE))
+        return int(data.get("num_inference_steps", DEFAULT_STEPS)), float(data.get("guidance_scale", DEFAULT_GUIDANCE))
     return DEFAULT_STEPS, DEFAULT_GUIDANCE
 
 

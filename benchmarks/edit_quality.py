@@ -141,6 +141,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["imagic", *INVERSIONS])
     parser.add_argument("--model", default=None, help="default: the demo model")
     parser.add_argument("--recipe-set", nargs="*", default=[], help="ImagicConfig overrides, key=value")
+    parser.add_argument("--every", type=int, default=1, help="run every Nth case only (a shorter run)")
     parser.add_argument("--quick", action="store_true", help="3 cases and fewer steps: a smoke run")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -149,7 +150,7 @@ def main() -> None:
     from peftedit.config import build
 
     config = build({"imagic": ImagicConfig}, None, args.recipe_set)["imagic"]
-    cases = CASES[::4] if args.quick else CASES
+    cases = CASES[:: 4 if args.quick else args.every]
     steps = 10 if args.quick else None
     if args.quick:
         config = ImagicConfig(**{**config.__dict__, "embedding_steps": 20, "finetune_steps": 20, "render_steps": 10})
@@ -186,6 +187,7 @@ def main() -> None:
         "model": model.name,
         "imagic": config.__dict__,
         "quick": args.quick,
+        "cases": len(cases),
         "versions": package_versions(),
         "summary": summary,
         "rows": rows,

@@ -10,10 +10,13 @@ import torch
 from peftedit.demo import DEMO_MODEL_DIR, DEMO_SETTINGS_FILE, parse_prompt, read_scene
 
 WEIGHTS = DEMO_MODEL_DIR / "unet" / "diffusion_pytorch_model.safetensors"
+# A smoke test of loading, sampling and reading, not a quality measure (that is benchmarks/demo_gate.py, where the
+# shipped model reads correctly on 62% of single-object prompts). These prompts are ones it draws right for seeds 0
+# and 1 in the gate; a failure here means loading or sampling changed, or the weights did.
 PROMPTS = [
     "a large red circle on the left",
-    "a small blue square in the center",
-    "a large yellow triangle on the right",
+    "a small yellow triangle in the center",
+    "a large purple square on the right",
 ]
 SEED = 0
 

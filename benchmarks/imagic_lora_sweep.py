@@ -44,12 +44,13 @@ def main() -> None:
     parser.add_argument("--embedding-steps", type=int, default=500)
     parser.add_argument("--finetune-steps", type=int, default=1000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--settings", type=int, nargs="+", help="indices into SETTINGS (default: all)")
     parser.add_argument("--out", default="benchmarks/results/imagic-lora-sweep.json")
     args = parser.parse_args()
     runtime = RuntimeConfig()
     model = load_model(args.model, runtime)
     rows = []
-    for setting in SETTINGS:
+    for setting in [SETTINGS[i] for i in args.settings] if args.settings else SETTINGS:
         for image_path, text in zip(args.images, args.texts, strict=True):
             config = ImagicConfig(
                 embedding_steps=args.embedding_steps, finetune_steps=args.finetune_steps, preview_etas=[0.7], **setting

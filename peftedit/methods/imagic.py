@@ -62,8 +62,9 @@ class ImagicConfig:
         "Stage 2 steps. Community pipeline: 1000; paper (SD): 1500 (full fine-tune).",
     )
     lora_lr: float = option(
-        1e-4,
-        "Stage 2 LoRA learning rate (full fine-tunes use 5e-7..2e-6; LoRA needs more).",
+        1e-3,
+        "Stage 2 LoRA learning rate. Measured on the demo model (benchmarks/imagic_lora_sweep.py): eta=0 PSNR "
+        "14.5 dB before stage 2; 16.1 dB after at 1e-4, 24.6 dB at 1e-3.",
     )
     lora_rank: int = option(8, "LoRA rank.")
     lora_alpha: float = option(8.0, "LoRA alpha; the update is scaled by alpha/rank (stored for diffusers).")

@@ -104,7 +104,8 @@ def run_inversion(model, case: Case, image: Image.Image, runtime, method: str, s
     if case.keep is not None:
         changed = 1 - case.keep
         blend = [parse_prompt(case.target).objects[changed].shape]
-    control = p2p.Control(mode="replace", blend=blend) if blend else p2p.Control(mode="replace")
+    # No mode: replace when the prompts have the same token count, else refine (the CLI's default).
+    control = p2p.Control(blend=blend) if blend else None
     result = nulltext.edit(model, artifact, case.target, control)
     return result, [judge(case, image, result)]
 
@@ -159,10 +160,13 @@ def main() -> None:
         for case in cases:
             image = source_image(case)
             start = time.perf_counter()
-            if method == "imagic":
-                _, verdicts = run_imagic(model, case, image, runtime, config)
-            else:
-                _, verdicts = run_inversion(model, case, image, runtime, method, steps)
+            try:
+                if method == "imagic":
+                    _, verdicts = run_imagic(model, case, image, runtime, config)
+                else:
+                    _, verdicts = run_inversion(model, case, image, runtime, method, steps)
+            except ValueError as err:  # a case the method cannot run counts as a failed edit
+                verdicts = [{"success": False, "read": f"error: {err}", "preservation_db": None}]
             seconds = time.perf_counter() - start
             best = max(verdicts, key=lambda v: (v["success"], v["preservation_db"] or 0))
             row = {

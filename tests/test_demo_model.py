@@ -37,3 +37,45 @@ def test_demo_model_draws_prompted_scenes():
     assert images[0].size == (64, 64)
     for prompt, image in zip(PROMPTS, images, strict=True):
         assert read_scene(image) == parse_prompt(prompt), prompt
+
+
+EXAMPLE = DEMO_MODEL_DIR.parent / "examples" / "red-circle-left.png"
+
+
+def _quickstart(tmp_path, capsys, *fewer_steps):
+    from peftedit.cli import main
+
+    out = tmp_path / "blue-circle"
+    argv = ["--quiet", "imagic", str(EXAMPLE), "a large blue circle on the left", "-o", str(out), *fewer_steps]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "built-in demo model" in err
+    assert (out / "preview.png").is_file() and (out / "pytorch_lora_weights.safetensors").is_file()
+    assert main(["--quiet", "edit", str(out), "--eta", "0.7", "-o", str(tmp_path / "blue.png")]) == 0
+    return out
+
+
+@pytest.mark.skipif(not WEIGHTS.is_file(), reason="demo model weights not shipped")
+def test_quickstart_path_runs_on_the_default_model(tmp_path, capsys):
+    """The README's main job with few steps: no --model means the demo model, and the edit re-renders."""
+    _quickstart(
+        tmp_path,
+        capsys,
+        "--embedding-steps",
+        "10",
+        "--finetune-steps",
+        "10",
+        "--set",
+        "render_steps=5",
+        "--set",
+        "preview_etas=[0.7]",
+        "--set",
+        "runtime.device=cpu",
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not WEIGHTS.is_file(), reason="demo model weights not shipped")
+def test_quickstart_as_written(tmp_path, capsys):
+    """The README's Quickstart command exactly, with the default recipe (about 2-3 minutes on 2 CPU cores)."""
+    _quickstart(tmp_path, capsys)

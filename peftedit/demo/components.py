@@ -92,33 +92,17 @@ def build_text_encoder(cfg: ModelConfig, tokenizer):
 
 def build_scheduler():
     """Stable Diffusion's DDIM scheduler settings (scaled-linear betas, epsilon prediction)."""
-    from diffusers import DDIMScheduler
+    from ..tiny import sd_scheduler
 
-    return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
+    return sd_scheduler("epsilon")
 
 
 def save_pipeline(out: Path, unet, vae, text_encoder, tokenizer, settings: dict) -> None:
     """Save a StableDiffusionPipeline (safetensors) plus the demo's sampler settings and recipe."""
-    from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=build_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    from ..tiny import assemble
+
+    pipe = assemble(unet, vae, text_encoder, tokenizer, build_scheduler())
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(str(out), safe_serialization=True)
     from . import DEMO_SETTINGS_FILE

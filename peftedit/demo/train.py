@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from .. import config as cfglib
 from ..config import option
+from ..optim import set_lr
 from .components import (
     ModelConfig,
     build_scheduler,
@@ -127,11 +128,6 @@ def training_prompt(scene: Scene, rng: random.Random, cfg: DiffusionTrainConfig)
         words += [WHERE[obj.position]] if rng.random() > SHORT_DROP else []
         parts.append(" ".join(words))
     return " and ".join(parts)
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
 
 
 def train_vae(vae, cfg: VaeTrainConfig, data: DataConfig, rng: random.Random) -> None:

@@ -180,12 +180,12 @@ def cmd_edit(args) -> int:
     from .models import load_model
 
     artifact = Artifact.load(args.folder)
+    if artifact.method == "imagic" and args.target:
+        raise ValueError("an Imagic edit renders its own target text; drop the prompt (use --eta to vary it)")
     model = load_model(args.model or artifact.meta["base_model"], _runtime_from(artifact), args.single_file_config)
     if artifact.method == "imagic":
         from .methods import imagic
 
-        if args.target:
-            raise ValueError("an Imagic edit renders its own target text; drop the prompt (use --eta to vary it)")
         image = imagic.render(model, artifact, eta=args.eta, seed=args.seed, guidance=args.guidance, steps=args.steps)
         eta = artifact.meta["recipe"]["imagic"]["eta"] if args.eta is None else args.eta
         default = f"{Path(args.folder).name}-eta{eta:g}-seed{args.seed}.png"
@@ -347,6 +347,11 @@ def _setup_logging(debug: bool) -> None:
         warnings.filterwarnings("ignore")
         for name in ("diffusers", "transformers", "bitsandbytes", "peft"):
             logging.getLogger(name).setLevel(logging.ERROR)
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()  # "Loading pipeline components" bars: noise on every command
+        transformers_logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,13 +15,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import config as cfglib
 from ..config import option
+from ..images import to_tensor as image_tensor
 from ..optim import set_lr
 from .components import (
     ModelConfig,
@@ -108,8 +108,7 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 
 def to_tensor(scenes: list[Scene]) -> torch.Tensor:
     """Scenes as a (N, 3, 64, 64) batch in [-1, 1]."""
-    arrays = np.stack([np.asarray(s.draw(), dtype=np.float32) for s in scenes])
-    return torch.from_numpy(arrays).permute(0, 3, 1, 2) / 127.5 - 1
+    return torch.cat([image_tensor(s.draw()) for s in scenes])
 
 
 def training_prompt(scene: Scene, rng: random.Random, cfg: DiffusionTrainConfig) -> str:

@@ -31,6 +31,19 @@ def _byte_alphabet() -> list[str]:
     return out
 
 
+def _apply_merges(pieces: list[str], merges: list[str]) -> list[str]:
+    """Byte-pair encoding of one word's pieces: repeatedly join the adjacent pair with the best (lowest) rank."""
+    ranks = {tuple(m.split(" ")): i for i, m in enumerate(merges)}
+    while len(pieces) > 1:
+        adjacent = zip(pieces[:-1], pieces[1:], strict=True)
+        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(adjacent)]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        pieces = pieces[:i] + [pieces[i] + pieces[i + 1]] + pieces[i + 2 :]
+    return pieces
+
+
 def write_tokenizer(folder: str | Path, words: list[str] | tuple[str, ...] = BASE_WORDS) -> Path:
     """Write a CLIP tokenizer (vocab.json, merges.txt, configs) whose vocabulary holds ``words`` whole.
 
@@ -45,14 +58,19 @@ def write_tokenizer(folder: str | Path, words: list[str] | tuple[str, ...] = BAS
     for ch in alphabet:
         vocab.setdefault(ch + "</w>", len(vocab))
     merges: list[str] = []
+    known: set[str] = set()
     for word in dict.fromkeys(w.lower() for w in words):
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        # Tokenize with the merges so far (earlier words' merges outrank ours and may split this word, e.g.
+        # "an" inside "triangle"), then append merges joining those pieces left to right. Appended merges rank
+        # last, so every earlier word still reaches its whole token first: all words end up single tokens.
+        pieces = _apply_merges(list(word[:-1]) + [word[-1] + "</w>"], merges)
         left = pieces[0]
         for right in pieces[1:]:
-            merged = left + right
-            if merged not in vocab:
-                merges.append(f"{left} {right}")
-                vocab[merged] = len(vocab)
+            merged, merge = left + right, f"{left} {right}"
+            if merge not in known:
+                known.add(merge)
+                merges.append(merge)
+            vocab.setdefault(merged, len(vocab))
             left = merged
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)

@@ -182,7 +182,9 @@ def cmd_edit(args) -> int:
     artifact = Artifact.load(args.folder)
     if artifact.method == "imagic" and args.target:
         raise ValueError("an Imagic edit renders its own target text; drop the prompt (use --eta to vary it)")
-    model = load_model(args.model or artifact.meta["base_model"], _runtime_from(artifact), args.single_file_config)
+    base = args.model or artifact.meta["base_model"]
+    # The edit records its base model: no "using the demo model" notice when that is where the edit came from.
+    model = load_model(base, _runtime_from(artifact), args.single_file_config, announce_demo=args.model is not None)
     if artifact.method == "imagic":
         from .methods import imagic
 

@@ -70,10 +70,12 @@ def load_model(
     model: str | Path | None,
     runtime: RuntimeConfig | None = None,
     single_file_config: str | None = None,
+    announce_demo: bool = True,
 ):
     """Load a StableDiffusionPipeline from a hub id, a diffusers folder or one ``.safetensors`` checkpoint.
 
-    Returns a :class:`Model` on the runtime's device and dtype with the attention backend set.
+    Returns a :class:`Model` on the runtime's device and dtype with the attention backend set. ``announce_demo``:
+    say in one line that the demo model is used (off when the demo was recorded as an edit's base model).
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -82,11 +84,12 @@ def load_model(
     dtype = resolve_dtype(runtime, device)
     name = DEMO_NAME if model is None else str(model)
     path = Path(name).expanduser()
-    if name == DEMO_NAME:
+    if name == DEMO_NAME and announce_demo:
         log.warning(
             "using the built-in demo model (a tiny world of coloured shapes); for Stable Diffusion pass e.g. "
             "--model stable-diffusion-v1-5/stable-diffusion-v1-5"
         )
+    if name == DEMO_NAME:
         path = demo_model_dir()
         if not (path / "model_index.json").is_file():
             raise PeftEditError(f"the demo model is not installed at {path}; pass --model")

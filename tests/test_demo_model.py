@@ -52,6 +52,9 @@ def _quickstart(tmp_path, capsys, *fewer_steps):
     assert "built-in demo model" in err
     assert (out / "preview.png").is_file() and (out / "pytorch_lora_weights.safetensors").is_file()
     assert main(["--quiet", "edit", str(out), "--eta", "0.7", "-o", str(tmp_path / "blue.png")]) == 0
+    # The edit records the demo as its base model, so re-rendering it does not announce the demo again.
+    assert "built-in demo model" not in capsys.readouterr().err
+    assert (tmp_path / "blue.png").is_file()
     return out
 
 

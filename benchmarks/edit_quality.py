@@ -110,6 +110,15 @@ def run_inversion(model, case: Case, image: Image.Image, runtime, method: str, s
     return result, [judge(case, image, result)]
 
 
+def by_kind(rows: list[dict]) -> dict[str, str]:
+    """Successes per edit kind, as "k/n"."""
+    out = {}
+    for kind in dict.fromkeys(r["kind"] for r in rows):
+        mine = [r for r in rows if r["kind"] == kind]
+        out[kind] = f"{sum(r['success'] for r in mine)}/{len(mine)}"
+    return out
+
+
 def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for method in dict.fromkeys(r["method"] for r in rows):
@@ -122,17 +131,23 @@ def summarize(rows: list[dict]) -> list[dict]:
                 "success_rate": sum(r["success"] for r in mine) / len(mine),
                 "preservation_db": sum(kept) / len(kept) if kept else None,
                 "seconds_per_edit": sum(r["seconds"] for r in mine) / len(mine),
+                "by_kind": by_kind(mine),
             }
         )
     return out
 
 
 def table(summary: list[dict]) -> str:
-    lines = ["| method | edits | success | preservation (dB) | s / edit |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "| method | edits | success | by kind | preservation (dB) | s / edit |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for s in summary:
         keep = "–" if s["preservation_db"] is None else f"{s['preservation_db']:.1f}"
+        kinds = ", ".join(f"{kind} {score}" for kind, score in s["by_kind"].items())
         lines.append(
-            f"| {s['method']} | {s['edits']} | {s['success_rate']:.0%} | {keep} | {s['seconds_per_edit']:.0f} |"
+            f"| {s['method']} | {s['edits']} | {s['success_rate']:.0%} | {kinds} | {keep} | "
+            f"{s['seconds_per_edit']:.0f} |"
         )
     return "\n".join(lines)
 

@@ -65,7 +65,7 @@ class DiffusionTrainConfig:
     batch_size: int = option(64, "Latents per step.")
     lr: float = option(1e-3, "AdamW learning rate (cosine decay to lr_floor x lr after warmup).")
     warmup: int = option(200, "Linear warmup steps.")
-    ema_decay: float = option(0.998, "EMA decay of the saved weights.")
+    ema_decay: float = option(0.999, "EMA decay of the saved weights (after a warmup: min(decay, (1+n)/(10+n))).")
     empty_prompt: float = option(0.1, "Fraction of empty prompts, for classifier-free guidance.")
     short_prompt: float = option(0.15, "Fraction of prompts with some attributes dropped.")
     save_every: int = option(500, "Save the EMA pipeline every this many steps (and at the end).")
@@ -76,7 +76,7 @@ class SamplerConfig:
     """Recommended sampling, written to the model folder."""
 
     steps: int = option(25, "DDIM steps.")
-    guidance: float = option(4.0, "Classifier-free guidance scale (best of 4, 6, 8 in the demo gate).")
+    guidance: float = option(4.0, "Classifier-free guidance scale (the demo gate passes at 4: 99.4% / 97.5%).")
 
 
 @dataclass
@@ -178,6 +178,11 @@ def reconstruction_accuracy(vae, scenes: list[Scene]) -> float:
     return good / len(scenes)
 
 
+def ema_decay_at(step: int, decay: float) -> float:
+    """EMA decay with warmup: early averages forget the random initialisation quickly, then settle at ``decay``."""
+    return min(decay, (1 + step) / (10 + step))
+
+
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters(), strict=True):
@@ -245,8 +250,9 @@ def train(recipe: str | None, out: Path, overrides: list[str] | None = None) -> 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        ema_update(ema_unet, unet, dcfg.ema_decay)
-        ema_update(ema_text, text_encoder, dcfg.ema_decay)
+        decay = ema_decay_at(step, dcfg.ema_decay)
+        ema_update(ema_unet, unet, decay)
+        ema_update(ema_text, text_encoder, decay)
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         if (step + 1) % dcfg.save_every == 0 or step + 1 == dcfg.steps:
             save(step + 1)

@@ -60,20 +60,22 @@ class ImagicConfig:
     finetune_steps: int = option(
         200,
         "Stage 2 steps. Measured on the demo model (benchmarks/edit_quality.py): 1000 steps overfit (the input is "
-        "drawn at every eta, 0/4 edits), 200 with feed-forward + conv targets edit 5/10. Community pipeline: 1000 "
+        "drawn at every eta, 0/4 edits); 200 steps edit 9/10 (with the lr and targets below). Community pipeline: "
+        "1000 "
         "(full fine-tune; recipes/sd15-*.toml keep it).",
     )
     lora_lr: float = option(
-        1e-3,
-        "Stage 2 LoRA learning rate. Demo model, eta=0 PSNR (benchmarks/imagic_lora_sweep.py): 16.1 dB at 1e-4, "
-        "24.6 dB at 1e-3 (1000 attention steps).",
+        3e-4,
+        "Stage 2 LoRA learning rate. Measured on the demo model (benchmarks/edit_quality.py, 200 feed-forward + conv "
+        "steps): 3e-4 edits 9/10, 1e-3 5/10, 3e-3 4/10.",
     )
     lora_rank: int = option(8, "LoRA rank.")
     lora_alpha: float = option(8.0, "LoRA alpha; the update is scaled by alpha/rank (stored for diffusers).")
     lora_targets: list = option(
         ["feedforward", "conv"],
         f"UNet layers to adapt, any of: {', '.join(LORA_TARGETS)}. Off the attention layers, the text keeps steering "
-        "the picture (demo model: 5/10 edits with 200 steps, vs 2/10 on attention). The SD recipes adapt attention.",
+        "the picture (demo model, 200 steps at lr 1e-3: 5/10 edits, vs 2/10 on attention). The SD recipes adapt "
+        "attention.",
     )
     eta: float = option(0.7, "Interpolation eta*e_tgt + (1-eta)*e_opt. Paper: 0.6-0.8 works best.")
     guidance: float = option(7.5, "Classifier-free guidance at render. SD / community pipeline default: 7.5.")

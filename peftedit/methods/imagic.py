@@ -61,8 +61,7 @@ class ImagicConfig:
         200,
         "Stage 2 steps. Measured on the demo model (benchmarks/edit_quality.py): 1000 steps overfit (the input is "
         "drawn at every eta, 0/4 edits); 200 steps edit 9/10 (with the lr and targets below). Community pipeline: "
-        "1000 "
-        "(full fine-tune; recipes/sd15-*.toml keep it).",
+        "1000 (full fine-tune); recipes/sd15-*.toml pin their own.",
     )
     lora_lr: float = option(
         3e-4,

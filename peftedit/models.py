@@ -84,12 +84,12 @@ def load_model(
     dtype = resolve_dtype(runtime, device)
     name = DEMO_NAME if model is None else str(model)
     path = Path(name).expanduser()
-    if name == DEMO_NAME and announce_demo:
-        log.warning(
-            "using the built-in demo model (a tiny world of coloured shapes); for Stable Diffusion pass e.g. "
-            "--model stable-diffusion-v1-5/stable-diffusion-v1-5"
-        )
     if name == DEMO_NAME:
+        if announce_demo:
+            log.warning(
+                "using the built-in demo model (a tiny world of coloured shapes); for Stable Diffusion pass e.g. "
+                "--model stable-diffusion-v1-5/stable-diffusion-v1-5"
+            )
         path = demo_model_dir()
         if not (path / "model_index.json").is_file():
             raise PeftEditError(f"the demo model is not installed at {path}; pass --model")

@@ -99,7 +99,6 @@ def build_scheduler():
 
 def save_pipeline(out: Path, unet, vae, text_encoder, tokenizer, settings: dict) -> None:
     """Save a StableDiffusionPipeline (safetensors) plus the demo's sampler settings and recipe."""
-
     from ..tiny import assemble
 
     pipe = assemble(unet, vae, text_encoder, tokenizer, build_scheduler())

@@ -181,12 +181,19 @@ def ddim_invert(
     cond: torch.Tensor,
     steps: int,
     progress: Callable | None = None,
+    noised_steps: int = 0,
+    seed: int = 0,
 ) -> list[torch.Tensor]:
     """DDIM inversion at guidance 1: the latents z_0 (= ``latent``) … z_T, fp32 on the UNet's device.
 
     Runs diffusers' ``DDIMInverseScheduler`` on exactly the timesteps a ``steps``-step ``DDIMScheduler`` from the same
     config samples with (reversed), so the sampler's step ``i`` goes from z_{T-i} towards z_{T-i-1}. Every conversion
     is the scheduler's own, so epsilon and v-prediction models both work.
+
+    With ``noised_steps`` = n > 0 the first n latents after z_0 are instead the forward process's
+    ``add_noise(z_0, noise, t)`` with one noise drawn from ``seed`` (on the CPU, so every device draws the same),
+    and the inversion goes on from the last of them: DDIM inversion keeps the noise it is given, so z_T then carries
+    Gaussian noise where a plain inversion leaves areas the model predicts exactly (flat backgrounds) near zero.
     """
     from diffusers import DDIMInverseScheduler
 
@@ -199,9 +206,16 @@ def ddim_invert(
             f"timestep_spacing {forward.config.timestep_spacing!r} gives inversion timesteps that differ from the "
             "sampler's; use a scheduler config with 'leading' or 'trailing' spacing"
         )
-    latents = [latent.to(unet.device, torch.float32)]
+    if not 0 <= noised_steps <= steps:
+        raise PeftEditError(f"noised_steps = {noised_steps} must be between 0 and the {steps} steps")
+    clean = latent.to(unet.device, torch.float32)
+    latents = [clean]
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed)).to(clean.device)
     timesteps = list(inverse.timesteps)
-    for t in progress(timesteps) if progress else timesteps:
+    for t in timesteps[:noised_steps]:
+        latents.append(forward.add_noise(clean, noise, t.reshape(1).to(clean.device)).float())
+    rest = timesteps[noised_steps:]
+    for t in progress(rest) if progress else rest:
         pred = guided_prediction(unet, latents[-1], t, cond, None, 1.0)
         latents.append(inverse.step(pred, t, latents[-1]).prev_sample.float())
     return latents

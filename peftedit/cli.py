@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="PNG to write (default: <folder>-<settings>.png)")
     p.add_argument("--p2p", choices=("replace", "refine", "reweight"), help="Prompt-to-Prompt edit (inversions)")
     p.add_argument("--blend", nargs="+", metavar="WORD", help="local blend: only where these words attend may change")
+    p.add_argument(
+        "--blend-mask",
+        choices=("attention", "difference"),
+        help="local blend by the --blend words' attention (default) or, with no words, where the edit moved the "
+        "latents (for models whose attention maps are not localised, e.g. the demo)",
+    )
     p.add_argument("--reweight", action="append", metavar="WORD=F", help="scale a target word's attention, e.g. cat=2")
     p.add_argument("--cross-replace", type=float, help="share of steps with the source's cross-attention (0.8)")
     p.add_argument("--self-replace", type=float, help="share of steps with the source's self-attention (0.4)")
@@ -236,6 +242,7 @@ def _edit_inversion(args, model, artifact):
     chosen = {
         "mode": args.p2p,
         "blend": args.blend,
+        "blend_mask": args.blend_mask,
         "reweight": p2p.parse_reweight(args.reweight) or None,
         "cross_replace": args.cross_replace,
         "self_replace": args.self_replace,

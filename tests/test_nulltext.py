@@ -252,11 +252,35 @@ def test_mismatched_edits_are_clear_errors(eps_model, eps_inverted):
         nulltext.edit(eps_model, eps_inverted, "a photo of a blue circle", p2p.Control(reweight={"tiger": 2.0}))
     with pytest.raises(PeftEditError, match="'tiger'.*neither prompt"):
         nulltext.edit(eps_model, eps_inverted, "a photo of a blue circle", p2p.Control(blend=["tiger"]))
+    with pytest.raises(PeftEditError, match="drop the --blend words"):
+        p2p.Control(blend=["circle"], blend_mask="difference")
+    with pytest.raises(PeftEditError, match="choose one of attention, difference"):
+        p2p.Control(blend_mask="edges")
     with pytest.raises(ArtifactError, match="not an Imagic one"):
         imagic.render(eps_model, eps_inverted)
     imagic_like = Artifact("imagic", dict(eps_inverted.tensors), dict(eps_inverted.meta))
     with pytest.raises(ArtifactError, match="not an inversion"):
         nulltext.edit(eps_model, imagic_like)
+
+
+def test_difference_blend_keeps_the_source_where_the_target_did_not_move(eps_model):
+    pipe = eps_model.pipe
+    prompts = [SOURCE, "a photo of a blue circle"]
+    control = p2p.Control(blend_mask="difference", blend_start=0.0)
+    controller = p2p.Controller(pipe.unet, pipe.tokenizer, prompts, control, steps=4)
+    source = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    target = source + 0.01 * torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    target[..., 5:7, 5:7] += 1.0  # the edit moved one corner
+    out = controller.after_step(0, torch.cat([source, target]))
+    assert torch.equal(out[0], source[0])
+    moved = torch.zeros(8, 8, dtype=torch.bool)
+    moved[4:8, 4:8] = True  # the moved cells, dilated by one
+    assert torch.allclose(out[1][:, moved], target[0][:, moved], atol=1e-6)
+    assert torch.equal(out[1][:, ~moved], source[0][:, ~moved])
+    assert controller.step == 1
+    late = p2p.Controller(pipe.unet, pipe.tokenizer, prompts, p2p.Control(blend_mask="difference"), steps=10)
+    both = torch.cat([source, target])
+    assert torch.equal(late.after_step(0, both), both)  # blend_start 0.2: the first two steps are left alone
 
 
 @pytest.fixture
@@ -322,11 +346,14 @@ def test_cli_invert_edit_and_errors(eps_dir, photo, tmp_path, capsys):
     )
     assert code == 0, err
     assert Image.open(edited).size == (16, 16) and Image.open(maps).size[0] == 7 * 128  # image + 6 tokens
+    code, out, err = _run(capsys, "edit", folder, SOURCE, "--blend-mask", "difference", "-o", edited)
+    assert code == 0, err
     code, out, err = _run(capsys, "inspect", folder)
     assert code == 0 and "null_embeddings [6, 77, 32]" in out
     for argv, fragment in (
         (["edit", folder, "--steps", 7, "-o", edited], "made with 6 DDIM steps"),
         (["edit", folder, "a photo of a big red circle", "--p2p", "replace", "-o", edited], "use --p2p refine"),
+        (["edit", folder, SOURCE, "--blend", "circle", "--blend-mask", "difference", "-o", edited], "drop the"),
         (["invert", photo, SOURCE, *args], "already exists"),
         (["invert", photo, SOURCE, *args, "--overwrite", "--set", "nulltext.method=fast"], "choose one of"),
     ):

@@ -4,7 +4,8 @@ An edit runs the batch [source, target]: the source branch reproduces the invers
 source's attention maps. ``replace`` (word swap) gives the target the source's cross-attention maps token by token;
 ``refine`` (words added) aligns the two token lists and borrows the maps of the tokens they share; ``reweight``
 scales the maps of chosen words. The target's self-attention maps come from the source early on (layout), and a local
-blend keeps the latents outside the blend words' attention mask equal to the source's.
+blend keeps the latents outside a mask equal to the source's: the blend words' attention (the reference), or where
+the two branches' latents differ (for models whose attention maps are not localised).
 
 Only the layers whose maps are used get the map-materialising processor below; every other layer keeps the processor
 it had (SDPA or xformers). Processors are installed for one edit and removed afterwards.
@@ -28,6 +29,7 @@ from ..errors import PeftEditError
 from ..images import grid
 
 MODES = ("replace", "refine", "reweight")
+BLEND_MASKS = ("attention", "difference")
 
 
 @dataclass
@@ -53,6 +55,13 @@ class Control:
         "Words whose attention marks where the picture may change (local blend); elsewhere the "
         "target keeps the source's latents. P2P reference: LocalBlend.",
     )
+    blend_mask: str = option(
+        "attention",
+        "What marks the region that may change: 'attention' (the blend words' cross-attention; P2P reference "
+        "LocalBlend) or 'difference' (where the target's latents moved away from the source's, summed from "
+        "blend_start on; takes no words). 'difference' is for models whose attention maps are not localised, "
+        "such as the demo model.",
+    )
     blend_threshold: float = option(0.3, "Mask threshold on the normalised blend map. P2P reference: 0.3.")
     blend_start: float = option(0.2, "Share of steps before blending starts. Null-text reference: start_blend = 0.2.")
     self_replace_max_side: int = option(
@@ -74,6 +83,10 @@ class Control:
         for word, factor in self.reweight.items():
             if not isinstance(factor, (int, float)) or factor < 0:
                 raise PeftEditError(f"--reweight {word}={factor!r}: the factor must be a number >= 0")
+        if self.blend_mask not in BLEND_MASKS:
+            raise PeftEditError(f"--blend-mask {self.blend_mask!r}: choose one of {', '.join(BLEND_MASKS)}")
+        if self.blend_mask == "difference" and self.blend:
+            raise PeftEditError("--blend-mask difference finds the region itself; drop the --blend words")
         if self.mode == "reweight" and not self.reweight:
             raise PeftEditError("--p2p reweight needs --reweight WORD=FACTOR (e.g. --reweight cat=2.0)")
 
@@ -167,6 +180,8 @@ class Controller:
         self.map_side = min((s for s in sides if s >= wanted), default=max(sides, default=0))
         self.maps: torch.Tensor | None = None
         self.map_count = 0
+        self.moved: torch.Tensor | None = None
+        self.blending = self.editing and (bool(self.control.blend) or self.control.blend_mask == "difference")
 
     @staticmethod
     def default_mode(tokenizer, source: str, target: str) -> str:
@@ -212,18 +227,27 @@ class Controller:
     def after_step(self, i: int, latents: torch.Tensor) -> torch.Tensor:
         """Advance the step counter; from ``blend_start`` on, keep the target equal to the source outside the mask."""
         self.step = i + 1
-        if not (self.editing and self.control.blend and i >= int(self.steps * self.control.blend_start)):
+        if not (self.blending and i >= int(self.steps * self.control.blend_start)):
             return latents
-        mask = self.blend_mask(latents.shape[-2:]).to(latents.device)
+        if self.control.blend_mask == "difference":
+            moved = (latents[1:] - latents[:1]).abs().mean(1, keepdim=True).float()
+            self.moved = moved if self.moved is None else self.moved + moved
+            mask = self.threshold(F.max_pool2d(self.moved, 3, stride=1, padding=1))
+        else:
+            mask = self.blend_mask(latents.shape[-2:])
+        mask = mask.to(latents.device, latents.dtype)
         return torch.cat([latents[:1], latents[:1] + mask * (latents[1:] - latents[:1])])
+
+    def threshold(self, plane: torch.Tensor) -> torch.Tensor:
+        """Normalise each of [n, 1, h, w] by its max; the union of what passes ``blend_threshold``, [1, 1, h, w]."""
+        plane = plane / plane.flatten(1).amax(1).clamp_min(1e-12)[:, None, None, None]
+        return (plane > self.control.blend_threshold).any(0, keepdim=True).float()
 
     def blend_mask(self, size) -> torch.Tensor:
         """Union over both branches of the thresholded attention of the blend words, at latent size [1, 1, h, w]."""
         words = (self.maps * self.blend_alpha[:, None, None, :]).sum(-1).unsqueeze(1)
         words = F.max_pool2d(words, 3, stride=1, padding=1)
-        words = F.interpolate(words, size=tuple(size))
-        words = words / words.flatten(1).amax(1).clamp_min(1e-12)[:, None, None, None]
-        return (words > self.control.blend_threshold).any(0, keepdim=True).float()
+        return self.threshold(F.interpolate(words, size=tuple(size)))
 
     def mean_maps(self) -> torch.Tensor | None:
         """The cross-attention maps averaged over steps and map layers, [branches, side, side, tokens]."""

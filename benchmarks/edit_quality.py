@@ -27,6 +27,7 @@ from peftedit import ImagicConfig, RuntimeConfig, imagic, load_model
 from peftedit.artifacts import now_utc, package_versions
 from peftedit.demo.world import WorldObject, parse_prompt, read_scene
 from peftedit.images import psnr
+from peftedit.methods.nulltext import NullTextConfig
 
 IMAGIC_ETAS = (0.6, 0.7, 0.8)
 # Prompt-to-Prompt's injection schedule is its per-edit knob, as eta is Imagic's: each inversion is edited with these
@@ -99,19 +100,18 @@ def run_imagic(model, case: Case, image: Image.Image, runtime, config) -> tuple[
     return renders[best], verdicts
 
 
-def run_inversion(model, case: Case, image: Image.Image, runtime, method: str, steps: int | None):
+def run_inversion(model, case: Case, image: Image.Image, runtime, method: str, base: NullTextConfig):
     from peftedit.methods import nulltext, p2p
 
-    config = nulltext.NullTextConfig(method=method, **({"steps": steps} if steps else {}))
+    config = NullTextConfig(**{**base.__dict__, "method": method})
     artifact = nulltext.invert(model, image, case.source, config, runtime, show_progress=False)
-    blend = None
-    if case.keep is not None:
-        changed = 1 - case.keep
-        blend = [parse_prompt(case.target).objects[changed].shape]
-    # No mode: replace when the prompts have the same token count, else refine (the CLI's default).
+    # Two-object cases keep the other object with a local blend. The demo model's cross-attention maps are not
+    # localised (a blend word's map is within 2x of its max everywhere), so the mask is where the edit moved the
+    # latents, not the words' attention.
+    blend_mask = "attention" if case.keep is None else "difference"
     verdicts, results = [], []
     for cross, self_ in P2P_SCHEDULES:
-        control = p2p.Control(blend=blend or [], cross_replace=cross, self_replace=self_)
+        control = p2p.Control(blend_mask=blend_mask, cross_replace=cross, self_replace=self_)
         results.append(nulltext.edit(model, artifact, case.target, control))
         verdicts.append(judge(case, image, results[-1]) | {"cross_replace": cross, "self_replace": self_})
     return results[0], verdicts
@@ -165,7 +165,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["imagic", *INVERSIONS])
     parser.add_argument("--model", default=None, help="default: the demo model")
-    parser.add_argument("--recipe-set", nargs="*", default=[], help="ImagicConfig overrides, key=value")
+    parser.add_argument(
+        "--recipe-set",
+        nargs="*",
+        default=[],
+        help="ImagicConfig / NullTextConfig overrides, e.g. imagic.lora_lr=1e-3 nulltext.pivot_noise=0.4",
+    )
     parser.add_argument("--every", type=int, default=1, help="run every Nth case only (a shorter run)")
     parser.add_argument("--quick", action="store_true", help="3 cases and fewer steps: a smoke run")
     parser.add_argument("--out", default=None)
@@ -174,11 +179,12 @@ def main() -> None:
     model = load_model(args.model, runtime)
     from peftedit.config import build
 
-    config = build({"imagic": ImagicConfig}, None, args.recipe_set)["imagic"]
+    configs = build({"imagic": ImagicConfig, "nulltext": NullTextConfig}, None, args.recipe_set)
+    config, inversion = configs["imagic"], configs["nulltext"]
     cases = CASES[:: 4 if args.quick else args.every]
-    steps = 10 if args.quick else None
     if args.quick:
         config = ImagicConfig(**{**config.__dict__, "embedding_steps": 20, "finetune_steps": 20, "render_steps": 10})
+        inversion = NullTextConfig(**{**inversion.__dict__, "steps": 10})
     rows = []
     for method in args.methods:
         for case in cases:
@@ -188,7 +194,7 @@ def main() -> None:
                 if method == "imagic":
                     _, verdicts = run_imagic(model, case, image, runtime, config)
                 else:
-                    _, verdicts = run_inversion(model, case, image, runtime, method, steps)
+                    _, verdicts = run_inversion(model, case, image, runtime, method, inversion)
             except ValueError as err:  # a case the method cannot run counts as a failed edit
                 verdicts = [{"success": False, "read": f"error: {err}", "preservation_db": None}]
             seconds = time.perf_counter() - start
@@ -214,6 +220,7 @@ def main() -> None:
         "device": str(model.device),
         "model": model.name,
         "imagic": config.__dict__,
+        "nulltext": inversion.__dict__,
         "quick": args.quick,
         "cases": len(cases),
         "versions": package_versions(),

@@ -22,6 +22,7 @@ EPILOG = """examples:
   peftedit invert cat.png "a photo of a cat" -o adapters/cat              # null-text inversion
   peftedit edit adapters/cat "a photo of a tiger" --blend cat tiger -o tiger.png
   peftedit edit adapters/cat "a photo of a cat" --p2p reweight --reweight cat=2.0 -o more-cat.png
+  peftedit edit adapters/circle "a large red circle on the right" --cross-replace 0 --self-replace 0  # move
   peftedit generate "a large red circle on the left" --seed 1 -o circle.png
 
 With no --model, commands use the built-in demo model (a tiny world of coloured shapes). --debug shows tracebacks.

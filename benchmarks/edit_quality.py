@@ -94,7 +94,7 @@ def judge(case: Case, source: Image.Image, result: Image.Image) -> dict:
 
 def run_imagic(model, case: Case, image: Image.Image, runtime, config) -> tuple[Image.Image, list[dict]]:
     artifact = imagic.fit(model, image, case.target, config, runtime, show_progress=False)
-    renders = imagic.render(model, artifact, eta=list(IMAGIC_ETAS), seed=0)
+    renders = imagic.render(model, artifact, eta=list(IMAGIC_ETAS), seed=runtime.seed)
     verdicts = [judge(case, image, r) | {"eta": e} for e, r in zip(IMAGIC_ETAS, renders, strict=True)]
     best = max(range(len(verdicts)), key=lambda i: (verdicts[i]["success"], verdicts[i]["preservation_db"] or 0))
     return renders[best], verdicts
@@ -172,10 +172,13 @@ def main() -> None:
         help="ImagicConfig / NullTextConfig overrides, e.g. imagic.lora_lr=1e-3 nulltext.pivot_noise=0.4",
     )
     parser.add_argument("--every", type=int, default=1, help="run every Nth case only (a shorter run)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="Imagic's training and render seed (inversions: nulltext.seed)"
+    )
     parser.add_argument("--quick", action="store_true", help="3 cases and fewer steps: a smoke run")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    runtime = RuntimeConfig()
+    runtime = RuntimeConfig(seed=args.seed)
     model = load_model(args.model, runtime)
     from peftedit.config import build
 
@@ -222,6 +225,7 @@ def main() -> None:
         "imagic": config.__dict__,
         "nulltext": inversion.__dict__,
         "quick": args.quick,
+        "seed": args.seed,
         "cases": len(cases),
         "versions": package_versions(),
         "summary": summary,

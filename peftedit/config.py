@@ -15,7 +15,10 @@ import tomllib
 
 from .errors import PeftEditError
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# An installed wheel carries the recipes as peftedit/recipes (pyproject maps them there); a checkout has them at the
+# top level.
+_PACKAGED_RECIPES = Path(__file__).resolve().parent / "recipes"
+RECIPES_DIR = _PACKAGED_RECIPES if _PACKAGED_RECIPES.is_dir() else Path(__file__).resolve().parent.parent / "recipes"
 
 
 def option(default: Any, help: str) -> Any:

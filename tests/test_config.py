@@ -69,3 +69,32 @@ def test_every_field_has_help():
     for cls in (RuntimeConfig, ImagicConfig):
         for f in dataclasses.fields(cls):
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
+
+
+@pytest.mark.slow
+def test_a_wheel_carries_the_recipes_and_the_demo_model(tmp_path):
+    """Recipes by name must work from an installed wheel, not only from a checkout (the wheel maps recipes/ to
+    peftedit/recipes). Builds without isolation, so no package is fetched."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp_path, root],
+        check=True,
+    )
+    (wheel,) = tmp_path.glob("peftedit-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {f"peftedit/recipes/{p.name}" for p in RECIPES_DIR.glob("*.toml")}
+    assert shipped and shipped <= names
+    assert "peftedit/demo/model/unet/diffusion_pytorch_model.safetensors" in names
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", target, wheel], check=True)
+    probe = "from peftedit.config import resolve_recipe; print(resolve_recipe('sd15-8gb'))"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(target)}, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()) == target / "peftedit" / "recipes" / "sd15-8gb.toml"

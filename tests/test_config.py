@@ -90,6 +90,8 @@ def test_a_wheel_carries_the_recipes_and_the_demo_model(tmp_path):
     shipped = {f"peftedit/recipes/{p.name}" for p in RECIPES_DIR.glob("*.toml")}
     assert shipped and shipped <= names
     assert "peftedit/demo/model/unet/diffusion_pytorch_model.safetensors" in names
+    modules = {str(p.relative_to(root)) for p in (root / "peftedit").rglob("*.py")}
+    assert modules <= names, modules - names  # pyproject lists the packages by hand: a new one must be added there
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", target, wheel], check=True)
     probe = "from peftedit.config import resolve_recipe; print(resolve_recipe('sd15-8gb'))"

@@ -91,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="DDIM steps, also of every edit (nulltext.steps)")
     p.add_argument("--inner-steps", type=int, help="most optimizer steps per timestep (nulltext.inner_steps)")
     p.add_argument("--guidance", type=float, help="guidance the inversion is made for (nulltext.guidance)")
-    p.add_argument("--seed", type=int, help="runtime.seed (DDIM inversion itself is deterministic)")
+    p.add_argument(
+        "--pivot-noise", type=float, help="share of steps with a forward-noised pivot (nulltext.pivot_noise; 0.4)"
+    )
+    p.add_argument("--seed", type=int, help="seed of the pivot's noise (nulltext.seed)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
     p = _command(sub, "edit", "render a saved edit (no re-training)")
@@ -210,16 +213,17 @@ def cmd_edit(args) -> int:
 def cmd_invert(args) -> int:
     from .methods import nulltext
 
-    if args.seed is not None:
-        logging.getLogger("peftedit").warning("--seed has no effect on an inversion (DDIM is deterministic)")
     flags = {
         "method": "nulltext.method",
         "steps": "nulltext.steps",
         "inner_steps": "nulltext.inner_steps",
         "guidance": "nulltext.guidance",
-        "seed": "runtime.seed",
+        "pivot_noise": "nulltext.pivot_noise",
+        "seed": "nulltext.seed",
     }
     configs, output, model = _prepare(args, "nulltext", flags, args.source)
+    if args.seed is not None and configs["nulltext"].pivot_noise == 0:
+        logging.getLogger("peftedit").warning("--seed has no effect with pivot_noise 0 (DDIM inversion is exact)")
     artifact = nulltext.invert(
         model, args.image, args.source, configs["nulltext"], configs["runtime"], show_progress=not args.quiet
     )

@@ -345,8 +345,9 @@ def _run(capsys, *argv):
 def test_cli_invert_edit_and_errors(eps_dir, photo, tmp_path, capsys):
     folder = tmp_path / "adapters" / "inv"
     args = ["--model", eps_dir, "--steps", 6, "--inner-steps", 2, "--set", "runtime.device=cpu", "-o", folder]
-    code, out, err = _run(capsys, "invert", photo, SOURCE, *args)
+    code, out, err = _run(capsys, "invert", photo, SOURCE, *args, "--pivot-noise", 0.5, "--seed", 3)
     assert code == 0, err
+    assert {"pivot_noise": 0.5, "seed": 3}.items() <= Artifact.load(folder).meta["recipe"]["nulltext"].items()
     assert "PSNR" in out and {p.name for p in folder.iterdir()} == {"edit.safetensors", "preview.png", "README.md"}
     side = tmp_path / "reconstruction.png"
     code, out, err = _run(capsys, "edit", folder, "-o", side)

@@ -1,7 +1,8 @@
 """Inverting a real photo for Prompt-to-Prompt editing, and the edits themselves.
 
-The pivot is a DDIM inversion at guidance 1 with the source prompt. Guided sampling from its end drifts off it; the
-methods differ in how they pull it back:
+The pivot is a DDIM inversion at guidance 1 with the source prompt, by default started from the forward-noised latent
+(``NullTextConfig.pivot_noise``) so that its end carries noise everywhere. Guided sampling from its end drifts off it;
+the methods differ in how they pull it back:
 
 - ``null-text`` (Mokady et al., CVPR 2023): per timestep, optimize the null (unconditional) embedding so the guided
   step lands on the pivot; the per-step embeddings are the edit.

@@ -13,6 +13,7 @@ Writes ``benchmarks/results/edit-quality-<date>.json`` and prints a Markdown tab
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -103,7 +104,7 @@ def run_imagic(model, case: Case, image: Image.Image, runtime, config) -> tuple[
 def run_inversion(model, case: Case, image: Image.Image, runtime, method: str, base: NullTextConfig):
     from peftedit.methods import nulltext, p2p
 
-    config = NullTextConfig(**{**base.__dict__, "method": method})
+    config = dataclasses.replace(base, method=method)
     artifact = nulltext.invert(model, image, case.source, config, runtime, show_progress=False)
     # Two-object cases keep the other object with a local blend. The demo model's cross-attention maps are not
     # localised (a blend word's map is within 2x of its max everywhere), so the mask is where the edit moved the
@@ -186,8 +187,8 @@ def main() -> None:
     config, inversion = configs["imagic"], configs["nulltext"]
     cases = CASES[:: 4 if args.quick else args.every]
     if args.quick:
-        config = ImagicConfig(**{**config.__dict__, "embedding_steps": 20, "finetune_steps": 20, "render_steps": 10})
-        inversion = NullTextConfig(**{**inversion.__dict__, "steps": 10})
+        config = dataclasses.replace(config, embedding_steps=20, finetune_steps=20, render_steps=10)
+        inversion = dataclasses.replace(inversion, steps=10)
     rows = []
     for method in args.methods:
         for case in cases:

@@ -210,10 +210,11 @@ def ddim_invert(
         raise PeftEditError(f"noised_steps = {noised_steps} must be between 0 and the {steps} steps")
     clean = latent.to(unet.device, torch.float32)
     latents = [clean]
-    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed)).to(clean.device)
     timesteps = list(inverse.timesteps)
-    for t in timesteps[:noised_steps]:
-        latents.append(forward.add_noise(clean, noise, t.reshape(1).to(clean.device)).float())
+    if noised_steps:
+        noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed)).to(clean.device)
+        for t in timesteps[:noised_steps]:
+            latents.append(forward.add_noise(clean, noise, t.reshape(1).to(clean.device)).float())
     rest = timesteps[noised_steps:]
     for t in progress(rest) if progress else rest:
         pred = guided_prediction(unet, latents[-1], t, cond, None, 1.0)

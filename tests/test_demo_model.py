@@ -96,14 +96,22 @@ def test_quickstart_as_written(tmp_path, capsys):
     _quickstart(tmp_path, capsys)
 
 
+@pytest.fixture(scope="module")
+def demo_model():
+    """The demo model through peftedit's loader, shared by the inversion tests below (they do not change it)."""
+    from peftedit import RuntimeConfig, load_model
+
+    return load_model(None, RuntimeConfig(device="cpu"), announce_demo=False)
+
+
 @pytest.mark.skipif(not WEIGHTS.is_file(), reason="demo model weights not shipped")
-def test_noised_pivot_lets_an_inversion_move_the_object():
+def test_noised_pivot_lets_an_inversion_move_the_object(demo_model):
     """Why ``nulltext.pivot_noise`` exists: plain DDIM inversion of a demo scene leaves z_T near zero on the white
     background (the model predicts it exactly), so the object cannot move; the noised pivot puts noise there and the
     edit reads as the target. ``direct`` inversion: no optimisation, seconds on a CPU."""
-    from peftedit import NullTextConfig, RuntimeConfig, load_model, nulltext, p2p
+    from peftedit import NullTextConfig, nulltext, p2p
 
-    model = load_model(None, RuntimeConfig(device="cpu"), announce_demo=False)
+    model = demo_model
     source, target = "a large red circle on the left", "a large red circle on the right"
     image = parse_prompt(source).draw()
     control = p2p.Control(cross_replace=0.0, self_replace=0.0)
@@ -118,10 +126,10 @@ def test_noised_pivot_lets_an_inversion_move_the_object():
 
 
 @pytest.mark.skipif(not WEIGHTS.is_file(), reason="demo model weights not shipped")
-def test_null_text_with_the_default_pivot_reconstructs_a_demo_scene():
-    from peftedit import NullTextConfig, RuntimeConfig, load_model, nulltext
+def test_null_text_with_the_default_pivot_reconstructs_a_demo_scene(demo_model):
+    from peftedit import NullTextConfig, nulltext
 
-    model = load_model(None, RuntimeConfig(device="cpu"), announce_demo=False)
+    model = demo_model
     source = "a large yellow triangle on the left and a small blue square on the right"
     image = parse_prompt(source).draw()
     losses = {}

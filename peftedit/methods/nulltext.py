@@ -282,7 +282,7 @@ def run_edit(
         prompts.append(check_prompt(pipe.tokenizer, target_prompt))
     elif control is not None and (control.mode or control.reweight):
         prompts.append(prompts[0])
-    elif control is not None and (control.blend or control.blend_mask == "difference"):
+    elif control is not None and control.blends:
         log.warning("the local blend is ignored without a target prompt")
     branches = len(prompts)
     cond = torch.cat([tensors["e_src"]] + [encode_text(pipe, p).to(device) for p in prompts[1:]])

@@ -90,6 +90,11 @@ class Control:
         if self.mode == "reweight" and not self.reweight:
             raise PeftEditError("--p2p reweight needs --reweight WORD=FACTOR (e.g. --reweight cat=2.0)")
 
+    @property
+    def blends(self) -> bool:
+        """Whether a local blend is asked for (blend words, or the difference mask, which takes none)."""
+        return bool(self.blend) or self.blend_mask == "difference"
+
 
 def parse_reweight(items: list[str] | str | None) -> dict[str, float]:
     """``["cat=2.0", "red=0.5"]`` (or one comma-separated string) as a word -> factor dict."""
@@ -181,7 +186,6 @@ class Controller:
         self.maps: torch.Tensor | None = None
         self.map_count = 0
         self.moved: torch.Tensor | None = None
-        self.blending = self.editing and (bool(self.control.blend) or self.control.blend_mask == "difference")
 
     @staticmethod
     def default_mode(tokenizer, source: str, target: str) -> str:
@@ -227,7 +231,7 @@ class Controller:
     def after_step(self, i: int, latents: torch.Tensor) -> torch.Tensor:
         """Advance the step counter; from ``blend_start`` on, keep the target equal to the source outside the mask."""
         self.step = i + 1
-        if not (self.blending and i >= int(self.steps * self.control.blend_start)):
+        if not (self.editing and self.control.blends and i >= int(self.steps * self.control.blend_start)):
             return latents
         if self.control.blend_mask == "difference":
             moved = (latents[1:] - latents[:1]).abs().mean(1, keepdim=True).float()

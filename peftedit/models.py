@@ -149,13 +149,21 @@ def _base_weights(pipe) -> list[tuple[str, torch.Tensor]]:
     return sorted(out, key=lambda item: item[0])
 
 
+def probe_indices(numel: int) -> torch.Tensor:
+    """``PROBE_PER_TENSOR`` evenly spaced positions in a tensor of ``numel`` values, first and last included.
+
+    Integer arithmetic: a float32 ``linspace`` rounds ``numel - 1`` up past the end for tensors over 2**24 values (SD's
+    49408 x 768 token embedding). Below that it gives the same positions, so older artifacts still match.
+    """
+    return torch.arange(PROBE_PER_TENSOR) * (numel - 1) // (PROBE_PER_TENSOR - 1)
+
+
 def weight_probe(pipe) -> torch.Tensor:
     """A few values from every UNet and text-encoder weight, in a fixed order, as fp32 on CPU."""
     values = []
     for _, tensor in _base_weights(pipe):
         flat = tensor.detach().reshape(-1)
-        index = torch.linspace(0, flat.numel() - 1, PROBE_PER_TENSOR).long().to(flat.device)
-        values.append(flat[index].float().cpu())
+        values.append(flat[probe_indices(flat.numel()).to(flat.device)].float().cpu())
     return torch.cat(values)
 
 

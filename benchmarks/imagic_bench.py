@@ -38,14 +38,20 @@ ETA = 0.7
 
 
 def ours(
-    model: Model, picture: Image.Image, config: ImagicConfig, runtime: RuntimeConfig, steps: int, warmup: int
+    model: Model,
+    picture: Image.Image,
+    config: ImagicConfig,
+    runtime: RuntimeConfig,
+    steps: int,
+    warmup: int,
+    track: bool = False,
 ) -> list[StageResult]:
     """Peak memory and seconds per step of ``fit`` (whole pipeline) and of each stage, with ``steps`` steps each."""
     pipe, unet = model.pipe, model.pipe.unet
     config = dataclasses.replace(
         config, embedding_steps=steps, finetune_steps=steps, render_steps=steps, preview_etas=[ETA]
     )
-    bench = Recorder(model.device, unet, warmup)
+    bench = Recorder(model.device, unet, warmup, track)
 
     def whole() -> Artifact:
         artifact = imagic.fit(model, picture, TARGET, config, runtime, show_progress=False)
@@ -87,10 +93,10 @@ def _train(unet, scheduler, latent, cond, optimizer, steps: int, generator: torc
         optimizer.zero_grad()
 
 
-def baseline(model: Model, picture: Image.Image, steps: int, warmup: int) -> list[StageResult]:
+def baseline(model: Model, picture: Image.Image, steps: int, warmup: int, track: bool = False) -> list[StageResult]:
     """The community pipeline's cost on an fp32 model loaded with nothing else switched on."""
     pipe, unet = model.pipe, model.pipe.unet
-    bench = Recorder(model.device, unet, warmup)
+    bench = Recorder(model.device, unet, warmup, track)
     latent, e_tgt, e_uncond = encode_image(pipe, picture), encode_text(pipe, TARGET), encode_text(pipe, "")
     generator = torch.Generator("cpu").manual_seed(0)
     scheduler = fresh_scheduler(pipe)

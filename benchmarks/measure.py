@@ -3,6 +3,8 @@
 Steps are counted by hooks on official extension points: a global optimizer step-post hook for training stages (it
 also sees the optimizer the library builds inside its own loop, so its state can be inspected) and a forward hook on
 the UNet for sampling stages (one guided UNet call per denoising step). The first ``warmup`` steps are not timed.
+With ``track``, the peak of live tensor bytes is also counted at the dispatch level (:mod:`benchmarks.tensor_memory`):
+on a CPU that is the estimate of what the GPU's ``max_memory_allocated`` would be; on a GPU it checks the estimate.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from .tensor_memory import TensorMemory
+
 log = logging.getLogger("benchmarks")
 
 GIB = 2**30
@@ -24,10 +28,13 @@ GIB = 2**30
 
 @dataclass
 class Measurement:
-    """What one stage cost. Memory fields are None off CUDA; ``seconds_per_step`` is None when nothing was timed."""
+    """What one stage cost. CUDA memory fields are None off CUDA, tensor ones None when not tracked;
+    ``seconds_per_step`` is None when nothing was timed."""
 
     peak_allocated_gib: float | None = None
     peak_reserved_gib: float | None = None
+    tensor_peak_gib: float | None = None
+    tensor_resident_gib: float | None = None
     seconds_per_step: float | None = None
     steps_timed: int = 0
     seconds_total: float = 0.0
@@ -39,6 +46,8 @@ class Measurement:
         out = {
             "peak_allocated_gib": self.peak_allocated_gib,
             "peak_reserved_gib": self.peak_reserved_gib,
+            "tensor_peak_gib": self.tensor_peak_gib,
+            "tensor_resident_gib": self.tensor_resident_gib,
             "seconds_per_step": self.seconds_per_step,
             "steps_timed": self.steps_timed,
             "seconds_total": self.seconds_total,
@@ -89,11 +98,12 @@ def optimizer_state_summary(optimizer: torch.optim.Optimizer) -> dict:
 
 
 @contextlib.contextmanager
-def measure(device: torch.device, count: str, unet=None, warmup: int = 1):
+def measure(device: torch.device, count: str, unet=None, warmup: int = 1, track: bool = False):
     """Measure the block; yields a :class:`Measurement` filled in when the block ends.
 
     ``count`` says what a step is: ``"optimizer"`` (every optimizer step anywhere) or ``"unet"`` (every forward call
-    of ``unet``). Peak memory counters are reset at the start, after releasing cached blocks.
+    of ``unet``). Peak memory counters are reset at the start, after releasing cached blocks. ``track`` also counts
+    live tensor bytes on ``device`` (slower: every operator goes through Python; do not compare its timings).
     """
     if count not in ("optimizer", "unet"):
         raise ValueError(f"count = {count!r}: use 'optimizer' or 'unet'")
@@ -115,14 +125,18 @@ def measure(device: torch.device, count: str, unet=None, warmup: int = 1):
         handle = register_optimizer_step_post_hook(on_step)
     else:
         handle = unet.register_forward_hook(lambda module, args, output: stamp())
+    tracker = TensorMemory(device.type) if track else contextlib.nullcontext()
     synchronize(device)
     start = time.perf_counter()
     try:
-        yield result
+        with tracker:
+            yield result
     finally:
         handle.remove()
         synchronize(device)
         result.seconds_total = time.perf_counter() - start
+    if track:
+        result.tensor_peak_gib, result.tensor_resident_gib = tracker.peak / GIB, tracker.resident / GIB
     if device.type == "cuda":
         result.peak_allocated_gib = torch.cuda.max_memory_allocated(device) / GIB
         result.peak_reserved_gib = torch.cuda.max_memory_reserved(device) / GIB
@@ -145,8 +159,8 @@ class StageResult:
 class Recorder:
     """Runs stages on one model under :func:`measure` and collects a :class:`StageResult` for each."""
 
-    def __init__(self, device: torch.device, unet, warmup: int) -> None:
-        self.device, self.unet, self.warmup = device, unet, warmup
+    def __init__(self, device: torch.device, unet, warmup: int, track: bool = False) -> None:
+        self.device, self.unet, self.warmup, self.track = device, unet, warmup, track
         self.results: list[StageResult] = []
 
     def run(self, method: str, stage: str, fn, count: str = "unet", note: str = "", timed: bool = True):
@@ -158,7 +172,7 @@ class Recorder:
         """
         warmup = self.warmup if timed else 10**9
         try:
-            with measure(self.device, count, self.unet, warmup) as result:
+            with measure(self.device, count, self.unet, warmup, self.track) as result:
                 value = fn()
         except Exception as err:  # a benchmark reports every failure as a row and goes on
             log.exception("%s / %s failed", method, stage)

@@ -45,14 +45,16 @@ def load_nulltext():
         return None, f"not available: peftedit.methods.nulltext is not importable ({type(err).__name__}: {err})"
 
 
-def ours(model: Model, picture: Image.Image, config, runtime: RuntimeConfig, steps: int, warmup: int):
+def ours(
+    model: Model, picture: Image.Image, config, runtime: RuntimeConfig, steps: int, warmup: int, track: bool = False
+):
     """Rows for each inversion method: the whole pipeline and its stages, each with ``steps`` DDIM steps.
 
     ``config`` is the library's ``NullTextConfig``; the early stop is switched off so every timestep does all
     ``inner_steps`` optimizer steps (the worst case, and a fixed amount of work to time).
     """
     pipe, unet = model.pipe, model.pipe.unet
-    bench = Recorder(model.device, unet, warmup)
+    bench = Recorder(model.device, unet, warmup, track)
     nulltext, why = load_nulltext()
     if nulltext is None:
         for method, stages in STAGES.items():
@@ -103,7 +105,9 @@ def ours(model: Model, picture: Image.Image, config, runtime: RuntimeConfig, ste
     return bench.results
 
 
-def baseline(model: Model, picture: Image.Image, config, steps: int, warmup: int) -> list[StageResult]:
+def baseline(
+    model: Model, picture: Image.Image, config, steps: int, warmup: int, track: bool = False
+) -> list[StageResult]:
     """The reference's cost for the null-text stages (pivot, null optimization, P2P edit) on an fp32 model.
 
     ``config`` is the library's ``NullTextConfig`` (None when the module is missing: the optimization is skipped).
@@ -113,7 +117,7 @@ def baseline(model: Model, picture: Image.Image, config, steps: int, warmup: int
     against these.
     """
     pipe, unet = model.pipe, model.pipe.unet
-    bench = Recorder(model.device, unet, warmup)
+    bench = Recorder(model.device, unet, warmup, track)
     nulltext, why = load_nulltext()
     z0 = encode_image(pipe, picture)
     e_src, e_tgt, e_uncond = encode_text(pipe, SOURCE), encode_text(pipe, TARGET), encode_text(pipe, "")

@@ -71,6 +71,8 @@ def test_numbers_are_finite_and_memory_is_null_on_cpu(bench):
             continue
         assert row["status"] == "ok", where
         assert row["peak_allocated_gib"] is None and row["peak_reserved_gib"] is None
+        # off CUDA every stage counts its live tensors instead: at least what was there when it started
+        assert _positive(row["tensor_peak_gib"]) and row["tensor_peak_gib"] >= row["tensor_resident_gib"], where
         assert _positive(row["seconds_total"]), where
         if row["stage"] == "pipeline":
             continue
@@ -88,14 +90,16 @@ def test_training_stages_report_the_optimizer_state(bench):
     assert embedding["optimizer_state"]["largest_param_shape"] == [1, 77, 32]
     assert embedding["baseline_optimizer_state"]["class"] == "Adam"
     lora = by_stage[("imagic", "lora")]
-    # the baseline fine-tunes the whole UNet: far more optimizer state than the LoRA
+    # the baseline fine-tunes the whole UNet: far more optimizer state than the LoRA, and more memory in all
     assert lora["baseline_optimizer_state"]["state_mib"] > 10 * lora["optimizer_state"]["state_mib"]
+    assert lora["tensor_ratio"] < 1 and lora["baseline_tensor_peak_gib"] > lora["tensor_peak_gib"]
 
 
 def test_markdown_table_has_one_line_per_row(bench):
     rows, _ = bench
     table = memory.markdown(rows).splitlines()
     assert table[0].startswith("| model | method | stage |") and len(table) == len(rows) + 2
+    assert "| tensors GiB |" in table[0]
 
 
 def test_configs_build_their_architectures(one_thread):
@@ -118,3 +122,18 @@ def test_missing_nulltext_module_gives_not_available_rows(tmp_path, monkeypatch,
     assert {(r["method"], r["stage"]) for r in rows} == {(m, s) for m in STAGES if m != "imagic" for s in STAGES[m]}
     assert all(r["status"] == "not available: nulltext is missing" for r in rows)
     assert json.loads((tmp_path / "r.json").read_text()) == rows
+
+
+def test_savers_show_what_checkpointing_buys(tmp_path, one_thread):
+    """Checkpointing is the saver for training stages: switched off, their peak rises; sampling ones do not move."""
+    from benchmarks import savers
+
+    out = tmp_path / "savers.json"
+    argv = ["--model", "tiny", "--device", "cpu", "--methods", "imagic", "--set", "runtime.dtype=fp32"]
+    rows = savers.main([*argv, "--variants", "no gradient checkpointing", "--out", str(out)])
+    assert json.loads(out.read_text()) == rows
+    off = {r["stage"]: r for r in rows if r["variant"] == "no gradient checkpointing"}
+    assert set(off) == STAGES["imagic"] and all(r["field"] == "tensor_peak_gib" for r in rows)
+    for stage in ("embedding", "lora", "pipeline"):
+        assert off[stage]["saver_buys_gib"] > 0.1 * off[stage]["recipe_peak_gib"], off[stage]
+    assert off["render"]["peak_gib"] == off["render"]["recipe_peak_gib"]

@@ -1,0 +1,146 @@
+"""What each memory saver of the 8 GB recipes buys: the memory benchmark with one saver switched off at a time.
+
+    python -m benchmarks.savers --model sd15 --device cuda
+    python -m benchmarks.savers --model sd15 --device cpu --set runtime.dtype=bf16   # live-tensor estimate
+
+Runs ``benchmarks.memory`` (no baselines) once with the recipes as shipped and once per saver switched off, on one
+model built once, and reports per method and stage the peak memory with and without each saver: CUDA peak reserved
+on a GPU, the live-tensor estimate (``tensor_peak_gib``) elsewhere. Rows go to
+``benchmarks/results/savers-<device>-<date>.json``. Encoder offloading shows only on a GPU: on a CPU the encoders
+are on the "device" either way, so that variant is skipped there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import sys
+import tempfile
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from . import memory
+from .build_model import model_names, save_model
+
+# (name, override that switches the saver off); the first is the recipes as shipped.
+VARIANTS = [
+    ("recipe", None),
+    ("fp32 weights", "runtime.dtype=fp32"),
+    ("no gradient checkpointing", "runtime.gradient_checkpointing=false"),
+    ("fp32 AdamW states", "runtime.optimizer=adamw"),
+    ("encoders stay on the GPU", "runtime.offload_encoders=false"),
+]
+GPU_ONLY = {"encoders stay on the GPU"}
+
+
+def peak_key(device: str) -> str:
+    """The row field compared: CUDA peak reserved on a GPU, the live-tensor estimate elsewhere."""
+    return "peak_reserved_gib" if device.startswith("cuda") else "tensor_peak_gib"
+
+
+def compare(runs: dict[str, list[dict]], key: str) -> list[dict]:
+    """One row per (variant, method, stage): the peak with the saver off, the recipe's, and what the saver buys."""
+    recipe = {(r["method"], r["stage"]): r for r in runs["recipe"]}
+    out = []
+    for variant, rows in runs.items():
+        for row in rows:
+            base = recipe.get((row["method"], row["stage"]))
+            ours, shipped = row.get(key), base.get(key) if base else None
+            out.append(
+                {
+                    "variant": variant,
+                    "method": row["method"],
+                    "stage": row["stage"],
+                    "status": row["status"],
+                    "field": key,
+                    "peak_gib": ours,
+                    "recipe_peak_gib": shipped,
+                    "saver_buys_gib": ours - shipped if ours is not None and shipped is not None else None,
+                    "seconds_per_step": row["seconds_per_step"],
+                    "recipe_seconds_per_step": base["seconds_per_step"] if base else None,
+                    "device": row["device"],
+                    "model": row["model"],
+                    "resolution": row["resolution"],
+                    "runtime": row["runtime"],
+                    "versions": row["versions"],
+                    "created": row["created"],
+                }
+            )
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    """The comparison as a Markdown table, variants across, (method, stage) down."""
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    cells = {(r["method"], r["stage"], r["variant"]): r for r in rows}
+    head = "| method | stage | " + " | ".join(variants) + " |"
+    lines = [head, "|" + "---|" * (len(variants) + 2)]
+    for method, stage in dict.fromkeys((r["method"], r["stage"]) for r in rows):
+        row = [method, stage]
+        for variant in variants:
+            r = cells.get((method, stage, variant))
+            if r is None or r["peak_gib"] is None:
+                row.append("–" if r is None else r["status"][:40])
+            elif variant == "recipe":
+                row.append(f"{r['peak_gib']:.3g}")
+            else:
+                row.append(f"{r['peak_gib']:.3g} ({r['saver_buys_gib']:+.3g})")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=model_names(), default="sd15")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--inner-steps", type=int, default=1)
+    parser.add_argument("--methods", nargs="+", choices=["imagic", "nulltext"], default=["imagic", "nulltext"])
+    parser.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE", help="applies to every run")
+    parser.add_argument("--variants", nargs="+", choices=[v for v, _ in VARIANTS[1:]], help="default: all")
+    parser.add_argument("--out", type=Path, help="default benchmarks/results/savers-<device>-<date>.json")
+    args = parser.parse_args(argv)
+    args.command = "python -m benchmarks.savers " + shlex.join(sys.argv[1:] if argv is None else argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    chosen = set(args.variants or [v for v, _ in VARIANTS[1:]])
+    if not args.device.startswith("cuda"):
+        chosen -= GPU_ONLY
+    common = ["--model", args.model, "--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    common += ["--inner-steps", str(args.inner_steps), "--methods", *args.methods, "--no-baseline"]
+    common += [f"--set={item}" for item in args.set]
+    runs: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="peftedit-savers-") as tmp:
+        folder = save_model(args.model, Path(tmp) / args.model)
+        for variant, override in VARIANTS:
+            if variant != "recipe" and variant not in chosen:
+                continue
+            extra = [f"--set={override}"] if override else []
+            out = Path(tmp) / f"{len(runs)}.json"
+            runs[variant] = memory.main([*common, *extra, "--model-dir", str(folder), "--out", str(out)])
+    rows = compare(runs, peak_key(args.device))
+    for row in rows:
+        row["command"] = args.command
+    slug = memory.device_slug(torch.device(args.device))
+    path = args.out or memory.RESULTS_DIR / f"savers-{slug}-{date.today().isoformat()}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = path.with_name(f"{path.name}.tmp")
+    tmp_path.write_text(json.dumps(rows, indent=2) + "\n")
+    os.replace(tmp_path, path)
+    print(markdown(rows))
+    print(f"wrote {len(rows)} rows to {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Peak bytes of live tensors on one device type, counted at the ATen dispatch level: a CUDA memory estimate from CPU.
+
+A GPU's ``max_memory_allocated`` is the peak of the bytes held by live tensors (plus kernel workspaces, rounded to
+the caching allocator's blocks). The same tensors, with the same shapes and dtypes, are created when the same code runs
+on the CPU, so counting them there predicts the GPU's figure without a GPU. :class:`TensorMemory` is a
+``TorchDispatchMode`` that sees every tensor an operator returns or receives, counts each storage once (views share
+it) and uncounts it when the storage is freed (a weak reference to the storage, whose Python object lives as long as
+the storage does). Tensors alive when the mode is entered (weights and their gradients) are found with the garbage
+collector.
+
+What it does not see, so an estimate is a lower bound of ``max_memory_allocated`` on that count: kernel workspaces
+that do not become tensors (cuBLAS, cuDNN, attention kernels), and whatever the CUDA path allocates that the CPU path
+does not (and the reverse: a CPU kernel's outputs can differ from the CUDA kernel's, e.g. which fused attention runs).
+``max_memory_reserved`` adds the allocator's rounding and fragmentation on top; it cannot be estimated here.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+
+class TensorMemory(TorchDispatchMode):
+    """Counts live tensor bytes on ``device_type`` while active; ``peak`` and ``current`` are in bytes.
+
+    ``with TensorMemory("cpu") as tracked: ...`` then ``tracked.peak``. Storages alive at entry count from the start
+    (``resident``); a storage first seen later (one created outside the mode, e.g. in C++) counts from then on.
+    """
+
+    def __init__(self, device_type: str = "cpu") -> None:
+        super().__init__()
+        self.device_type = device_type
+        self.live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+        self.resident = 0
+        self._finalizers: dict[int, weakref.finalize] = {}
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        if tensor.device.type != self.device_type or tensor.is_sparse:
+            return
+        try:
+            storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # tensors without a storage of their own (e.g. nested)
+            return
+        key, nbytes = storage.data_ptr(), storage.nbytes()
+        if nbytes == 0:
+            return
+        known = self.live.get(key)
+        if known is None:
+            self._finalizers[key] = weakref.finalize(storage, self._free, key)
+            known = 0
+        if nbytes > known:  # new, or grown in place (resize_)
+            self.live[key] = nbytes
+            self.current += nbytes - known
+            self.peak = max(self.peak, self.current)
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+        self._finalizers.pop(key, None)
+
+    def __enter__(self):
+        for obj in gc.get_objects():
+            if issubclass(type(obj), torch.Tensor):  # type(), not isinstance: no __class__ look-ups
+                self._track(obj)
+                if obj.is_leaf and obj.grad is not None:  # gradients live in C++ until they are read
+                    self._track(obj.grad)
+        self.resident = self.current
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        out = super().__exit__(*exc)
+        for finalizer in self._finalizers.values():  # the tracker keeps no reference to anything once it is done
+            finalizer.detach()
+        self._finalizers.clear()
+        return out
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in tree_leaves((out, args, kwargs)):
+            if isinstance(value, torch.Tensor):
+                self._track(value)
+        return out

@@ -171,6 +171,7 @@ class Recorder:
         one broken stage does not lose the others.
         """
         warmup = self.warmup if timed else 10**9
+        log.info("measuring %s / %s", method, stage)
         try:
             with measure(self.device, count, self.unet, warmup, self.track) as result:
                 value = fn()

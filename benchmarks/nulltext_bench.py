@@ -33,7 +33,12 @@ STAGES = {
 REFERENCE_GUIDANCE = 7.5
 # The reference implementations' settings: everything in fp32, fp32 optimizer states, no memory savers.
 BASELINE_RUNTIME = dict(
-    dtype="fp32", attention="sdpa", gradient_checkpointing=False, optimizer="adamw", offload_encoders=False
+    dtype="fp32",
+    attention="sdpa",
+    gradient_checkpointing=False,
+    optimizer="adamw",
+    offload_encoders=False,
+    vae_slicing=False,
 )
 
 

@@ -34,6 +34,7 @@ VARIANTS = [
     ("no gradient checkpointing", "runtime.gradient_checkpointing=false"),
     ("fp32 AdamW states", "runtime.optimizer=adamw"),
     ("encoders stay on the GPU", "runtime.offload_encoders=false"),
+    ("batched VAE decode", "runtime.vae_slicing=false"),
 ]
 GPU_ONLY = {"encoders stay on the GPU"}
 

@@ -47,6 +47,9 @@ class RuntimeConfig:
         "adamw8bit (bitsandbytes, 8-bit states) or adamw (torch, fp32 states).",
     )
     offload_encoders: bool = option(True, "Move the VAE and text encoder off the GPU while training.")
+    vae_slicing: bool = option(
+        True, "Decode one picture at a time (the VAE's slicing): a P2P edit decodes two, so its peak drops."
+    )
     seed: int = option(0, "Seed for noise and timestep sampling during training.")
 
     def __post_init__(self) -> None:

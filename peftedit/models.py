@@ -74,8 +74,9 @@ def load_model(
 ):
     """Load a StableDiffusionPipeline from a hub id, a diffusers folder or one ``.safetensors`` checkpoint.
 
-    Returns a :class:`Model` on the runtime's device and dtype with the attention backend set. ``announce_demo``:
-    say in one line that the demo model is used (off when the demo was recorded as an edit's base model).
+    Returns a :class:`Model` on the runtime's device and dtype with the attention backend and VAE slicing set.
+    ``announce_demo``: say in one line that the demo model is used (off when the demo was recorded as an edit's base
+    model).
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -119,6 +120,8 @@ def load_model(
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     set_attention(pipe.unet, runtime.attention, device)
+    if runtime.vae_slicing:
+        pipe.vae.enable_slicing()
     for part in (pipe.unet, pipe.vae, pipe.text_encoder):
         part.requires_grad_(False)
         part.eval()

@@ -1,11 +1,14 @@
-"""Weight probes that identify an artifact's base model."""
+"""Loading: the weight probes that identify an artifact's base model, and VAE slicing."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
+from peftedit import RuntimeConfig, load_model
 from peftedit.demo import DEMO_MODEL_DIR
+from peftedit.diffusion import decode_latents
 from peftedit.models import PROBE_PER_TENSOR, probe_indices
 
 SD_TOKEN_EMBEDDING = 49408 * 768  # over 2**24 values: float32 cannot hold its last index
@@ -29,3 +32,15 @@ def test_probe_positions_unchanged_for_the_demo_model():
     for numel in sizes:
         old = torch.linspace(0, numel - 1, PROBE_PER_TENSOR).long()
         assert torch.equal(probe_indices(numel), old), numel
+
+
+def test_vae_slicing_is_on_by_default_and_decodes_the_same():
+    sliced = load_model(None, RuntimeConfig(device="cpu"), announce_demo=False)
+    batched = load_model(None, RuntimeConfig(device="cpu", vae_slicing=False), announce_demo=False)
+    assert sliced.pipe.vae.use_slicing and not batched.pipe.vae.use_slicing
+    side = sliced.pipe.unet.config.sample_size
+    latents = torch.randn(2, 4, side, side, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        one_by_one, together = decode_latents(sliced.pipe, latents), decode_latents(batched.pipe, latents)
+    for a, b in zip(one_by_one, together, strict=True):
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1

@@ -99,6 +99,7 @@ class Artifact:
         try:
             tmp.mkdir()
             self._write(tmp)
+            _shareable(tmp)
             _replace_dir(tmp, folder)
         finally:
             if tmp.exists():
@@ -180,6 +181,16 @@ class Artifact:
         missing = [n for n in names if n not in self.tensors]
         if missing:
             raise ArtifactError(f"{self.method} edit is missing tensors: {', '.join(missing)}")
+
+
+def _shareable(folder: Path) -> None:
+    """Give every file the mode a plain new file gets (0666 less the umask): safetensors writes its files 0600."""
+    probe = folder / ".mode"
+    probe.touch()
+    mode = probe.stat().st_mode & 0o777
+    probe.unlink()
+    for path in folder.iterdir():
+        path.chmod(mode)
 
 
 def _replace_dir(tmp: Path, folder: Path) -> None:

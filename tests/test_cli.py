@@ -51,6 +51,9 @@ def test_imagic_writes_a_complete_folder_and_edit_rerenders_identically(edit_dir
     names = {p.name for p in edit_dir.iterdir()}
     assert names == {"edit.safetensors", "pytorch_lora_weights.safetensors", "preview.png", "README.md"}
     assert not _leftovers(edit_dir.parent)
+    (tmp_path / "plain").touch()  # shareable: every file has the mode of a plain new file (safetensors makes 0600)
+    plain = (tmp_path / "plain").stat().st_mode & 0o777
+    assert {p.name: p.stat().st_mode & 0o777 for p in edit_dir.iterdir()} == dict.fromkeys(names, plain)
     first, second = tmp_path / "a.png", tmp_path / "b.png"
     for target in (first, second):
         code, out, err = _run(capsys, "edit", edit_dir, "--eta", 0.6, "--seed", 2, "--steps", 6, "-o", target)

@@ -238,10 +238,14 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
     key = lambda row: (row["device"], row["model"], row["method"], row["stage"], row["resolution"])
     old = json.loads(path.read_text()) if path.is_file() else []
     new_keys = {key(r) for r in rows}
-    merged = [r for r in old if key(r) not in new_keys] + rows
+    return write_json(path, [r for r in old if key(r) not in new_keys] + rows)
+
+
+def write_json(path: Path, rows: list[dict]) -> Path:
+    """Write ``rows`` as indented JSON atomically (a temporary file, then a rename); returns ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp")
-    tmp.write_text(json.dumps(merged, indent=2) + "\n")
+    tmp.write_text(json.dumps(rows, indent=2) + "\n")
     os.replace(tmp, path)
     return path
 

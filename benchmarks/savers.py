@@ -13,9 +13,7 @@ are on the "device" either way, so that variant is skipped there.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import shlex
 import sys
 import tempfile
@@ -133,11 +131,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for row in rows:
         row["command"] = args.command
     slug = memory.device_slug(torch.device(args.device))
-    path = args.out or memory.RESULTS_DIR / f"savers-{slug}-{date.today().isoformat()}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.with_name(f"{path.name}.tmp")
-    tmp_path.write_text(json.dumps(rows, indent=2) + "\n")
-    os.replace(tmp_path, path)
+    path = memory.write_json(args.out or memory.RESULTS_DIR / f"savers-{slug}-{date.today().isoformat()}.json", rows)
     print(markdown(rows))
     print(f"wrote {len(rows)} rows to {path}")
     return rows

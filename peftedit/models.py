@@ -156,7 +156,8 @@ def probe_indices(numel: int) -> torch.Tensor:
     """``PROBE_PER_TENSOR`` evenly spaced positions in a tensor of ``numel`` values, first and last included.
 
     Integer arithmetic: a float32 ``linspace`` rounds ``numel - 1`` up past the end for tensors over 2**24 values (SD's
-    49408 x 768 token embedding). Below that it gives the same positions, so older artifacts still match.
+    49408 x 768 token embedding), and rounds some inner positions differently for large tensors. For the demo model's
+    tensors both give the same positions (tested), so edits made on it before still match.
     """
     return torch.arange(PROBE_PER_TENSOR) * (numel - 1) // (PROBE_PER_TENSOR - 1)
 

@@ -5,6 +5,8 @@ also sees the optimizer the library builds inside its own loop, so its state can
 the UNet for sampling stages (one guided UNet call per denoising step). The first ``warmup`` steps are not timed.
 With ``track``, the peak of live tensor bytes is also counted at the dispatch level (:mod:`benchmarks.tensor_memory`):
 on a CPU that is the estimate of what the GPU's ``max_memory_allocated`` would be; on a GPU it checks the estimate.
+``track`` also counts floating-point operations per step (:mod:`benchmarks.flops`), over the same steps as the timing:
+the work a step does, the same on any device.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from .flops import FlopCount
 from .tensor_memory import TensorMemory
 
 log = logging.getLogger("benchmarks")
@@ -36,10 +39,12 @@ class Measurement:
     tensor_peak_gib: float | None = None
     tensor_resident_gib: float | None = None
     seconds_per_step: float | None = None
+    tflop_per_step: float | None = None
     steps_timed: int = 0
     seconds_total: float = 0.0
     optimizer_state: dict | None = None
     stamps: list[float] = field(default_factory=list, repr=False)
+    flop_stamps: list[int] = field(default_factory=list, repr=False)
 
     def fields(self) -> dict:
         """The measurement as row fields."""
@@ -49,6 +54,7 @@ class Measurement:
             "tensor_peak_gib": self.tensor_peak_gib,
             "tensor_resident_gib": self.tensor_resident_gib,
             "seconds_per_step": self.seconds_per_step,
+            "tflop_per_step": self.tflop_per_step,
             "steps_timed": self.steps_timed,
             "seconds_total": self.seconds_total,
         }
@@ -103,7 +109,8 @@ def measure(device: torch.device, count: str, unet=None, warmup: int = 1, track:
 
     ``count`` says what a step is: ``"optimizer"`` (every optimizer step anywhere) or ``"unet"`` (every forward call
     of ``unet``). Peak memory counters are reset at the start, after releasing cached blocks. ``track`` also counts
-    live tensor bytes on ``device`` (slower: every operator goes through Python; do not compare its timings).
+    live tensor bytes on ``device`` and the floating-point operations per step (slower: every operator goes through
+    Python; do not compare its timings).
     """
     if count not in ("optimizer", "unet"):
         raise ValueError(f"count = {count!r}: use 'optimizer' or 'unet'")
@@ -112,6 +119,8 @@ def measure(device: torch.device, count: str, unet=None, warmup: int = 1, track:
     def stamp() -> None:
         synchronize(device)
         result.stamps.append(time.perf_counter())
+        if flops is not None:
+            result.flop_stamps.append(flops.total)
 
     def on_step(optimizer, args, kwargs) -> None:
         stamp()
@@ -126,10 +135,11 @@ def measure(device: torch.device, count: str, unet=None, warmup: int = 1, track:
     else:
         handle = unet.register_forward_hook(lambda module, args, output: stamp())
     tracker = TensorMemory(device.type) if track else contextlib.nullcontext()
+    flops = FlopCount() if track else None
     synchronize(device)
     start = time.perf_counter()
     try:
-        with tracker:
+        with tracker, flops or contextlib.nullcontext():
             yield result
     finally:
         handle.remove()
@@ -143,6 +153,8 @@ def measure(device: torch.device, count: str, unet=None, warmup: int = 1, track:
     intervals = [b - a for a, b in zip([start, *result.stamps], result.stamps, strict=False)][warmup:]
     result.steps_timed = len(intervals)
     result.seconds_per_step = sum(intervals) / len(intervals) if intervals else None
+    work = [b - a for a, b in zip([0, *result.flop_stamps], result.flop_stamps, strict=False)][warmup:]
+    result.tflop_per_step = sum(work) / len(work) / 1e12 if work else None
 
 
 @dataclass

@@ -77,9 +77,20 @@ def test_numbers_are_finite_and_memory_is_null_on_cpu(bench):
         if row["stage"] == "pipeline":
             continue
         assert _positive(row["seconds_per_step"]) and row["steps_timed"] >= 1, where
+        assert _positive(row["tflop_per_step"]), where
         if row["baseline"] is not None:  # every stage with a reference runs it too
             assert row["baseline_status"] == "ok", where
             assert _positive(row["baseline_seconds_per_step"]) and _positive(row["time_ratio"]), where
+            assert _positive(row["flop_ratio"]), where
+
+
+def test_checkpointing_costs_a_forward_in_flops(bench):
+    """Imagic's embedding step only needs input gradients: the baseline does a forward and a backward, ours (with
+    checkpointing) recomputes the forward too, so it does more work per step, not less."""
+    rows, _ = bench
+    embedding = next(r for r in rows if r["method"] == "imagic" and r["stage"] == "embedding")
+    assert embedding["runtime"]["gradient_checkpointing"]
+    assert embedding["flop_ratio"] > 1.1, embedding["flop_ratio"]
 
 
 def test_training_stages_report_the_optimizer_state(bench):
@@ -99,7 +110,7 @@ def test_markdown_table_has_one_line_per_row(bench):
     rows, _ = bench
     table = memory.markdown(rows).splitlines()
     assert table[0].startswith("| model | method | stage |") and len(table) == len(rows) + 2
-    assert "| tensors GiB |" in table[0]
+    assert "| tensors GiB |" in table[0] and "| FLOP ratio |" in table[0]
 
 
 def test_configs_build_their_architectures(one_thread):

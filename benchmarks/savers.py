@@ -62,6 +62,8 @@ def compare(runs: dict[str, list[dict]], key: str) -> list[dict]:
                     "saver_buys_gib": ours - shipped if ours is not None and shipped is not None else None,
                     "seconds_per_step": row["seconds_per_step"],
                     "recipe_seconds_per_step": base["seconds_per_step"] if base else None,
+                    "tflop_per_step": row.get("tflop_per_step"),
+                    "recipe_tflop_per_step": base.get("tflop_per_step") if base else None,
                     "device": row["device"],
                     "model": row["model"],
                     "resolution": row["resolution"],
@@ -74,7 +76,8 @@ def compare(runs: dict[str, list[dict]], key: str) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    """The comparison as a Markdown table, variants across, (method, stage) down."""
+    """The comparison as a Markdown table, variants across, (method, stage) down: peak and what the saver buys, and
+    the change in FLOPs per step where the saver changes the work (checkpointing's recomputed forward)."""
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     cells = {(r["method"], r["stage"], r["variant"]): r for r in rows}
     head = "| method | stage | " + " | ".join(variants) + " |"
@@ -88,9 +91,17 @@ def markdown(rows: list[dict]) -> str:
             elif variant == "recipe":
                 row.append(f"{r['peak_gib']:.3g}")
             else:
-                row.append(f"{r['peak_gib']:.3g} ({r['saver_buys_gib']:+.3g})")
+                row.append(f"{r['peak_gib']:.3g} ({r['saver_buys_gib']:+.3g}){_work(r)}")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def _work(row: dict) -> str:
+    """`` FLOPs -25%`` when switching the saver off changes the FLOPs per step by more than 0.5%, else nothing."""
+    ours, shipped = row.get("tflop_per_step"), row.get("recipe_tflop_per_step")
+    if not ours or not shipped or abs(ours / shipped - 1) <= 0.005:
+        return ""
+    return f" FLOPs {100 * (ours / shipped - 1):+.0f}%"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

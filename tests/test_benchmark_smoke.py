@@ -148,3 +148,8 @@ def test_savers_show_what_checkpointing_buys(tmp_path, one_thread):
     for stage in ("embedding", "lora", "pipeline"):
         assert off[stage]["saver_buys_gib"] > 0.1 * off[stage]["recipe_peak_gib"], off[stage]
     assert off["render"]["peak_gib"] == off["render"]["recipe_peak_gib"]
+    # and what it costs: the recomputed forward, so switching it off lowers each training step's FLOPs
+    for stage in ("embedding", "lora"):
+        assert off[stage]["tflop_per_step"] < 0.9 * off[stage]["recipe_tflop_per_step"], off[stage]
+    assert off["render"]["tflop_per_step"] == off["render"]["recipe_tflop_per_step"]
+    assert "FLOPs -" in savers.markdown(rows)

@@ -18,7 +18,7 @@ import os
 import shutil
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -59,7 +59,7 @@ def package_versions() -> dict[str, str]:
 
 def now_utc() -> str:
     """The current time as an ISO 8601 UTC string."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:

@@ -7,11 +7,10 @@ Recipes are TOML files whose tables map onto these dataclasses; an unknown table
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from .errors import PeftEditError
 

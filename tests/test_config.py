@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
 import tomllib
+
+import pytest
 
 from peftedit import ImagicConfig, PeftEditError, RuntimeConfig, build
 from peftedit.cli import recipe_sections
@@ -69,6 +70,21 @@ def test_every_field_has_help():
     for cls in (RuntimeConfig, ImagicConfig):
         for f in dataclasses.fields(cls):
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
+
+
+def test_pyproject_lists_every_package():
+    """The wheel's package list is written by hand; a new subpackage missing from it would only break installs, and
+    the wheel test below is slow, so this quick check runs in every suite."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(path.parent.relative_to(root).parts)
+        for path in (root / "peftedit").rglob("*.py")
+        if "__pycache__" not in path.parts
+    }
+    assert found <= listed, found - listed
 
 
 @pytest.mark.slow

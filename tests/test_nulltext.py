@@ -138,46 +138,49 @@ class _ConstantEpsilon(torch.nn.Module):
         return type("Out", (), {"sample": self.noise.expand_as(latents)})()
 
 
-def test_pivot_is_on_the_samplers_timesteps(eps_model, photo):
+def _stub_pivot_inputs(eps_model, photo, seed: int):
+    """(scheduler config, photo latent, source conditioning, a constant-noise UNet stub, a 6-step DDIM sampler)."""
     pipe = eps_model.pipe
     picture, _ = load_image(photo, eps_model.resolution)
     latent, cond = encode_image(pipe, picture), encode_text(pipe, SOURCE)
-    stub = _ConstantEpsilon(torch.randn(latent.shape, generator=torch.Generator().manual_seed(0)))
-    pivots = ddim_invert(stub, pipe.scheduler.config, latent, cond, 6)
-    assert len(pivots) == 7 and torch.equal(pivots[0], latent)
+    stub = _ConstantEpsilon(torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed)))
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     scheduler.set_timesteps(6)
+    return pipe.scheduler.config, latent, cond, stub, scheduler
+
+
+def _assert_sampler_walks_back(scheduler, stub, pivots, steps: int) -> None:
+    """From the last pivot, the sampler's first ``steps`` steps land on the pivots before it, one by one."""
     z = pivots[-1]
-    for i, t in enumerate(scheduler.timesteps):  # the sampler walks the pivot back step by step
+    for i, t in enumerate(scheduler.timesteps[:steps]):
         z = scheduler.step(stub.noise, t, z).prev_sample
-        assert torch.allclose(z, pivots[5 - i], atol=1e-5), i
+        assert torch.allclose(z, pivots[-2 - i], atol=1e-5), i
+
+
+def test_pivot_is_on_the_samplers_timesteps(eps_model, photo):
+    config, latent, cond, stub, scheduler = _stub_pivot_inputs(eps_model, photo, seed=0)
+    pivots = ddim_invert(stub, config, latent, cond, 6)
+    assert len(pivots) == 7 and torch.equal(pivots[0], latent)
+    _assert_sampler_walks_back(scheduler, stub, pivots, 6)
 
 
 def test_noised_pivot_starts_on_the_forward_process_then_inverts(eps_model, photo):
-    pipe = eps_model.pipe
-    picture, _ = load_image(photo, eps_model.resolution)
-    latent, cond = encode_image(pipe, picture), encode_text(pipe, SOURCE)
-    stub = _ConstantEpsilon(torch.randn(latent.shape, generator=torch.Generator().manual_seed(1)))
-    pivots = ddim_invert(stub, pipe.scheduler.config, latent, cond, 6, noised_steps=2, seed=5)
-    again = ddim_invert(stub, pipe.scheduler.config, latent, cond, 6, noised_steps=2, seed=5)
-    other = ddim_invert(stub, pipe.scheduler.config, latent, cond, 6, noised_steps=2, seed=6)
-    plain = ddim_invert(stub, pipe.scheduler.config, latent, cond, 6)
+    config, latent, cond, stub, scheduler = _stub_pivot_inputs(eps_model, photo, seed=1)
+    pivots = ddim_invert(stub, config, latent, cond, 6, noised_steps=2, seed=5)
+    again = ddim_invert(stub, config, latent, cond, 6, noised_steps=2, seed=5)
+    other = ddim_invert(stub, config, latent, cond, 6, noised_steps=2, seed=6)
+    plain = ddim_invert(stub, config, latent, cond, 6)
     assert len(pivots) == 7 and torch.equal(pivots[0], latent)
     assert all(torch.equal(a, b) for a, b in zip(pivots, again, strict=True))
     assert not torch.equal(pivots[-1], other[-1]) and not torch.equal(pivots[-1], plain[-1])
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    scheduler.set_timesteps(6)
     ascending = scheduler.timesteps.flip(0)
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(5))
     for k in (1, 2):  # the first two are the forward process at the sampler's two lowest timesteps
         expected = scheduler.add_noise(latent, noise, ascending[k - 1 : k])
         assert torch.allclose(pivots[k], expected, atol=1e-6), k
-    z = pivots[-1]
-    for i, t in enumerate(scheduler.timesteps[:4]):  # above them, the sampler walks the DDIM pivot back exactly
-        z = scheduler.step(stub.noise, t, z).prev_sample
-        assert torch.allclose(z, pivots[5 - i], atol=1e-5), i
+    _assert_sampler_walks_back(scheduler, stub, pivots, 4)  # above them, the DDIM pivot walks back exactly
     with pytest.raises(PeftEditError, match="noised_steps"):
-        ddim_invert(stub, pipe.scheduler.config, latent, cond, 6, noised_steps=7)
+        ddim_invert(stub, config, latent, cond, 6, noised_steps=7)
     with pytest.raises(PeftEditError, match="pivot_noise"):
         NullTextConfig(pivot_noise=1.5)
 

@@ -153,3 +153,20 @@ def test_savers_show_what_checkpointing_buys(tmp_path, one_thread):
         assert off[stage]["tflop_per_step"] < 0.9 * off[stage]["recipe_tflop_per_step"], off[stage]
     assert off["render"]["tflop_per_step"] == off["render"]["recipe_tflop_per_step"]
     assert "FLOPs -" in savers.markdown(rows)
+
+
+def test_checkpointing_levels_trade_memory_for_work(tmp_path, one_thread):
+    """More blocks checkpointed: less memory above the weights, more FLOPs per step (the recomputed forward)."""
+    from benchmarks import checkpointing
+
+    out = tmp_path / "ckpt.json"
+    rows = checkpointing.main(["--model", "tiny", "--device", "cpu", "--set", "runtime.dtype=fp32", "--out", str(out)])
+    assert json.loads(out.read_text()) == rows
+    for stage in ("embedding", "lora"):
+        ordered = [r for r in rows if r["stage"] == stage]
+        assert [r["setting"] for r in ordered] == list(checkpointing.SETTINGS)
+        above = [r["above_weights_gib"] for r in ordered]
+        work = [r["tflop_per_step"] for r in ordered]
+        assert all(_positive(v) for v in above + work), ordered
+        assert above == sorted(above, reverse=True) and above[0] > above[-1], above
+        assert work == sorted(work) and work[-1] > 1.1 * work[0], work

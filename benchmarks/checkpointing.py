@@ -1,0 +1,155 @@
+"""What gradient checkpointing buys and costs per UNet block level: one Imagic embedding step and one LoRA step each.
+
+    python -m benchmarks.checkpointing --model sd15 --device cpu --set runtime.dtype=bf16   # live-tensor estimate
+    python -m benchmarks.checkpointing --model sd15 --device cuda
+
+``runtime.gradient_checkpointing`` switches diffusers' checkpointing on for every UNet block. Most of the activations
+(and of the recomputed work) sit in the outer, highest-resolution blocks, so checkpointing only some blocks could keep
+most of the saving for part of the cost. This runs the library's two Imagic training stages under each setting (the
+Imagic 8 GB recipe otherwise) and reports the peak above the weights (CUDA peak allocated on a GPU, live tensors
+elsewhere), TFLOP per step (:mod:`benchmarks.flops`; off CUDA only) and seconds per step. Settings select blocks
+through diffusers' own switch: ``enable_gradient_checkpointing`` sets each block's ``gradient_checkpointing`` flag,
+which is then cleared on the blocks left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import shlex
+import sys
+import tempfile
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from peftedit import ImagicConfig, RuntimeConfig, imagic, load_model
+from peftedit.artifacts import now_utc, package_versions
+from peftedit.config import build, resolve_recipe
+from peftedit.diffusion import encode_image, encode_text, fresh_scheduler
+
+from . import memory
+from .build_model import model_names, save_model
+from .measure import GIB, measure
+
+log = logging.getLogger("benchmarks")
+
+
+def levels(unet) -> list[list[torch.nn.Module]]:
+    """The UNet's blocks by resolution level, outermost (highest resolution) first; the middle block last."""
+    ups = list(reversed(unet.up_blocks))
+    return [[down, up] for down, up in zip(unet.down_blocks, ups, strict=True)] + [[unet.mid_block]]
+
+
+SETTINGS = {
+    "none": 0,
+    "outermost level": 1,
+    "two outer levels": 2,
+    "all blocks": None,  # what runtime.gradient_checkpointing = true does
+}
+
+
+def checkpoint(unet, outer_levels: int | None) -> None:
+    """Checkpoint the blocks of the ``outer_levels`` outermost levels (None: all, 0: none)."""
+    unet.disable_gradient_checkpointing()
+    if outer_levels == 0:
+        return
+    unet.enable_gradient_checkpointing()
+    if outer_levels is None:
+        return
+    for block in [b for level in levels(unet)[outer_levels:] for b in level]:
+        block.gradient_checkpointing = False
+
+
+def run(args) -> list[dict]:
+    overrides = [f"runtime.device={args.device}", *args.set]
+    configs = build({"runtime": RuntimeConfig, "imagic": ImagicConfig}, str(resolve_recipe("sd15-8gb")), overrides)
+    runtime = configs["runtime"]
+    config = dataclasses.replace(configs["imagic"], embedding_steps=args.steps, finetune_steps=args.steps)
+    track = not args.device.startswith("cuda")
+    with tempfile.TemporaryDirectory(prefix="peftedit-ckpt-") as tmp:
+        model = load_model(str(save_model(args.model, Path(tmp) / args.model)), runtime)
+    pipe, unet, device = model.pipe, model.pipe.unet, model.device
+    latent = encode_image(pipe, memory.input_photo(model.resolution))
+    e_tgt = encode_text(pipe, "a photo of a dog jumping on a bench")
+    stages = {"embedding": imagic.optimize_embedding, "lora": imagic.finetune_lora}
+    rows = []
+    for setting, outer in SETTINGS.items():
+        checkpoint(unet, outer)
+        for stage, fn in stages.items():
+            log.info("measuring %s / %s", setting, stage)
+            generator = torch.Generator("cpu").manual_seed(runtime.seed)
+            held = torch.cuda.memory_allocated(device) / GIB if device.type == "cuda" else None
+            with measure(device, "optimizer", warmup=args.warmup, track=track) as result:
+                fn(unet, fresh_scheduler(pipe), latent, e_tgt, config, runtime, generator, False)
+            if track:
+                peak, resident = result.tensor_peak_gib, result.tensor_resident_gib
+            else:
+                peak, resident = result.peak_allocated_gib, held
+            rows.append(
+                {
+                    "setting": setting,
+                    "stage": stage,
+                    "field": "tensor_peak_gib" if track else "peak_allocated_gib",
+                    "peak_gib": peak,
+                    "resident_gib": resident,
+                    "above_weights_gib": peak - resident if resident is not None else None,
+                    "tflop_per_step": result.tflop_per_step,
+                    "seconds_per_step": result.seconds_per_step,
+                }
+            )
+    unet.disable_gradient_checkpointing()
+    common = {
+        "device": memory.device_name(device),
+        "model": args.model,
+        "resolution": model.resolution,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "versions": package_versions(),
+        "command": args.command,
+        "created": now_utc(),
+    }
+    return [{**row, **common} for row in rows]
+
+
+def markdown(rows: list[dict]) -> str:
+    """Settings down, each stage's peak (above the weights where known) and TFLOP per step across."""
+    head = "| checkpointing | stage | peak GiB | above weights GiB | TFLOP/step | s/step |"
+    lines = [head, "|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = [r["setting"], r["stage"], r["peak_gib"], r["above_weights_gib"], r["tflop_per_step"]]
+        cells.append(r["seconds_per_step"])
+        lines.append("| " + " | ".join(memory._fmt(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=model_names(), default="sd15")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=2, help="steps per stage and setting")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE", help="recipe overrides")
+    parser.add_argument("--out", type=Path, help="default benchmarks/results/checkpointing-<device>-<date>.json")
+    args = parser.parse_args(argv)
+    args.command = "python -m benchmarks.checkpointing " + shlex.join(sys.argv[1:] if argv is None else argv)
+    if args.steps <= args.warmup:
+        parser.error(f"--steps {args.steps} must be more than --warmup {args.warmup}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    rows = run(args)
+    slug = memory.device_slug(torch.device(args.device))
+    default = memory.RESULTS_DIR / f"checkpointing-{slug}-{date.today().isoformat()}.json"
+    path = memory.write_json(args.out or default, rows)
+    print(markdown(rows))
+    print(f"wrote {len(rows)} rows to {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

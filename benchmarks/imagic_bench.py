@@ -63,7 +63,12 @@ def ours(
     latent, e_tgt = encode_image(pipe, picture), encode_text(pipe, TARGET)
     generator = torch.Generator("cpu").manual_seed(runtime.seed)
     scheduler = fresh_scheduler(pipe)
-    with encoders_offloaded(pipe, runtime.offload_encoders), checkpointing(unet, runtime.gradient_checkpointing):
+    offload = runtime.offload_encoders
+    with (
+        encoders_offloaded(pipe, offload),
+        bench.offloaded([pipe.vae, pipe.text_encoder], offload),
+        checkpointing(unet, runtime.gradient_checkpointing),
+    ):
 
         def stage1() -> torch.Tensor:
             return imagic.optimize_embedding(unet, scheduler, latent, e_tgt, config, runtime, generator, False)[0]

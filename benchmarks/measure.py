@@ -104,13 +104,13 @@ def optimizer_state_summary(optimizer: torch.optim.Optimizer) -> dict:
 
 
 @contextlib.contextmanager
-def measure(device: torch.device, count: str, unet=None, warmup: int = 1, track: bool = False):
+def measure(device: torch.device, count: str, unet=None, warmup: int = 1, track: bool = False, exclude=()):
     """Measure the block; yields a :class:`Measurement` filled in when the block ends.
 
     ``count`` says what a step is: ``"optimizer"`` (every optimizer step anywhere) or ``"unet"`` (every forward call
     of ``unet``). Peak memory counters are reset at the start, after releasing cached blocks. ``track`` also counts
     live tensor bytes on ``device`` and the floating-point operations per step (slower: every operator goes through
-    Python; do not compare its timings).
+    Python; do not compare its timings); ``exclude`` are tensors that count never (see :class:`TensorMemory`).
     """
     if count not in ("optimizer", "unet"):
         raise ValueError(f"count = {count!r}: use 'optimizer' or 'unet'")
@@ -134,7 +134,7 @@ def measure(device: torch.device, count: str, unet=None, warmup: int = 1, track:
         handle = register_optimizer_step_post_hook(on_step)
     else:
         handle = unet.register_forward_hook(lambda module, args, output: stamp())
-    tracker = TensorMemory(device.type) if track else contextlib.nullcontext()
+    tracker = TensorMemory(device.type, exclude) if track else contextlib.nullcontext()
     flops = FlopCount() if track else None
     synchronize(device)
     start = time.perf_counter()
@@ -174,6 +174,19 @@ class Recorder:
     def __init__(self, device: torch.device, unet, warmup: int, track: bool = False) -> None:
         self.device, self.unet, self.warmup, self.track = device, unet, warmup, track
         self.results: list[StageResult] = []
+        self.off_device: list[torch.Tensor] = []
+
+    @contextlib.contextmanager
+    def offloaded(self, modules, enabled: bool = True):
+        """Inside the block, stages do not count these modules' weights: the code measured moves them off the GPU
+        there (``encoders_offloaded``), which on a CPU it cannot do, so the estimate leaves them out in its stead."""
+        before = self.off_device
+        if enabled:
+            self.off_device = [*before, *(t for m in modules for t in [*m.parameters(), *m.buffers()])]
+        try:
+            yield
+        finally:
+            self.off_device = before
 
     def run(self, method: str, stage: str, fn, count: str = "unet", note: str = "", timed: bool = True):
         """Measure ``fn()``; returns its value, or None when it raised.
@@ -185,7 +198,7 @@ class Recorder:
         warmup = self.warmup if timed else 10**9
         log.info("measuring %s / %s", method, stage)
         try:
-            with measure(self.device, count, self.unet, warmup, self.track) as result:
+            with measure(self.device, count, self.unet, warmup, self.track, self.off_device) as result:
                 value = fn()
         except Exception as err:  # a benchmark reports every failure as a row and goes on
             log.exception("%s / %s failed", method, stage)

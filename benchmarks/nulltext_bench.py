@@ -79,7 +79,8 @@ def ours(
         artifacts[method] = bench.run(method, "pipeline", whole, note=note, timed=False)
     z0 = encode_image(pipe, picture)
     e_src, e_uncond = encode_text(pipe, SOURCE), encode_text(pipe, "")
-    with encoders_offloaded(pipe, runtime.offload_encoders):
+    offload = runtime.offload_encoders
+    with encoders_offloaded(pipe, offload), bench.offloaded([pipe.vae, pipe.text_encoder], offload):
         pivot = lambda: ddim_invert(unet, pipe.scheduler.config, z0, e_src, steps)
         pivots = bench.run("null-text", "pivot", pivot, note="diffusion.ddim_invert at guidance 1")
         if pivots is None:

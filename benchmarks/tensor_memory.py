@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import weakref
+from collections.abc import Iterable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -29,11 +30,14 @@ class TensorMemory(TorchDispatchMode):
 
     ``with TensorMemory("cpu") as tracked: ...`` then ``tracked.peak``. Storages alive at entry count from the start
     (``resident``); a storage first seen later (one created outside the mode, e.g. in C++) counts from then on.
+    ``exclude``: tensors whose storages never count (weights the code being measured keeps off the GPU, which on a
+    CPU are on the same device as everything else).
     """
 
-    def __init__(self, device_type: str = "cpu") -> None:
+    def __init__(self, device_type: str = "cpu", exclude: Iterable[torch.Tensor] = ()) -> None:
         super().__init__()
         self.device_type = device_type
+        self.excluded = {t.untyped_storage().data_ptr() for t in exclude}
         self.live: dict[int, int] = {}
         self.current = 0
         self.peak = 0
@@ -48,7 +52,7 @@ class TensorMemory(TorchDispatchMode):
         except (RuntimeError, NotImplementedError):  # tensors without a storage of their own (e.g. nested)
             return
         key, nbytes = storage.data_ptr(), storage.nbytes()
-        if nbytes == 0:
+        if nbytes == 0 or key in self.excluded:
             return
         known = self.live.get(key)
         if known is None:

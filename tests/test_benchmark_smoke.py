@@ -106,6 +106,19 @@ def test_training_stages_report_the_optimizer_state(bench):
     assert lora["tensor_ratio"] < 1 and lora["baseline_tensor_peak_gib"] > lora["tensor_peak_gib"]
 
 
+def test_offloaded_encoders_are_left_out_of_training_stages(bench):
+    """The recipes move the VAE and text encoder off the GPU while training; on a CPU they cannot move, so the
+    estimate leaves their weights out of those stages instead (and counts them where they are used: render, edit)."""
+    rows, _ = bench
+    by_stage = {(r["method"], r["stage"]): r for r in rows}
+    assert by_stage[("imagic", "embedding")]["runtime"]["offload_encoders"]
+    counts = by_stage[("imagic", "embedding")]["parameters"]
+    encoders_gib = (counts["vae"] + counts["text_encoder"]) * 4 / 2**30  # fp32 run
+    for method, stage, used in (("imagic", "embedding", "render"), ("null-text", "null-optimization", "edit")):
+        gap = by_stage[(method, used)]["tensor_resident_gib"] - by_stage[(method, stage)]["tensor_resident_gib"]
+        assert gap >= 0.95 * encoders_gib, (method, stage, gap, encoders_gib)
+
+
 def test_markdown_table_has_one_line_per_row(bench):
     rows, _ = bench
     table = memory.markdown(rows).splitlines()

@@ -40,6 +40,17 @@ def test_resident_tensors_and_their_gradients_count_from_the_start():
         assert tracked.current - before < 0.01 * MIB
 
 
+def test_excluded_tensors_never_count():
+    kept = torch.ones(MIB // 4)  # 1 MiB, alive at entry
+    with TensorMemory("cpu", exclude=[kept]) as tracked:
+        base = tracked.current
+        view = kept[:10] * 1  # a new 40-byte tensor: counts
+        kept.add_(1)  # the excluded storage seen through an operator: still does not count
+        assert kept.untyped_storage().data_ptr() not in tracked.live
+        assert 0 < tracked.current - base < 0.01 * MIB
+    assert view.numel() == 10
+
+
 def test_other_devices_are_not_counted():
     with TensorMemory("cuda") as tracked:
         kept = torch.ones(MIB)

@@ -115,6 +115,7 @@ def measure(device: torch.device, count: str, unet=None, warmup: int = 1, track:
     if count not in ("optimizer", "unet"):
         raise ValueError(f"count = {count!r}: use 'optimizer' or 'unet'")
     result = Measurement()
+    flops = FlopCount() if track else None
 
     def stamp() -> None:
         synchronize(device)
@@ -135,7 +136,6 @@ def measure(device: torch.device, count: str, unet=None, warmup: int = 1, track:
     else:
         handle = unet.register_forward_hook(lambda module, args, output: stamp())
     tracker = TensorMemory(device.type, exclude) if track else contextlib.nullcontext()
-    flops = FlopCount() if track else None
     synchronize(device)
     start = time.perf_counter()
     try:

@@ -120,7 +120,7 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         cells = [r["setting"], r["stage"], r["peak_gib"], r["above_weights_gib"], r["tflop_per_step"]]
         cells.append(r["seconds_per_step"])
-        lines.append("| " + " | ".join(memory._fmt(c) for c in cells) + " |")
+        lines.append("| " + " | ".join(memory.cell(c) for c in cells) + " |")
     return "\n".join(lines)
 
 

@@ -253,7 +253,8 @@ def write_json(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def _fmt(value, digits: int = 3) -> str:
+def cell(value, digits: int = 3) -> str:
+    """A table cell: ``digits`` significant digits for floats, an en dash for None."""
     if value is None:
         return "–"
     return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
@@ -276,18 +277,18 @@ def markdown(rows: list[dict]) -> str:
             r["model"],
             r["method"],
             r["stage"],
-            _fmt(r["peak_allocated_gib"]),
-            _fmt(r["peak_reserved_gib"]),
-            _fmt(r["seconds_per_step"]),
-            _fmt(r["baseline_peak_reserved_gib"]),
-            _fmt(r["baseline_seconds_per_step"]),
-            _fmt(r["memory_ratio"], 2),
-            _fmt(r["time_ratio"], 2),
+            cell(r["peak_allocated_gib"]),
+            cell(r["peak_reserved_gib"]),
+            cell(r["seconds_per_step"]),
+            cell(r["baseline_peak_reserved_gib"]),
+            cell(r["baseline_seconds_per_step"]),
+            cell(r["memory_ratio"], 2),
+            cell(r["time_ratio"], 2),
         ]
         if tracked:
-            cells += [_fmt(r["tensor_peak_gib"]), _fmt(r["baseline_tensor_peak_gib"]), _fmt(r["tensor_ratio"], 2)]
-            cells += [_fmt(r.get("tflop_per_step")), _fmt(r.get("baseline_tflop_per_step"))]
-            cells.append(_fmt(r.get("flop_ratio"), 2))
+            cells += [cell(r["tensor_peak_gib"]), cell(r["baseline_tensor_peak_gib"]), cell(r["tensor_ratio"], 2)]
+            cells += [cell(r.get("tflop_per_step")), cell(r.get("baseline_tflop_per_step"))]
+            cells.append(cell(r.get("flop_ratio"), 2))
         lines.append("| " + " | ".join([*cells, status]) + " |")
     return "\n".join(lines)
 

@@ -33,6 +33,7 @@ from peftedit.diffusion import encode_image, encode_text, fresh_scheduler
 from . import memory
 from .build_model import model_names, save_model
 from .measure import GIB, measure
+from .output import write_json
 
 log = logging.getLogger("benchmarks")
 
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = run(args)
     slug = memory.device_slug(torch.device(args.device))
     default = memory.RESULTS_DIR / f"checkpointing-{slug}-{date.today().isoformat()}.json"
-    path = memory.write_json(args.out or default, rows)
+    path = write_json(args.out or default, rows)
     print(markdown(rows))
     print(f"wrote {len(rows)} rows to {path}")
     return rows

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.output import write_json
 from peftedit.demo import DEMO_MODEL_DIR, DEMO_SETTINGS_FILE, Scene, WorldObject, all_single_scenes, read_scene
 from peftedit.demo.world import random_object
 
@@ -111,8 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": round(time.time() - started),
         "failures": [r for r in single + two if not r["ok"]],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print(f"single-object: {rate(single):.1%} of {len(single)} (goal {SINGLE_GOAL:.0%})")
     print(f"two-object:    {rate(two):.1%} of {len(two)} (goal {TWO_GOAL:.0%})")
     print(f"{'PASSED' if result['passed'] else 'FAILED'} in {result['seconds']}s; wrote {args.out}")

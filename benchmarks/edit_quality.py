@@ -30,6 +30,8 @@ from peftedit.demo.world import WorldObject, parse_prompt, read_scene
 from peftedit.images import psnr
 from peftedit.methods.nulltext import NullTextConfig
 
+from .output import write_json
+
 IMAGIC_ETAS = (0.6, 0.7, 0.8)
 # Prompt-to-Prompt's injection schedule is its per-edit knob, as eta is Imagic's: each inversion is edited with these
 # (cross_replace, self_replace) pairs and the best counts; the first is the P2P reference and the CLI default, and
@@ -217,7 +219,6 @@ def main() -> None:
     summary = summarize(rows)
     print(table(summary))
     out = Path(args.out or f"benchmarks/results/edit-quality-{date.today().isoformat()}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "created": now_utc(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
@@ -232,7 +233,7 @@ def main() -> None:
         "summary": summary,
         "rows": rows,
     }
-    out.write_text(json.dumps(result, indent=2, default=str))
+    write_json(out, result)
     print(f"wrote {out}")
 
 

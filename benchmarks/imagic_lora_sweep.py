@@ -25,6 +25,8 @@ from peftedit import Artifact, ImagicConfig, RuntimeConfig, imagic, load_model
 from peftedit.artifacts import now_utc, package_versions
 from peftedit.images import load_image, psnr
 
+from .output import write_json
+
 SETTINGS = [
     {"lora_lr": 1e-4, "lora_rank": 8, "lora_targets": ["attention"]},
     {"lora_lr": 5e-4, "lora_rank": 8, "lora_targets": ["attention"]},
@@ -84,8 +86,7 @@ def main() -> None:
         "finetune_steps": args.finetune_steps,
         "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

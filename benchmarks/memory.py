@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import shlex
 import sys
@@ -42,6 +41,7 @@ from . import imagic_bench, nulltext_bench
 from .build_model import model_names, parameter_counts, save_model
 from .measure import StageResult, release
 from .nulltext_bench import BASELINE_RUNTIME
+from .output import write_json
 
 log = logging.getLogger("benchmarks")
 
@@ -242,15 +242,6 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
     old = json.loads(path.read_text()) if path.is_file() else []
     new_keys = {key(r) for r in rows}
     return write_json(path, [r for r in old if key(r) not in new_keys] + rows)
-
-
-def write_json(path: Path, rows: list[dict]) -> Path:
-    """Write ``rows`` as indented JSON atomically (a temporary file, then a rename); returns ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp")
-    tmp.write_text(json.dumps(rows, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 def cell(value, digits: int = 3) -> str:

@@ -24,6 +24,7 @@ import torch
 
 from . import memory
 from .build_model import model_names, save_model
+from .output import write_json
 
 # (name, override that switches the saver off); the first is the recipes as shipped.
 VARIANTS = [
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for row in rows:
         row["command"] = args.command
     slug = memory.device_slug(torch.device(args.device))
-    path = memory.write_json(args.out or memory.RESULTS_DIR / f"savers-{slug}-{date.today().isoformat()}.json", rows)
+    path = write_json(args.out or memory.RESULTS_DIR / f"savers-{slug}-{date.today().isoformat()}.json", rows)
     print(markdown(rows))
     print(f"wrote {len(rows)} rows to {path}")
     return rows

@@ -183,3 +183,13 @@ def test_checkpointing_levels_trade_memory_for_work(tmp_path, one_thread):
         assert all(_positive(v) for v in above + work), ordered
         assert above == sorted(above, reverse=True) and above[0] > above[-1], above
         assert work == sorted(work) and work[-1] > 1.1 * work[0], work
+
+
+def test_result_files_are_written_whole(tmp_path):
+    from pathlib import Path
+
+    from benchmarks.output import write_json
+
+    path = write_json(tmp_path / "new" / "r.json", {"model": Path("a/b"), "rows": [1.5]})
+    assert json.loads(path.read_text()) == {"model": "a/b", "rows": [1.5]}
+    assert [p.name for p in path.parent.iterdir()] == ["r.json"]  # no temporary file left beside it

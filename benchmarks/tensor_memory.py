@@ -25,6 +25,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 
+def storage_key(storage: torch.UntypedStorage) -> int:
+    """What identifies a storage while it lives: its C++ object, which keeps its identity when ``resize_`` moves its
+    bytes to a new address (the data pointer does not)."""
+    return storage._cdata
+
+
 class TensorMemory(TorchDispatchMode):
     """Counts live tensor bytes on ``device_type`` while active; ``peak`` and ``current`` are in bytes.
 
@@ -37,7 +43,7 @@ class TensorMemory(TorchDispatchMode):
     def __init__(self, device_type: str = "cpu", exclude: Iterable[torch.Tensor] = ()) -> None:
         super().__init__()
         self.device_type = device_type
-        self.excluded = {t.untyped_storage().data_ptr() for t in exclude}
+        self.excluded = {storage_key(t.untyped_storage()) for t in exclude}
         self.live: dict[int, int] = {}
         self.current = 0
         self.peak = 0
@@ -51,14 +57,14 @@ class TensorMemory(TorchDispatchMode):
             storage = tensor.untyped_storage()
         except (RuntimeError, NotImplementedError):  # tensors without a storage of their own (e.g. nested)
             return
-        key, nbytes = storage.data_ptr(), storage.nbytes()
+        key, nbytes = storage_key(storage), storage.nbytes()
         if nbytes == 0 or key in self.excluded:
             return
         known = self.live.get(key)
         if known is None:
             self._finalizers[key] = weakref.finalize(storage, self._free, key)
             known = 0
-        if nbytes > known:  # new, or grown in place (resize_)
+        if nbytes > known:  # new, or grown in place (resize_: same storage, a new and larger buffer)
             self.live[key] = nbytes
             self.current += nbytes - known
             self.peak = max(self.peak, self.current)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.tensor_memory import TensorMemory
+from benchmarks.tensor_memory import TensorMemory, storage_key
 from peftedit.tiny import build_pipeline
 
 MIB = 2**20
@@ -33,11 +33,23 @@ def test_resident_tensors_and_their_gradients_count_from_the_start():
     layer(torch.ones(1, 512)).sum().backward()  # and 1 MiB of gradient, held in C++
     with TensorMemory("cpu") as tracked:
         assert tracked.resident >= 2 * MIB
-        ptrs = {layer.weight.untyped_storage().data_ptr(), layer.weight.grad.untyped_storage().data_ptr()}
-        assert ptrs <= set(tracked.live)
+        keys = {storage_key(layer.weight.untyped_storage()), storage_key(layer.weight.grad.untyped_storage())}
+        assert keys <= set(tracked.live)
         before = tracked.current
         layer(torch.ones(1, 512)).sum().backward()  # accumulates in place: no new gradient storage
         assert tracked.current - before < 0.01 * MIB
+
+
+def test_a_storage_resized_to_a_new_address_counts_once():
+    grown = torch.ones(MIB // 4)  # 1 MiB
+    with TensorMemory("cpu") as tracked:
+        base = tracked.current
+        before = grown.untyped_storage().data_ptr()
+        grown.resize_(MIB // 2)  # 2 MiB: the bytes move
+        assert grown.untyped_storage().data_ptr() != before
+        assert tracked.current - base == MIB  # the storage grew by 1 MiB; it is still one storage
+        del grown
+        assert tracked.current == base - MIB
 
 
 def test_excluded_tensors_never_count():
@@ -46,7 +58,7 @@ def test_excluded_tensors_never_count():
         base = tracked.current
         view = kept[:10] * 1  # a new 40-byte tensor: counts
         kept.add_(1)  # the excluded storage seen through an operator: still does not count
-        assert kept.untyped_storage().data_ptr() not in tracked.live
+        assert storage_key(kept.untyped_storage()) not in tracked.live
         assert 0 < tracked.current - base < 0.01 * MIB
     assert view.numel() == 10
 

@@ -150,11 +150,16 @@ def measure(device: torch.device, count: str, unet=None, warmup: int = 1, track:
     if device.type == "cuda":
         result.peak_allocated_gib = torch.cuda.max_memory_allocated(device) / GIB
         result.peak_reserved_gib = torch.cuda.max_memory_reserved(device) / GIB
-    intervals = [b - a for a, b in zip([start, *result.stamps], result.stamps, strict=False)][warmup:]
-    result.steps_timed = len(intervals)
-    result.seconds_per_step = sum(intervals) / len(intervals) if intervals else None
-    work = [b - a for a, b in zip([0, *result.flop_stamps], result.flop_stamps, strict=False)][warmup:]
-    result.tflop_per_step = sum(work) / len(work) / 1e12 if work else None
+    result.steps_timed, result.seconds_per_step = _per_step(result.stamps, start, warmup)
+    flop_per_step = _per_step(result.flop_stamps, 0, warmup)[1]
+    result.tflop_per_step = flop_per_step / 1e12 if flop_per_step is not None else None
+
+
+def _per_step(marks: list, origin, warmup: int) -> tuple[int, float | None]:
+    """(steps after warm-up, their mean size) from a running count read at the end of each step (``origin``: its
+    value at the start); the mean is None when no step is left."""
+    sizes = [b - a for a, b in zip([origin, *marks], marks, strict=False)][warmup:]
+    return len(sizes), sum(sizes) / len(sizes) if sizes else None
 
 
 @dataclass

@@ -23,7 +23,7 @@ from peftedit.diffusion import (
     initial_noise,
     sample,
 )
-from peftedit.methods.common import checkpointing, encoders_offloaded
+from peftedit.methods.common import checkpointing
 from peftedit.models import Model
 
 from .measure import Recorder, StageResult
@@ -63,10 +63,8 @@ def ours(
     latent, e_tgt = encode_image(pipe, picture), encode_text(pipe, TARGET)
     generator = torch.Generator("cpu").manual_seed(runtime.seed)
     scheduler = fresh_scheduler(pipe)
-    offload = runtime.offload_encoders
     with (
-        encoders_offloaded(pipe, offload),
-        bench.offloaded([pipe.vae, pipe.text_encoder], offload),
+        bench.encoders_offloaded(pipe, runtime.offload_encoders),
         checkpointing(unet, runtime.gradient_checkpointing),
     ):
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from peftedit.methods.common import OFFLOADED_PARTS, encoders_offloaded
+
 from .flops import FlopCount
 from .tensor_memory import TensorMemory
 
@@ -182,14 +184,16 @@ class Recorder:
         self.off_device: list[torch.Tensor] = []
 
     @contextlib.contextmanager
-    def offloaded(self, modules, enabled: bool = True):
-        """Inside the block, stages do not count these modules' weights: the code measured moves them off the GPU
-        there (``encoders_offloaded``), which on a CPU it cannot do, so the estimate leaves them out in its stead."""
+    def encoders_offloaded(self, pipe, enabled: bool):
+        """The library's ``encoders_offloaded`` over the block, and stages inside it do not count the parts it moves:
+        on a GPU they are gone from the device, on a CPU they cannot move, so the estimate leaves them out instead."""
         before = self.off_device
         if enabled:
-            self.off_device = [*before, *(t for m in modules for t in [*m.parameters(), *m.buffers()])]
+            parts = [getattr(pipe, name) for name in OFFLOADED_PARTS]
+            self.off_device = [*before, *(t for m in parts for t in [*m.parameters(), *m.buffers()])]
         try:
-            yield
+            with encoders_offloaded(pipe, enabled):
+                yield
         finally:
             self.off_device = before
 

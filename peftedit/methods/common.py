@@ -27,21 +27,25 @@ def prepare_image(image: str | Path | Image.Image, side: int) -> tuple[Image.Ima
     return load_image(image, side)
 
 
+# The pipeline parts ``encoders_offloaded`` moves off the GPU.
+OFFLOADED_PARTS = ("vae", "text_encoder")
+
+
 @contextlib.contextmanager
 def encoders_offloaded(pipe, enabled: bool):
     """Move the VAE and text encoder to the CPU inside the block when the UNet is on a GPU."""
     device = pipe.unet.device
     move = enabled and device.type != "cpu"
     if move:
-        pipe.vae.to("cpu")
-        pipe.text_encoder.to("cpu")
+        for part in OFFLOADED_PARTS:
+            getattr(pipe, part).to("cpu")
         torch.cuda.empty_cache() if device.type == "cuda" else None
     try:
         yield
     finally:
         if move:
-            pipe.vae.to(device)
-            pipe.text_encoder.to(device)
+            for part in OFFLOADED_PARTS:
+                getattr(pipe, part).to(device)
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ count sits beside ``max_memory_allocated``, which checks the estimate.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import re
@@ -103,6 +104,25 @@ def _recipe(name: str) -> str | None:
         return None
 
 
+# Runtime settings applied when the model is loaded (both methods' stages share one load).
+LOAD_SETTINGS = ("device", "dtype", "attention", "vae_slicing", "channels_last", "compile")
+# Compiled graphs one run may need: every stage's grad mode, batch size and attention processors make their own.
+COMPILE_RECOMPILE_LIMIT = 32
+
+
+@contextlib.contextmanager
+def compile_limits(compiled: bool):
+    """With ``runtime.compile``, room for every stage's graphs, and a hard failure instead of torch's silent fall
+    back to eager at the limit (which would time eager steps as compiled ones)."""
+    if not compiled:
+        yield
+        return
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=COMPILE_RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
+        yield
+    torch._dynamo.reset()
+
+
 def run_ours(folder: Path, args, imagic_cfg: dict, nulltext_cfg: dict | None) -> tuple[list[StageResult], dict]:
     """Our stages on the model loaded with the recipes' runtime settings; returns results and facts about the load."""
     runtime = imagic_cfg["runtime"]
@@ -116,16 +136,20 @@ def run_ours(folder: Path, args, imagic_cfg: dict, nulltext_cfg: dict | None) ->
     }
     picture = input_photo(model.resolution)
     results = []
-    if "imagic" in args.methods:
-        results += imagic_bench.ours(
-            model, picture, imagic_cfg["imagic"], runtime, args.steps, args.warmup, args.track_tensors
-        )
-    if "nulltext" in args.methods:
-        config, nt_runtime = (nulltext_cfg["nulltext"], nulltext_cfg["runtime"]) if nulltext_cfg else (None, runtime)
-        loaded = ("device", "dtype", "attention")
-        if any(getattr(nt_runtime, k) != getattr(runtime, k) for k in loaded):
-            log.warning("the null-text recipe's runtime differs in %s; the model is loaded as the Imagic one", loaded)
-        results += nulltext_bench.ours(model, picture, config, nt_runtime, args.steps, args.warmup, args.track_tensors)
+    with compile_limits(runtime.compile):
+        if "imagic" in args.methods:
+            results += imagic_bench.ours(
+                model, picture, imagic_cfg["imagic"], runtime, args.steps, args.warmup, args.track_tensors
+            )
+        if "nulltext" in args.methods:
+            config, nt_runtime = (
+                (nulltext_cfg["nulltext"], nulltext_cfg["runtime"]) if nulltext_cfg else (None, runtime)
+            )
+            if any(getattr(nt_runtime, k) != getattr(runtime, k) for k in LOAD_SETTINGS):
+                log.warning("the null-text recipe differs in %s; the model is loaded as the Imagic one", LOAD_SETTINGS)
+            results += nulltext_bench.ours(
+                model, picture, config, nt_runtime, args.steps, args.warmup, args.track_tensors
+            )
     del model
     release(facts["device"])
     return results, facts

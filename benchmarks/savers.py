@@ -1,13 +1,15 @@
-"""What each memory saver of the 8 GB recipes buys: the memory benchmark with one saver switched off at a time.
+"""What each memory saver of the 8 GB recipes buys, and each speed option they leave off: the memory benchmark with
+one setting changed at a time.
 
     python -m benchmarks.savers --model sd15 --device cuda
     python -m benchmarks.savers --model sd15 --device cpu --set runtime.dtype=bf16   # live-tensor estimate
 
-Runs ``benchmarks.memory`` (no baselines) once with the recipes as shipped and once per saver switched off, on one
-model built once, and reports per method and stage the peak memory with and without each saver: CUDA peak reserved
-on a GPU, the live-tensor estimate (``tensor_peak_gib``) elsewhere. Rows go to
-``benchmarks/results/savers-<device>-<date>.json``. Encoder offloading shows only on a GPU: on a CPU the encoders
-are on the "device" either way, so that variant is skipped there.
+Runs ``benchmarks.memory`` (no baselines) once with the recipes as shipped, once per saver switched off and once per
+speed option (channels-last UNet, ``torch.compile``) switched on, on one model built once, and reports per method and
+stage the peak memory of each variant against the recipe's: CUDA peak reserved on a GPU, the live-tensor estimate
+(``tensor_peak_gib``) elsewhere; on a GPU the table also gives the change in seconds per step. Rows go to
+``benchmarks/results/savers-<device>-<date>.json``. Encoder offloading and the compiled UNet run only on a GPU: on a
+CPU the encoders are on the "device" either way, and the live-tensor count does not see inside compiled kernels.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from . import memory
 from .build_model import model_names, save_model
 from .output import write_json
 
-# (name, override that switches the saver off); the first is the recipes as shipped.
+# (name, override): the first is the recipes as shipped; then each memory saver switched off, and each speed option
+# the recipes leave off switched on (their worth is seconds per step, which only a GPU measures).
 VARIANTS = [
     ("recipe", None),
     ("fp32 weights", "runtime.dtype=fp32"),
@@ -34,8 +37,12 @@ VARIANTS = [
     ("fp32 AdamW states", "runtime.optimizer=adamw"),
     ("encoders stay on the GPU", "runtime.offload_encoders=false"),
     ("batched VAE decode", "runtime.vae_slicing=false"),
+    ("channels-last UNet", "runtime.channels_last=true"),
+    ("compiled UNet", "runtime.compile=true"),
 ]
-GPU_ONLY = {"encoders stay on the GPU"}
+# Skipped off CUDA: a CPU cannot move the encoders off its "device", and the live-tensor count does not see inside
+# inductor's compiled kernels (nor would CPU timings say what compiling buys on a GPU).
+GPU_ONLY = {"encoders stay on the GPU", "compiled UNet"}
 
 
 def peak_key(device: str) -> str:
@@ -77,8 +84,9 @@ def compare(runs: dict[str, list[dict]], key: str) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    """The comparison as a Markdown table, variants across, (method, stage) down: peak and what the saver buys, and
-    the change in FLOPs per step where the saver changes the work (checkpointing's recomputed forward)."""
+    """The comparison as a Markdown table, variants across, (method, stage) down: peak and what the saver buys, the
+    change in FLOPs per step where the variant changes the work (checkpointing's recomputed forward), and on a GPU
+    the change in seconds per step."""
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     cells = {(r["method"], r["stage"], r["variant"]): r for r in rows}
     head = "| method | stage | " + " | ".join(variants) + " |"
@@ -92,7 +100,7 @@ def markdown(rows: list[dict]) -> str:
             elif variant == "recipe":
                 row.append(f"{r['peak_gib']:.3g}")
             else:
-                row.append(f"{r['peak_gib']:.3g} ({r['saver_buys_gib']:+.3g}){_work(r)}")
+                row.append(f"{r['peak_gib']:.3g} ({r['saver_buys_gib']:+.3g}){_work(r)}{_time(r)}")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -103,6 +111,14 @@ def _work(row: dict) -> str:
     if not ours or not shipped or abs(ours / shipped - 1) <= 0.005:
         return ""
     return f" FLOPs {100 * (ours / shipped - 1):+.0f}%"
+
+
+def _time(row: dict) -> str:
+    """`` time -12%`` against the recipe's seconds per step, measured on a GPU only (CPU timings say nothing)."""
+    ours, shipped = row.get("seconds_per_step"), row.get("recipe_seconds_per_step")
+    if row["device"] == "cpu" or not ours or not shipped:
+        return ""
+    return f" time {100 * (ours / shipped - 1):+.0f}%"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -49,6 +49,14 @@ class RuntimeConfig:
     vae_slicing: bool = option(
         True, "Decode one picture at a time (the VAE's slicing): a P2P edit decodes two, so its peak drops."
     )
+    channels_last: bool = option(
+        False, "UNet in channels-last memory format (diffusers' advice for fp16 convolutions on tensor-core GPUs)."
+    )
+    compile: bool = option(
+        False,
+        "torch.compile the UNet: each stage's first steps wait for compilation (minutes at SD size on a GPU), later "
+        "ones may run faster. Needs a C compiler (inductor).",
+    )
     seed: int = option(0, "Seed for noise and timestep sampling during training.")
 
     def __post_init__(self) -> None:

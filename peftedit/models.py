@@ -74,7 +74,8 @@ def load_model(
 ):
     """Load a StableDiffusionPipeline from a hub id, a diffusers folder or one ``.safetensors`` checkpoint.
 
-    Returns a :class:`Model` on the runtime's device and dtype with the attention backend and VAE slicing set.
+    Returns a :class:`Model` on the runtime's device and dtype with the attention backend, VAE slicing, the UNet's
+    memory format and its compilation set.
     ``announce_demo``: say in one line that the demo model is used (off when the demo was recorded as an edit's base
     model).
     """
@@ -122,6 +123,10 @@ def load_model(
     set_attention(pipe.unet, runtime.attention, device)
     if runtime.vae_slicing:
         pipe.vae.enable_slicing()
+    if runtime.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+    if runtime.compile:
+        pipe.unet.compile()
     for part in (pipe.unet, pipe.vae, pipe.text_encoder):
         part.requires_grad_(False)
         part.eval()

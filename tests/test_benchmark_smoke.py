@@ -193,3 +193,40 @@ def test_result_files_are_written_whole(tmp_path):
     path = write_json(tmp_path / "new" / "r.json", {"model": Path("a/b"), "rows": [1.5]})
     assert json.loads(path.read_text()) == {"model": "a/b", "rows": [1.5]}
     assert [p.name for p in path.parent.iterdir()] == ["r.json"]  # no temporary file left beside it
+
+
+def test_savers_table_gives_time_changes_from_a_gpu_only():
+    from benchmarks import savers
+
+    def row(variant, device, seconds, recipe_seconds):
+        return {
+            "variant": variant,
+            "method": "imagic",
+            "stage": "lora",
+            "status": "ok",
+            "peak_gib": 3.0,
+            "recipe_peak_gib": 3.0,
+            "saver_buys_gib": 0.0,
+            "seconds_per_step": seconds,
+            "recipe_seconds_per_step": recipe_seconds,
+            "device": device,
+        }
+
+    gpu = [row("recipe", "NVIDIA H100", 0.5, 0.5), row("compiled UNet", "NVIDIA H100", 0.4, 0.5)]
+    assert "3 (+0) time -20%" in savers.markdown(gpu)
+    cpu = [row("recipe", "cpu", 5.0, 5.0), row("channels-last UNet", "cpu", 4.0, 5.0)]
+    assert "time" not in savers.markdown(cpu)
+
+
+def test_compile_limits_fail_loudly_instead_of_timing_eager_steps():
+    import torch
+
+    from benchmarks import memory
+
+    before = torch._dynamo.config.recompile_limit, torch._dynamo.config.fail_on_recompile_limit_hit
+    with memory.compile_limits(True):
+        assert torch._dynamo.config.recompile_limit == memory.COMPILE_RECOMPILE_LIMIT
+        assert torch._dynamo.config.fail_on_recompile_limit_hit
+    assert (torch._dynamo.config.recompile_limit, torch._dynamo.config.fail_on_recompile_limit_hit) == before
+    with memory.compile_limits(False):
+        assert torch._dynamo.config.recompile_limit == before[0]

@@ -264,6 +264,9 @@ class ControlledAttention:
     def __init__(self, controller: Controller, edit: bool, store: bool) -> None:
         self.controller, self.edit, self.store = controller, edit, store
 
+    # Under runtime.compile the controller's Python state (step counter, stored maps) stays out of the graph: traced,
+    # every step's new counter would recompile the UNet until torch gave up and ran it eagerly.
+    @torch.compiler.disable
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kw):
         residual = hidden_states
         if attn.spatial_norm is not None:

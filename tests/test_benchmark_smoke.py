@@ -230,3 +230,16 @@ def test_compile_limits_fail_loudly_instead_of_timing_eager_steps():
     assert (torch._dynamo.config.recompile_limit, torch._dynamo.config.fail_on_recompile_limit_hit) == before
     with memory.compile_limits(False):
         assert torch._dynamo.config.recompile_limit == before[0]
+
+
+@pytest.mark.slow
+def test_every_stage_runs_with_a_compiled_unet(tmp_path, one_thread):
+    """The savers' "compiled UNet" variant on a tiny model: every stage's graphs fit the recompile limit, and the
+    per-call clock still ticks once per UNet call (inductor: needs a C compiler, minutes on a CPU)."""
+    argv = ["--model", "tiny", "--device", "cpu", "--steps", "3", "--warmup", "1", "--no-baseline"]
+    rows = memory.main(
+        [*argv, "--set", "runtime.dtype=fp32", "--set", "runtime.compile=true", "--out", str(tmp_path / "r.json")]
+    )
+    assert {(r["method"], r["stage"]) for r in rows} == {(m, s) for m in STAGES for s in STAGES[m]}
+    assert all(r["status"].startswith("ok") for r in rows), [r["status"] for r in rows]
+    assert all(r["seconds_per_step"] > 0 for r in rows if r["stage"] != "pipeline")

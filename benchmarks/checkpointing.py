@@ -17,10 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import shlex
-import sys
 import tempfile
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -29,10 +26,11 @@ from peftedit import ImagicConfig, RuntimeConfig, imagic, load_model
 from peftedit.artifacts import now_utc, package_versions
 from peftedit.config import build, resolve_recipe
 from peftedit.diffusion import encode_image, encode_text, fresh_scheduler
+from peftedit.methods.common import encoders_offloaded
 
-from . import memory
-from .build_model import model_names, save_model
-from .measure import GIB, measure
+from . import memory, options
+from .build_model import save_model
+from .measure import GIB, measure, offloaded_tensors
 from .output import write_json
 
 log = logging.getLogger("benchmarks")
@@ -69,41 +67,24 @@ def run(args) -> list[dict]:
     configs = build({"runtime": RuntimeConfig, "imagic": ImagicConfig}, str(resolve_recipe("sd15-8gb")), overrides)
     runtime = configs["runtime"]
     config = dataclasses.replace(configs["imagic"], embedding_steps=args.steps, finetune_steps=args.steps)
-    track = not args.device.startswith("cuda")
     with tempfile.TemporaryDirectory(prefix="peftedit-ckpt-") as tmp:
         model = load_model(str(save_model(args.model, Path(tmp) / args.model)), runtime)
     pipe, unet, device = model.pipe, model.pipe.unet, model.device
     latent = encode_image(pipe, memory.input_photo(model.resolution))
     e_tgt = encode_text(pipe, "a photo of a dog jumping on a bench")
-    stages = {"embedding": imagic.optimize_embedding, "lora": imagic.finetune_lora}
+    # As in imagic.fit, the encoders leave the GPU for training; a CPU cannot move them, so its count leaves them out.
+    offloaded = offloaded_tensors(pipe) if runtime.offload_encoders else []
     rows = []
-    for setting, outer in SETTINGS.items():
-        checkpoint(unet, outer)
-        for stage, fn in stages.items():
-            log.info("measuring %s / %s", setting, stage)
-            generator = torch.Generator("cpu").manual_seed(runtime.seed)
-            held = torch.cuda.memory_allocated(device) / GIB if device.type == "cuda" else None
-            with measure(device, "optimizer", warmup=args.warmup, track=track) as result:
-                fn(unet, fresh_scheduler(pipe), latent, e_tgt, config, runtime, generator, False)
-            if track:
-                peak, resident = result.tensor_peak_gib, result.tensor_resident_gib
-            else:
-                peak, resident = result.peak_allocated_gib, held
-            rows.append(
-                {
-                    "setting": setting,
-                    "stage": stage,
-                    "field": "tensor_peak_gib" if track else "peak_allocated_gib",
-                    "peak_gib": peak,
-                    "resident_gib": resident,
-                    "above_weights_gib": peak - resident if resident is not None else None,
-                    "tflop_per_step": result.tflop_per_step,
-                    "seconds_per_step": result.seconds_per_step,
-                }
-            )
+    with encoders_offloaded(pipe, runtime.offload_encoders):
+        for setting, outer in SETTINGS.items():
+            checkpoint(unet, outer)
+            for stage in ("embedding", "lora"):
+                log.info("measuring %s / %s", setting, stage)
+                row = _stage(model, stage, latent, e_tgt, config, runtime, args.warmup, offloaded)
+                rows.append({"setting": setting, "stage": stage, **row})
     unet.disable_gradient_checkpointing()
     common = {
-        "device": memory.device_name(device),
+        "device": options.device_name(device),
         "model": args.model,
         "resolution": model.resolution,
         "dtype": str(model.dtype).removeprefix("torch."),
@@ -112,6 +93,29 @@ def run(args) -> list[dict]:
         "created": now_utc(),
     }
     return [{**row, **common} for row in rows]
+
+
+def _stage(model, stage, latent, e_tgt, config, runtime, warmup: int, offloaded) -> dict:
+    """One Imagic training stage measured: peak, what was resident at its start, TFLOP and seconds per step."""
+    pipe, device = model.pipe, model.device
+    fn = {"embedding": imagic.optimize_embedding, "lora": imagic.finetune_lora}[stage]
+    track = device.type != "cuda"
+    generator = torch.Generator("cpu").manual_seed(runtime.seed)
+    held = torch.cuda.memory_allocated(device) / GIB if device.type == "cuda" else None
+    with measure(device, "optimizer", warmup=warmup, track=track, exclude=offloaded) as result:
+        fn(pipe.unet, fresh_scheduler(pipe), latent, e_tgt, config, runtime, generator, False)
+    if track:
+        peak, resident = result.tensor_peak_gib, result.tensor_resident_gib
+    else:
+        peak, resident = result.peak_allocated_gib, held
+    return {
+        "field": "tensor_peak_gib" if track else "peak_allocated_gib",
+        "peak_gib": peak,
+        "resident_gib": resident,
+        "above_weights_gib": peak - resident if resident is not None else None,
+        "tflop_per_step": result.tflop_per_step,
+        "seconds_per_step": result.seconds_per_step,
+    }
 
 
 def markdown(rows: list[dict]) -> str:
@@ -126,27 +130,15 @@ def markdown(rows: list[dict]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=model_names(), default="sd15")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=2, help="steps per stage and setting")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE", help="recipe overrides")
-    parser.add_argument("--out", type=Path, help="default benchmarks/results/checkpointing-<device>-<date>.json")
-    args = parser.parse_args(argv)
-    args.command = "python -m benchmarks.checkpointing " + shlex.join(sys.argv[1:] if argv is None else argv)
-    if args.steps <= args.warmup:
-        parser.error(f"--steps {args.steps} must be more than --warmup {args.warmup}")
-    return args
+    parser = options.parser(__doc__, steps=2, warmup=1, out="checkpointing-<device>-<date>.json")
+    return options.parse(parser, argv, "checkpointing")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     rows = run(args)
-    slug = memory.device_slug(torch.device(args.device))
-    default = memory.RESULTS_DIR / f"checkpointing-{slug}-{date.today().isoformat()}.json"
-    path = write_json(args.out or default, rows)
+    path = write_json(args.out or options.results_path("checkpointing-", args.device), rows)
     print(markdown(rows))
     print(f"wrote {len(rows)} rows to {path}")
     return rows

@@ -176,6 +176,12 @@ class StageResult:
     note: str = ""
 
 
+def offloaded_tensors(pipe) -> list[torch.Tensor]:
+    """The weights and buffers of the parts the library's ``encoders_offloaded`` moves off the GPU."""
+    parts = [getattr(pipe, name) for name in OFFLOADED_PARTS]
+    return [t for m in parts for t in [*m.parameters(), *m.buffers()]]
+
+
 class Recorder:
     """Runs stages on one model under :func:`measure` and collects a :class:`StageResult` for each."""
 
@@ -190,8 +196,7 @@ class Recorder:
         on a GPU they are gone from the device, on a CPU they cannot move, so the estimate leaves them out instead."""
         before = self.off_device
         if enabled:
-            parts = [getattr(pipe, name) for name in OFFLOADED_PARTS]
-            self.off_device = [*before, *(t for m in parts for t in [*m.parameters(), *m.buffers()])]
+            self.off_device = [*before, *offloaded_tensors(pipe)]
         try:
             with encoders_offloaded(pipe, enabled):
                 yield

@@ -24,11 +24,7 @@ import argparse
 import contextlib
 import json
 import logging
-import re
-import shlex
-import sys
 import tempfile
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -38,15 +34,15 @@ from peftedit import ImagicConfig, RuntimeConfig, load_model
 from peftedit.artifacts import now_utc, package_versions
 from peftedit.config import build, resolve_recipe, to_dict
 
-from . import imagic_bench, nulltext_bench
-from .build_model import model_names, parameter_counts, save_model
+from . import imagic_bench, nulltext_bench, options
+from .build_model import parameter_counts, save_model
 from .measure import StageResult, release
 from .nulltext_bench import BASELINE_RUNTIME
+from .options import device_name, results_path
 from .output import write_json
 
 log = logging.getLogger("benchmarks")
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 IMAGIC_RECIPE = "sd15-8gb"
 NULLTEXT_RECIPE = "nulltext-sd15-8gb"
 # Goals of issue 5 (SD 1.5 at 512 px).
@@ -69,11 +65,6 @@ def input_photo(side: int) -> Image.Image:
     draw.ellipse((side // 8, side // 8, side // 2, side // 2), fill=(220, 40, 40))
     draw.rectangle((side * 5 // 8, side // 4, side * 7 // 8, side * 3 // 4), fill=(40, 90, 220))
     return image
-
-
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or ``cpu``."""
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def configs(args) -> tuple[dict, dict | None]:
@@ -250,16 +241,6 @@ def make_rows(
     return rows
 
 
-def device_slug(device: torch.device) -> str:
-    """The device's name made file-safe (``nvidia-h100-80gb-hbm3``, ``cpu``)."""
-    return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
-
-
-def default_out(device: torch.device) -> Path:
-    """``benchmarks/results/<device>-<date>.json``."""
-    return RESULTS_DIR / f"{device_slug(device)}-{date.today().isoformat()}.json"
-
-
 def write_rows(path: Path, rows: list[dict]) -> Path:
     """Merge ``rows`` into the JSON list at ``path`` (a row replaces one with the same key) and write atomically."""
     key = lambda row: (row["device"], row["model"], row["method"], row["stage"], row["resolution"])
@@ -347,11 +328,7 @@ def goals(rows: list[dict]) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=model_names(), default="sd15")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=6, help="steps per stage (DDIM steps for sampling stages)")
-    parser.add_argument("--warmup", type=int, default=2, help="steps per stage not timed")
+    parser = options.parser(__doc__, steps=6, warmup=2, out="<device>-<date>.json")
     parser.add_argument("--inner-steps", type=int, default=None, help="null-text steps per timestep (recipe: 10)")
     parser.add_argument("--methods", nargs="+", choices=["imagic", "nulltext"], default=["imagic", "nulltext"])
     parser.add_argument("--no-baseline", action="store_true", help="skip the reference implementations")
@@ -362,24 +339,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="count live tensor bytes per stage (benchmarks/tensor_memory.py); default on off CUDA, where it is "
         "the memory estimate, off on CUDA, where it slows every operator",
     )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="TABLE.KEY=VALUE",
-        help="override a recipe value, e.g. runtime.dtype=fp32 (repeatable)",
-    )
     parser.add_argument("--model-dir", type=Path, help="a saved model folder to use instead of building one")
-    parser.add_argument("--out", type=Path, help="results file (default benchmarks/results/<device>-<date>.json)")
-    args = parser.parse_args(argv)
-    args.command = "python -m benchmarks.memory " + shlex.join(sys.argv[1:] if argv is None else argv)
+    args = options.parse(parser, argv, "memory")
     if args.track_tensors is None:
         args.track_tensors = not args.device.startswith("cuda")
-    if args.steps <= args.warmup:
-        parser.error(f"--steps {args.steps} must be more than --warmup {args.warmup}")
-    for item in args.set:
-        if "." not in item.split("=", 1)[0]:
-            parser.error(f"--set {item!r}: write it as table.key=value (runtime, imagic or nulltext)")
     return args
 
 
@@ -398,7 +361,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for row in rows:
         source = imagic_cfg if row["method"] == "imagic" or nulltext_cfg is None else nulltext_cfg
         row["runtime"] = to_dict(source["runtime"])
-    path = write_rows(args.out or default_out(facts["device"]), rows)
+    path = write_rows(args.out or results_path("", facts["device"]), rows)
     print(markdown(rows))
     for line in goals(rows):
         print(line)

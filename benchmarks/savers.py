@@ -16,16 +16,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shlex
-import sys
 import tempfile
-from datetime import date
 from pathlib import Path
 
-import torch
-
-from . import memory
-from .build_model import model_names, save_model
+from . import memory, options
+from .build_model import save_model
 from .output import write_json
 
 # (name, override): the first is the recipes as shipped; then each memory saver switched off, and each speed option
@@ -122,19 +117,11 @@ def _time(row: dict) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=model_names(), default="sd15")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser = options.parser(__doc__, steps=2, warmup=1, out="savers-<device>-<date>.json")
     parser.add_argument("--inner-steps", type=int, default=1)
     parser.add_argument("--methods", nargs="+", choices=["imagic", "nulltext"], default=["imagic", "nulltext"])
-    parser.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE", help="applies to every run")
     parser.add_argument("--variants", nargs="+", choices=[v for v, _ in VARIANTS[1:]], help="default: all")
-    parser.add_argument("--out", type=Path, help="default benchmarks/results/savers-<device>-<date>.json")
-    args = parser.parse_args(argv)
-    args.command = "python -m benchmarks.savers " + shlex.join(sys.argv[1:] if argv is None else argv)
-    return args
+    return options.parse(parser, argv, "savers")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -158,8 +145,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = compare(runs, peak_key(args.device))
     for row in rows:
         row["command"] = args.command
-    slug = memory.device_slug(torch.device(args.device))
-    path = write_json(args.out or memory.RESULTS_DIR / f"savers-{slug}-{date.today().isoformat()}.json", rows)
+    path = write_json(args.out or options.results_path("savers-", args.device), rows)
     print(markdown(rows))
     print(f"wrote {len(rows)} rows to {path}")
     return rows

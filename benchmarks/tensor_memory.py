@@ -74,6 +74,7 @@ class TensorMemory(TorchDispatchMode):
         self._finalizers.pop(key, None)
 
     def __enter__(self):
+        gc.collect()  # unreachable tensors (an earlier run's model in a reference cycle) are not resident
         for obj in gc.get_objects():
             if issubclass(type(obj), torch.Tensor):  # type(), not isinstance: no __class__ look-ups
                 self._track(obj)

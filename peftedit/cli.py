@@ -270,11 +270,22 @@ def _edit_inversion(args, model, artifact):
 
 
 def _runtime_from(artifact):
-    """The runtime config an artifact was made with, for re-rendering on this machine (device picked afresh)."""
+    """The runtime config an artifact was made with, for re-rendering on this machine: device and precision picked
+    afresh, no compilation (one render is too few UNet calls to win back the compile time), and settings this version
+    does not know (an edit made by a newer peftedit) left out with a warning."""
+    import dataclasses
+
     from .config import RuntimeConfig
 
     saved = dict(artifact.meta.get("recipe", {}).get("runtime", {}))
-    saved.update(device="auto", dtype="auto")
+    known = {f.name for f in dataclasses.fields(RuntimeConfig)}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        logging.getLogger("peftedit").warning(
+            "ignoring runtime settings this peftedit does not know: %s", ", ".join(unknown)
+        )
+    saved = {k: v for k, v in saved.items() if k in known}
+    saved.update(device="auto", dtype="auto", compile=False)
     return RuntimeConfig(**saved)
 
 

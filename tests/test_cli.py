@@ -227,3 +227,16 @@ def test_unreachable_hub_id_is_one_line(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     code, _, err = _run(capsys, "generate", "a dog", "--model", "nobody-here/no-such-model")
     _one_line_error(code, err, "could not load model 'nobody-here/no-such-model'")
+
+
+def test_rerender_runtime_drops_compile_and_unknown_settings(caplog):
+    from types import SimpleNamespace
+
+    from peftedit.cli import _runtime_from
+
+    made = {"device": "cuda", "dtype": "fp16", "channels_last": True, "compile": True, "from_the_future": 1}
+    runtime = _runtime_from(SimpleNamespace(meta={"recipe": {"runtime": made}}))
+    assert (runtime.device, runtime.dtype, runtime.channels_last, runtime.compile) == ("auto", "auto", True, False)
+    assert "from_the_future" in caplog.text
+    older = _runtime_from(SimpleNamespace(meta={"recipe": {"runtime": {"gradient_checkpointing": False}}}))
+    assert not older.gradient_checkpointing and not older.channels_last  # edits made before a setting existed

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from peftedit.methods.common import OFFLOADED_PARTS, encoders_offloaded
+from peftedit.methods.common import IDLE_WHILE_DECODING, IDLE_WHILE_SAMPLING, OFFLOADED_PARTS, encoders_offloaded
 
 from .flops import FlopCount
 from .tensor_memory import TensorMemory
@@ -106,7 +106,7 @@ def optimizer_state_summary(optimizer: torch.optim.Optimizer) -> dict:
 
 
 @contextlib.contextmanager
-def measure(device: torch.device, count: str, unet=None, warmup: int = 1, track: bool = False, exclude=()):
+def measure(device: torch.device, count: str, unet=None, warmup: int = 1, track: bool = False, exclude=(), windows=()):
     """Measure the block; yields a :class:`Measurement` filled in when the block ends.
 
     ``count`` says what a step is: ``"optimizer"`` (every optimizer step anywhere) or ``"unet"`` (every forward call
@@ -138,7 +138,7 @@ def measure(device: torch.device, count: str, unet=None, warmup: int = 1, track:
     else:
         # Kept out of a compiled UNet's graph (runtime.compile): the clock must be read when the call ends.
         handle = unet.register_forward_hook(torch.compiler.disable(lambda module, args, output: stamp()))
-    tracker = TensorMemory(device.type, exclude) if track else contextlib.nullcontext()
+    tracker = TensorMemory(device.type, exclude, windows) if track else contextlib.nullcontext()
     synchronize(device)
     start = time.perf_counter()
     try:
@@ -176,17 +176,36 @@ class StageResult:
     note: str = ""
 
 
-def offloaded_tensors(pipe) -> list[torch.Tensor]:
-    """The weights and buffers of the parts the library's ``encoders_offloaded`` moves off the GPU."""
-    parts = [getattr(pipe, name) for name in OFFLOADED_PARTS]
+def offloaded_tensors(pipe, names: tuple[str, ...] = OFFLOADED_PARTS) -> list[torch.Tensor]:
+    """The weights and buffers of these pipeline parts (default: what ``encoders_offloaded`` moves off the GPU)."""
+    parts = [getattr(pipe, name) for name in names]
     return [t for m in parts for t in [*m.parameters(), *m.buffers()]]
+
+
+def idle_windows(model) -> list:
+    """What ``runtime.offload_idle`` keeps off the GPU, as windows for the live-tensor count on a CPU, where nothing
+    can leave the device: the VAE and text encoder during each UNet call, the UNet and text encoder during each VAE
+    decoder call (the library moves them for its whole sampling and decoding blocks; between the calls only small
+    tensors live). None on a GPU, where the parts really move, or with the option off.
+
+    It assumes the encoders are off during training too (``offload_encoders``, as in the recipes): the UNet window
+    also applies to the training stages' UNet calls.
+    """
+    if not model.runtime.offload_idle or model.device.type != "cpu":
+        return []
+    pipe = model.pipe
+    return [
+        (pipe.unet, lambda: offloaded_tensors(pipe, IDLE_WHILE_SAMPLING)),
+        (pipe.vae.decoder, lambda: offloaded_tensors(pipe, IDLE_WHILE_DECODING)),
+    ]
 
 
 class Recorder:
     """Runs stages on one model under :func:`measure` and collects a :class:`StageResult` for each."""
 
-    def __init__(self, device: torch.device, unet, warmup: int, track: bool = False) -> None:
+    def __init__(self, device: torch.device, unet, warmup: int, track: bool = False, windows=()) -> None:
         self.device, self.unet, self.warmup, self.track = device, unet, warmup, track
+        self.windows = list(windows)  # see TensorMemory: parts that leave the device while a module runs
         self.results: list[StageResult] = []
         self.off_device: list[torch.Tensor] = []
 
@@ -213,7 +232,7 @@ class Recorder:
         warmup = self.warmup if timed else 10**9
         log.info("measuring %s / %s", method, stage)
         try:
-            with measure(self.device, count, self.unet, warmup, self.track, self.off_device) as result:
+            with measure(self.device, count, self.unet, warmup, self.track, self.off_device, self.windows) as result:
                 value = fn()
         except Exception as err:  # a benchmark reports every failure as a row and goes on
             log.exception("%s / %s failed", method, stage)

@@ -95,8 +95,8 @@ def _recipe(name: str) -> str | None:
         return None
 
 
-# Runtime settings applied when the model is loaded (both methods' stages share one load).
-LOAD_SETTINGS = ("device", "dtype", "attention", "vae_slicing", "channels_last", "compile")
+# Runtime settings the loaded model carries (both methods' stages share one load).
+LOAD_SETTINGS = ("device", "dtype", "attention", "vae_slicing", "channels_last", "compile", "offload_idle")
 # Compiled graphs one run may need: every stage's grad mode, batch size and attention processors make their own.
 COMPILE_RECOMPILE_LIMIT = 32
 

@@ -23,8 +23,9 @@ from . import memory, options
 from .build_model import save_model
 from .output import write_json
 
-# (name, override): the first is the recipes as shipped; then each memory saver switched off, and each speed option
-# the recipes leave off switched on (their worth is seconds per step, which only a GPU measures).
+# (name, override): the first is the recipes as shipped; then each memory saver they use switched off, and each
+# option they leave off switched on: a further memory saver, and the speed options (whose worth is seconds per step,
+# which only a GPU measures).
 VARIANTS = [
     ("recipe", None),
     ("fp32 weights", "runtime.dtype=fp32"),
@@ -32,6 +33,7 @@ VARIANTS = [
     ("fp32 AdamW states", "runtime.optimizer=adamw"),
     ("encoders stay on the GPU", "runtime.offload_encoders=false"),
     ("batched VAE decode", "runtime.vae_slicing=false"),
+    ("idle parts off the GPU", "runtime.offload_idle=true"),
     ("channels-last UNet", "runtime.channels_last=true"),
     ("compiled UNet", "runtime.compile=true"),
 ]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import gc
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -37,13 +37,22 @@ class TensorMemory(TorchDispatchMode):
     ``with TensorMemory("cpu") as tracked: ...`` then ``tracked.peak``. Storages alive at entry count from the start
     (``resident``); a storage first seen later (one created outside the mode, e.g. in C++) counts from then on.
     ``exclude``: tensors whose storages never count (weights the code being measured keeps off the GPU, which on a
-    CPU are on the same device as everything else).
+    CPU are on the same device as everything else). ``windows``: (module, tensors) pairs: while the module's forward
+    runs, those tensors do not count (weights that code moves off the GPU for that call's duration).
     """
 
-    def __init__(self, device_type: str = "cpu", exclude: Iterable[torch.Tensor] = ()) -> None:
+    def __init__(
+        self,
+        device_type: str = "cpu",
+        exclude: Iterable[torch.Tensor] = (),
+        windows: Iterable[tuple[torch.nn.Module, Callable[[], list[torch.Tensor]]]] = (),
+    ) -> None:
         super().__init__()
         self.device_type = device_type
         self.excluded = {storage_key(t.untyped_storage()) for t in exclude}
+        self.windows = list(windows)
+        self._hooks: list = []
+        self._away: set[int] = set()
         self.live: dict[int, int] = {}
         self.current = 0
         self.peak = 0
@@ -73,6 +82,27 @@ class TensorMemory(TorchDispatchMode):
         self.current -= self.live.pop(key, 0)
         self._finalizers.pop(key, None)
 
+    def away(self, tensors: Iterable[torch.Tensor]) -> None:
+        """These tensors stop counting (moved off the device) until :meth:`back`."""
+        for tensor in tensors:
+            key = storage_key(tensor.untyped_storage())
+            if key in self.live:
+                self.current -= self.live.pop(key)
+                self._finalizers.pop(key).detach()
+                self.excluded.add(key)
+                self._away.add(key)
+
+    def back(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Tensors sent :meth:`away` count again (back on the device)."""
+        tensors = list(tensors)
+        for tensor in tensors:
+            key = storage_key(tensor.untyped_storage())
+            if key in self._away:
+                self._away.discard(key)
+                self.excluded.discard(key)
+        for tensor in tensors:
+            self._track(tensor)
+
     def __enter__(self):
         gc.collect()  # unreachable tensors (an earlier run's model in a reference cycle) are not resident
         for obj in gc.get_objects():
@@ -81,9 +111,15 @@ class TensorMemory(TorchDispatchMode):
                 if obj.is_leaf and obj.grad is not None:  # gradients live in C++ until they are read
                     self._track(obj.grad)
         self.resident = self.current
+        for module, tensors in self.windows:
+            self._hooks.append(module.register_forward_pre_hook(lambda *_, get=tensors: self.away(get())))
+            self._hooks.append(module.register_forward_hook(lambda *_, get=tensors: self.back(get())))
         return super().__enter__()
 
     def __exit__(self, *exc):
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
         out = super().__exit__(*exc)
         for finalizer in self._finalizers.values():  # the tracker keeps no reference to anything once it is done
             finalizer.detach()

@@ -46,6 +46,11 @@ class RuntimeConfig:
         "adamw8bit (bitsandbytes, 8-bit states) or adamw (torch, fp32 states).",
     )
     offload_encoders: bool = option(True, "Move the VAE and text encoder off the GPU while training.")
+    offload_idle: bool = option(
+        False,
+        "Keep idle parts off the GPU when rendering: the VAE and text encoder while the UNet samples, the UNet and "
+        "text encoder while the VAE decodes (the pipelines' memory peak). A few weight transfers per picture.",
+    )
     vae_slicing: bool = option(
         True, "Decode one picture at a time (the VAE's slicing): a P2P edit decodes two, so its peak drops."
     )

@@ -3,10 +3,10 @@ choosing device, precision and attention backend, and fingerprinting the base we
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ PROBE_PER_TENSOR = 8
 PROBE_RTOL = 2e-2
 
 
-@dataclass
+@dataclasses.dataclass
 class Model:
     """A loaded pipeline with what peftedit needs to know about it."""
 
@@ -33,6 +33,7 @@ class Model:
     name: str
     device: torch.device
     dtype: torch.dtype
+    runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)  # what it was loaded with
 
     @property
     def resolution(self) -> int:
@@ -130,7 +131,7 @@ def load_model(
     for part in (pipe.unet, pipe.vae, pipe.text_encoder):
         part.requires_grad_(False)
         part.eval()
-    return Model(pipe=pipe, name=name, device=device, dtype=dtype)
+    return Model(pipe=pipe, name=name, device=device, dtype=dtype, runtime=runtime)
 
 
 def set_attention(unet, backend: str, device: torch.device) -> str:

@@ -256,3 +256,21 @@ def test_every_stage_runs_with_a_compiled_unet(tmp_path, one_thread):
     assert {(r["method"], r["stage"]) for r in rows} == {(m, s) for m in STAGES for s in STAGES[m]}
     assert all(r["status"].startswith("ok") for r in rows), [r["status"] for r in rows]
     assert all(r["seconds_per_step"] > 0 for r in rows if r["stage"] != "pipeline")
+
+
+def test_savers_estimate_what_keeping_idle_parts_off_the_gpu_buys(tmp_path, one_thread):
+    """``runtime.offload_idle`` on a CPU (windows in the live-tensor count): renders and edits no longer hold the
+    encoders while the UNet samples; the training stages, whose encoders are already off, do not move."""
+    from benchmarks import savers
+
+    argv = ["--model", "tiny", "--device", "cpu", "--set", "runtime.dtype=fp32", "--out", str(tmp_path / "s.json")]
+    rows = savers.main([*argv, "--variants", "idle parts off the GPU"])
+    idle = {(r["method"], r["stage"]): r for r in rows if r["variant"] == "idle parts off the GPU"}
+    pipe = build_pipeline("tiny")
+    encoders = sum(t.numel() * t.element_size() for m in (pipe.vae, pipe.text_encoder) for t in m.parameters())
+    for (method, stage), row in idle.items():
+        saved = -row["saver_buys_gib"] * 2**30
+        if stage in ("render", "edit"):
+            assert saved >= 0.99 * encoders, (method, stage, saved)
+        elif stage != "pipeline":
+            assert saved == 0, (method, stage, saved)

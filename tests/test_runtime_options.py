@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
 from peftedit import ImagicConfig, NullTextConfig, RuntimeConfig, imagic, load_model, nulltext, p2p
+from peftedit.methods.common import IDLE_WHILE_DECODING, IDLE_WHILE_SAMPLING, parts_offloaded
 
 SHORT_IMAGIC = ImagicConfig(embedding_steps=3, finetune_steps=3, render_steps=3, preview_etas=[0.7])
 
@@ -77,3 +80,76 @@ def test_runtime_compile_trains_and_renders_like_eager(eps_dir, photo):
     for stage in ("embedding", "finetune"):
         assert compiled_losses[stage] == pytest.approx(eager_losses[stage], rel=1e-3)
     assert np.abs(compiled_image - eager_image).max() <= 2
+
+
+class _Part:
+    """A pipeline part that only records where it is sent (a CPU machine has no GPU to move real weights to)."""
+
+    def __init__(self, name: str, device: str, log: list) -> None:
+        self.name, self.device, self.log = name, torch.device(device), log
+
+    def parameters(self):
+        yield SimpleNamespace(device=self.device)
+
+    def to(self, device):
+        self.log.append((self.name, str(device)))
+        self.device = torch.device(device)
+        return self
+
+
+def test_parts_offloaded_moves_gpu_parts_out_and_each_back_where_it_was():
+    log: list = []
+    pipe = SimpleNamespace(**{n: _Part(n, "cuda:0", log) for n in ("unet", "vae", "text_encoder")})
+    with parts_offloaded(pipe, IDLE_WHILE_SAMPLING, True):
+        assert [p.device.type for p in (pipe.unet, pipe.vae, pipe.text_encoder)] == ["cuda", "cpu", "cpu"]
+        with parts_offloaded(pipe, IDLE_WHILE_DECODING, True):  # nested: the text encoder is already out
+            assert [p.device.type for p in (pipe.unet, pipe.vae, pipe.text_encoder)] == ["cpu", "cpu", "cpu"]
+        assert [p.device.type for p in (pipe.unet, pipe.vae, pipe.text_encoder)] == ["cuda", "cpu", "cpu"]
+    assert all(str(p.device) == "cuda:0" for p in (pipe.unet, pipe.vae, pipe.text_encoder))
+    assert log == [
+        ("vae", "cpu"), ("text_encoder", "cpu"), ("unet", "cpu"), ("unet", "cuda:0"), ("vae", "cuda:0"),
+        ("text_encoder", "cuda:0"),
+    ]  # fmt: skip
+    log.clear()
+    with parts_offloaded(pipe, IDLE_WHILE_DECODING, False):
+        pass
+    assert log == []
+
+
+def test_offload_idle_renders_the_same_pictures(eps_dir, photo):
+    """On a CPU nothing moves, but the render and edit paths with ``offload_idle`` run and give the same pictures."""
+    pictures = []
+    for idle in (False, True):
+        runtime = RuntimeConfig(device="cpu", offload_idle=idle)
+        model = load_model(str(eps_dir), runtime)
+        assert model.runtime.offload_idle is idle
+        artifact = imagic.fit(model, photo, "a photo of a red circle", SHORT_IMAGIC, runtime, show_progress=False)
+        inversion = nulltext.invert(
+            model, photo, "a photo of a red circle", NullTextConfig(method="direct", steps=4), show_progress=False
+        )
+        images = imagic.render(model, artifact, eta=[0.5, 0.9])
+        images.append(nulltext.edit(model, inversion, "a photo of a blue circle"))
+        pictures.append([np.asarray(image, dtype=int) for image in images])
+    for plain, idle in zip(*pictures, strict=True):
+        assert np.array_equal(plain, idle)
+
+
+@pytest.mark.gpu
+def test_offload_idle_leaves_only_the_part_at_work_on_the_gpu(eps_dir, photo):
+    """On a GPU: while the VAE decodes, the UNet and text encoder are on the CPU; while the UNet samples, the VAE."""
+    runtime = RuntimeConfig(device="cuda", offload_idle=True)
+    model = load_model(str(eps_dir), runtime)
+    pipe, seen = model.pipe, []
+
+    def where(*parts):
+        return lambda module, args: seen.append(tuple(getattr(pipe, p).device.type for p in parts))
+
+    pipe.vae.decoder.register_forward_pre_hook(where("unet", "text_encoder"))
+    pipe.unet.register_forward_pre_hook(where("vae", "text_encoder"))
+    inversion = nulltext.invert(
+        model, photo, "a photo of a red circle", NullTextConfig(method="direct", steps=4), show_progress=False
+    )
+    seen.clear()
+    nulltext.edit(model, inversion, "a photo of a blue circle")
+    assert seen and all(devices == ("cpu", "cpu") for devices in seen)
+    assert all(p.device.type == "cuda" for p in (pipe.unet, pipe.vae, pipe.text_encoder))

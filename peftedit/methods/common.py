@@ -29,23 +29,33 @@ def prepare_image(image: str | Path | Image.Image, side: int) -> tuple[Image.Ima
 
 # The pipeline parts ``encoders_offloaded`` moves off the GPU.
 OFFLOADED_PARTS = ("vae", "text_encoder")
+# The parts idle while the UNet samples, and while the VAE decodes (``runtime.offload_idle``).
+IDLE_WHILE_SAMPLING = ("vae", "text_encoder")
+IDLE_WHILE_DECODING = ("unet", "text_encoder")
 
 
 @contextlib.contextmanager
-def encoders_offloaded(pipe, enabled: bool):
-    """Move the VAE and text encoder to the CPU inside the block when the UNet is on a GPU."""
-    device = pipe.unet.device
-    move = enabled and device.type != "cpu"
-    if move:
-        for part in OFFLOADED_PARTS:
-            getattr(pipe, part).to("cpu")
-        torch.cuda.empty_cache() if device.type == "cuda" else None
+def parts_offloaded(pipe, parts: tuple[str, ...], enabled: bool):
+    """Move these pipeline parts to the CPU inside the block, each back to where it was afterwards.
+
+    Parts already on the CPU stay (so blocks nest); nothing moves when ``enabled`` is false.
+    """
+    where = {part: next(getattr(pipe, part).parameters()).device for part in parts} if enabled else {}
+    moved = [part for part, device in where.items() if device.type != "cpu"]
+    for part in moved:
+        getattr(pipe, part).to("cpu")
+    if any(where[part].type == "cuda" for part in moved):
+        torch.cuda.empty_cache()
     try:
         yield
     finally:
-        if move:
-            for part in OFFLOADED_PARTS:
-                getattr(pipe, part).to(device)
+        for part in moved:
+            getattr(pipe, part).to(where[part])
+
+
+def encoders_offloaded(pipe, enabled: bool):
+    """The VAE and text encoder off the GPU inside the block (the training stages)."""
+    return parts_offloaded(pipe, OFFLOADED_PARTS, enabled)
 
 
 @contextlib.contextmanager

@@ -32,10 +32,13 @@ from ..images import grid
 from ..models import Model
 from ..optim import make_optimizer
 from .common import (
+    IDLE_WHILE_DECODING,
+    IDLE_WHILE_SAMPLING,
     base_meta,
     check_base,
     checkpointing,
     encoders_offloaded,
+    parts_offloaded,
     prepare_image,
     progress,
 )
@@ -291,15 +294,17 @@ def render(
         artifact.tensors["e_opt"].to(device),
     )
     uncond = artifact.tensors["e_uncond"].to(device)
-    images = []
-    with lora_applied(pipe.unet, artifact):
+    idle = model.runtime.offload_idle
+    results = []
+    with lora_applied(pipe.unet, artifact), parts_offloaded(pipe, IDLE_WHILE_SAMPLING, idle):
         for value in etas:
             scheduler = fresh_scheduler(pipe, steps)
             side = pipe.unet.config.sample_size
             noise = initial_noise((1, pipe.unet.config.in_channels, side, side), seed) * scheduler.init_noise_sigma
             cond = value * e_tgt + (1 - value) * e_opt
-            latents = sample(pipe.unet, scheduler, noise, cond, uncond, guidance)
-            images.extend(decode_latents(pipe, latents))
+            results.append(sample(pipe.unet, scheduler, noise, cond, uncond, guidance))
+    with parts_offloaded(pipe, IDLE_WHILE_DECODING, idle):
+        images = [image for latents in results for image in decode_latents(pipe, latents)]
     return images if isinstance(eta, list) else images[0]
 
 

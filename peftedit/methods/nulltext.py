@@ -41,7 +41,17 @@ from ..images import grid, psnr
 from ..models import Model
 from ..optim import make_optimizer
 from . import p2p
-from .common import base_meta, check_base, checkpointing, encoders_offloaded, prepare_image, progress
+from .common import (
+    IDLE_WHILE_DECODING,
+    IDLE_WHILE_SAMPLING,
+    base_meta,
+    check_base,
+    checkpointing,
+    encoders_offloaded,
+    parts_offloaded,
+    prepare_image,
+    progress,
+)
 
 log = logging.getLogger("peftedit")
 
@@ -305,12 +315,15 @@ def run_edit(
         return latents
 
     start = tensors["z_T"].expand(branches, -1, -1, -1)
-    if branches == 2 or maps:
-        with p2p.installed(unet, controller):
+    idle = model.runtime.offload_idle
+    with parts_offloaded(pipe, IDLE_WHILE_SAMPLING, idle):
+        if branches == 2 or maps:
+            with p2p.installed(unet, controller):
+                latents = sample(unet, scheduler, start, cond, uncond, guidance, after_step)
+        else:
             latents = sample(unet, scheduler, start, cond, uncond, guidance, after_step)
-    else:
-        latents = sample(unet, scheduler, start, cond, uncond, guidance, after_step)
-    images = decode_latents(pipe, latents)
+    with parts_offloaded(pipe, IDLE_WHILE_DECODING, idle):
+        images = decode_latents(pipe, latents)
     return EditResult(images, latents, prompts, controller.mean_maps(), errors)
 
 

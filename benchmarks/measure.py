@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from peftedit.methods.common import IDLE_WHILE_DECODING, IDLE_WHILE_SAMPLING, OFFLOADED_PARTS, encoders_offloaded
+from peftedit.methods.common import IDLE_WHILE_SAMPLING, IDLE_WHILE_VAE, OFFLOADED_PARTS, encoders_offloaded
 
 from .flops import FlopCount
 from .tensor_memory import TensorMemory
@@ -184,9 +184,9 @@ def offloaded_tensors(pipe, names: tuple[str, ...] = OFFLOADED_PARTS) -> list[to
 
 def idle_windows(model) -> list:
     """What ``runtime.offload_idle`` keeps off the GPU, as windows for the live-tensor count on a CPU, where nothing
-    can leave the device: the VAE and text encoder during each UNet call, the UNet and text encoder during each VAE
-    decoder call (the library moves them for its whole sampling and decoding blocks; between the calls only small
-    tensors live). None on a GPU, where the parts really move, or with the option off.
+    can leave the device: the VAE and text encoder during each UNet call, the UNet and text encoder during each call
+    of the VAE's encoder or decoder (the library moves them for its whole sampling, encoding and decoding blocks;
+    between the calls only small tensors live). None on a GPU, where the parts really move, or with the option off.
 
     It assumes the encoders are off during training too (``offload_encoders``, as in the recipes): the UNet window
     also applies to the training stages' UNet calls.
@@ -196,7 +196,8 @@ def idle_windows(model) -> list:
     pipe = model.pipe
     return [
         (pipe.unet, lambda: offloaded_tensors(pipe, IDLE_WHILE_SAMPLING)),
-        (pipe.vae.decoder, lambda: offloaded_tensors(pipe, IDLE_WHILE_DECODING)),
+        (pipe.vae.encoder, lambda: offloaded_tensors(pipe, IDLE_WHILE_VAE)),
+        (pipe.vae.decoder, lambda: offloaded_tensors(pipe, IDLE_WHILE_VAE)),
     ]
 
 

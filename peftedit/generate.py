@@ -8,7 +8,7 @@ from pathlib import Path
 from PIL import Image
 
 from .diffusion import check_prompt, decode_latents, encode_text, fresh_scheduler, initial_noise, sample
-from .methods.common import IDLE_WHILE_DECODING, IDLE_WHILE_SAMPLING, parts_offloaded
+from .methods.common import IDLE_WHILE_SAMPLING, IDLE_WHILE_VAE, parts_offloaded
 from .models import Model
 
 # Sampling defaults for a model that recommends none: SD's usual 50 DDIM steps at guidance 7.5.
@@ -39,6 +39,6 @@ def generate(model: Model, prompt: str, seed: int = 0, steps: int | None = None,
     idle = model.runtime.offload_idle
     with parts_offloaded(pipe, IDLE_WHILE_SAMPLING, idle):
         latents = sample(pipe.unet, scheduler, noise, cond, uncond, rec_guidance if guidance is None else guidance)
-    with parts_offloaded(pipe, IDLE_WHILE_DECODING, idle):
+    with parts_offloaded(pipe, IDLE_WHILE_VAE, idle):
         image: Image.Image = decode_latents(pipe, latents)[0]
     return image

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from peftedit import ImagicConfig, NullTextConfig, RuntimeConfig, imagic, load_model, nulltext, p2p
-from peftedit.methods.common import IDLE_WHILE_DECODING, IDLE_WHILE_SAMPLING, parts_offloaded
+from peftedit.methods.common import IDLE_WHILE_SAMPLING, IDLE_WHILE_VAE, parts_offloaded
 
 SHORT_IMAGIC = ImagicConfig(embedding_steps=3, finetune_steps=3, render_steps=3, preview_etas=[0.7])
 
@@ -102,7 +102,7 @@ def test_parts_offloaded_moves_gpu_parts_out_and_each_back_where_it_was():
     pipe = SimpleNamespace(**{n: _Part(n, "cuda:0", log) for n in ("unet", "vae", "text_encoder")})
     with parts_offloaded(pipe, IDLE_WHILE_SAMPLING, True):
         assert [p.device.type for p in (pipe.unet, pipe.vae, pipe.text_encoder)] == ["cuda", "cpu", "cpu"]
-        with parts_offloaded(pipe, IDLE_WHILE_DECODING, True):  # nested: the text encoder is already out
+        with parts_offloaded(pipe, IDLE_WHILE_VAE, True):  # nested: the text encoder is already out
             assert [p.device.type for p in (pipe.unet, pipe.vae, pipe.text_encoder)] == ["cpu", "cpu", "cpu"]
         assert [p.device.type for p in (pipe.unet, pipe.vae, pipe.text_encoder)] == ["cuda", "cpu", "cpu"]
     assert all(str(p.device) == "cuda:0" for p in (pipe.unet, pipe.vae, pipe.text_encoder))
@@ -111,7 +111,7 @@ def test_parts_offloaded_moves_gpu_parts_out_and_each_back_where_it_was():
         ("text_encoder", "cuda:0"),
     ]  # fmt: skip
     log.clear()
-    with parts_offloaded(pipe, IDLE_WHILE_DECODING, False):
+    with parts_offloaded(pipe, IDLE_WHILE_VAE, False):
         pass
     assert log == []
 
@@ -135,21 +135,24 @@ def test_offload_idle_renders_the_same_pictures(eps_dir, photo):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_offload_idle_leaves_only_the_part_at_work_on_the_gpu(eps_dir, photo):
-    """On a GPU: while the VAE decodes, the UNet and text encoder are on the CPU; while the UNet samples, the VAE."""
+    """On a GPU: while the VAE encodes or decodes, the UNet and text encoder are on the CPU; while the UNet samples
+    an edit, the VAE and text encoder; afterwards every part is back."""
     runtime = RuntimeConfig(device="cuda", offload_idle=True)
     model = load_model(str(eps_dir), runtime)
-    pipe, seen = model.pipe, []
+    pipe, seen = model.pipe, {"encoder": [], "decoder": [], "unet": []}
 
-    def where(*parts):
-        return lambda module, args: seen.append(tuple(getattr(pipe, p).device.type for p in parts))
+    def where(phase, *parts):
+        return lambda module, args: seen[phase].append(tuple(getattr(pipe, p).device.type for p in parts))
 
-    pipe.vae.decoder.register_forward_pre_hook(where("unet", "text_encoder"))
-    pipe.unet.register_forward_pre_hook(where("vae", "text_encoder"))
+    pipe.vae.encoder.register_forward_pre_hook(where("encoder", "unet", "text_encoder"))
+    pipe.vae.decoder.register_forward_pre_hook(where("decoder", "unet", "text_encoder"))
     inversion = nulltext.invert(
         model, photo, "a photo of a red circle", NullTextConfig(method="direct", steps=4), show_progress=False
     )
-    seen.clear()
+    pipe.unet.register_forward_pre_hook(where("unet", "vae", "text_encoder"))
     nulltext.edit(model, inversion, "a photo of a blue circle")
-    assert seen and all(devices == ("cpu", "cpu") for devices in seen)
+    for phase, devices in seen.items():
+        assert devices and all(d == ("cpu", "cpu") for d in devices), (phase, devices)
     assert all(p.device.type == "cuda" for p in (pipe.unet, pipe.vae, pipe.text_encoder))

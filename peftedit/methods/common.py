@@ -10,6 +10,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..artifacts import Artifact, now_utc, package_versions
+from ..diffusion import encode_image
 from ..images import fit_square, load_image
 from ..models import Model, architecture_hash, check_same_base, fingerprint
 
@@ -29,9 +30,9 @@ def prepare_image(image: str | Path | Image.Image, side: int) -> tuple[Image.Ima
 
 # The pipeline parts ``encoders_offloaded`` moves off the GPU.
 OFFLOADED_PARTS = ("vae", "text_encoder")
-# The parts idle while the UNet samples, and while the VAE decodes (``runtime.offload_idle``).
+# The parts idle while the UNet samples, and while the VAE encodes or decodes (``runtime.offload_idle``).
 IDLE_WHILE_SAMPLING = ("vae", "text_encoder")
-IDLE_WHILE_DECODING = ("unet", "text_encoder")
+IDLE_WHILE_VAE = ("unet", "text_encoder")
 
 
 @contextlib.contextmanager
@@ -51,6 +52,12 @@ def parts_offloaded(pipe, parts: tuple[str, ...], enabled: bool):
     finally:
         for part in moved:
             getattr(pipe, part).to(where[part])
+
+
+def encode_photo(model: Model, picture: Image.Image) -> torch.Tensor:
+    """The photo's VAE latent; with ``runtime.offload_idle`` the UNet and text encoder are off the GPU meanwhile."""
+    with parts_offloaded(model.pipe, IDLE_WHILE_VAE, model.runtime.offload_idle):
+        return encode_image(model.pipe, picture)
 
 
 def encoders_offloaded(pipe, enabled: bool):

@@ -21,7 +21,6 @@ from ..diffusion import (
     check_prompt,
     decode_latents,
     denoising_loss,
-    encode_image,
     encode_text,
     fresh_scheduler,
     initial_noise,
@@ -32,11 +31,12 @@ from ..images import grid
 from ..models import Model
 from ..optim import make_optimizer
 from .common import (
-    IDLE_WHILE_DECODING,
     IDLE_WHILE_SAMPLING,
+    IDLE_WHILE_VAE,
     base_meta,
     check_base,
     checkpointing,
+    encode_photo,
     encoders_offloaded,
     parts_offloaded,
     prepare_image,
@@ -208,7 +208,7 @@ def fit(
     pipe, unet = model.pipe, model.pipe.unet
     target_text = check_prompt(pipe.tokenizer, target_text)
     picture, image_info = prepare_image(image, model.resolution)
-    latent = encode_image(pipe, picture)
+    latent = encode_photo(model, picture)
     e_tgt = encode_text(pipe, target_text)
     e_uncond = encode_text(pipe, "")
     meta, probe = base_meta(model, {"runtime": to_dict(runtime), "imagic": to_dict(config)}, image_info)
@@ -303,7 +303,7 @@ def render(
             noise = initial_noise((1, pipe.unet.config.in_channels, side, side), seed) * scheduler.init_noise_sigma
             cond = value * e_tgt + (1 - value) * e_opt
             results.append(sample(pipe.unet, scheduler, noise, cond, uncond, guidance))
-    with parts_offloaded(pipe, IDLE_WHILE_DECODING, idle):
+    with parts_offloaded(pipe, IDLE_WHILE_VAE, idle):
         images = [image for latents in results for image in decode_latents(pipe, latents)]
     return images if isinstance(eta, list) else images[0]
 

@@ -30,7 +30,6 @@ from ..diffusion import (
     check_prompt,
     ddim_invert,
     decode_latents,
-    encode_image,
     encode_text,
     fresh_scheduler,
     guided_prediction,
@@ -42,11 +41,12 @@ from ..models import Model
 from ..optim import make_optimizer
 from . import p2p
 from .common import (
-    IDLE_WHILE_DECODING,
     IDLE_WHILE_SAMPLING,
+    IDLE_WHILE_VAE,
     base_meta,
     check_base,
     checkpointing,
+    encode_photo,
     encoders_offloaded,
     parts_offloaded,
     prepare_image,
@@ -177,7 +177,7 @@ def invert(
     pipe, unet = model.pipe, model.pipe.unet
     source_prompt = check_prompt(pipe.tokenizer, source_prompt)
     picture, image_info = prepare_image(image, model.resolution)
-    z0 = encode_image(pipe, picture)
+    z0 = encode_photo(model, picture)
     e_src, e_uncond = encode_text(pipe, source_prompt), encode_text(pipe, "")
     meta, probe = base_meta(model, {"runtime": to_dict(runtime), TABLE: to_dict(config)}, image_info)
     tensors: dict[str, torch.Tensor] = {}
@@ -322,7 +322,7 @@ def run_edit(
                 latents = sample(unet, scheduler, start, cond, uncond, guidance, after_step)
         else:
             latents = sample(unet, scheduler, start, cond, uncond, guidance, after_step)
-    with parts_offloaded(pipe, IDLE_WHILE_DECODING, idle):
+    with parts_offloaded(pipe, IDLE_WHILE_VAE, idle):
         images = decode_latents(pipe, latents)
     return EditResult(images, latents, prompts, controller.mean_maps(), errors)
 

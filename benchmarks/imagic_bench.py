@@ -26,7 +26,7 @@ from peftedit.diffusion import (
 from peftedit.methods.common import checkpointing
 from peftedit.models import Model
 
-from .measure import Recorder, StageResult, idle_windows
+from .measure import Recorder, StageResult, idle_offload
 
 METHOD = "imagic"
 TARGET = "a photo of a dog jumping on a bench"
@@ -51,7 +51,7 @@ def ours(
     config = dataclasses.replace(
         config, embedding_steps=steps, finetune_steps=steps, render_steps=steps, preview_etas=[ETA]
     )
-    bench = Recorder(model.device, unet, warmup, track, idle_windows(model))
+    bench = Recorder(model.device, unet, warmup, track, idle_offload(model))
 
     def whole() -> Artifact:
         artifact = imagic.fit(model, picture, TARGET, config, runtime, show_progress=False)

@@ -12,6 +12,7 @@ the work a step does, the same on any device.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import time
@@ -106,7 +107,7 @@ def optimizer_state_summary(optimizer: torch.optim.Optimizer) -> dict:
 
 
 @contextlib.contextmanager
-def measure(device: torch.device, count: str, unet=None, warmup: int = 1, track: bool = False, exclude=(), windows=()):
+def measure(device: torch.device, count: str, unet=None, warmup: int = 1, track: bool = False, exclude=(), hooks=None):
     """Measure the block; yields a :class:`Measurement` filled in when the block ends.
 
     ``count`` says what a step is: ``"optimizer"`` (every optimizer step anywhere) or ``"unet"`` (every forward call
@@ -138,7 +139,7 @@ def measure(device: torch.device, count: str, unet=None, warmup: int = 1, track:
     else:
         # Kept out of a compiled UNet's graph (runtime.compile): the clock must be read when the call ends.
         handle = unet.register_forward_hook(torch.compiler.disable(lambda module, args, output: stamp()))
-    tracker = TensorMemory(device.type, exclude, windows) if track else contextlib.nullcontext()
+    tracker = TensorMemory(device.type, exclude, hooks) if track else contextlib.nullcontext()
     synchronize(device)
     start = time.perf_counter()
     try:
@@ -182,31 +183,43 @@ def offloaded_tensors(pipe, names: tuple[str, ...] = OFFLOADED_PARTS) -> list[to
     return [t for m in parts for t in [*m.parameters(), *m.buffers()]]
 
 
-def idle_windows(model) -> list:
-    """What ``runtime.offload_idle`` keeps off the GPU, as windows for the live-tensor count on a CPU, where nothing
-    can leave the device: the VAE and text encoder during each UNet call, the UNet and text encoder during each call
-    of the VAE's encoder or decoder (the library moves them for its whole sampling, encoding and decoding blocks;
-    between the calls only small tensors live). None on a GPU, where the parts really move, or with the option off.
+def idle_offload(model):
+    """What ``runtime.offload_idle`` keeps off the GPU, as hooks for the live-tensor count on a CPU, where nothing can
+    leave the device (None on a GPU, where the parts really move, or with the option off).
 
-    It assumes the encoders are off during training too (``offload_encoders``, as in the recipes): the UNet window
-    also applies to the training stages' UNet calls.
+    The VAE and text encoder leave when the UNet runs (sampling, and training, whose encoders the recipes' offload
+    keeps off too) and come back when they run; the UNet and text encoder leave while the VAE encodes or decodes, the
+    UNet coming back after. The library moves them per block (and back at each block's end); in between only small
+    tensors live, so the peaks are the same.
     """
     if not model.runtime.offload_idle or model.device.type != "cpu":
-        return []
+        return None
     pipe = model.pipe
-    return [
-        (pipe.unet, lambda: offloaded_tensors(pipe, IDLE_WHILE_SAMPLING)),
-        (pipe.vae.encoder, lambda: offloaded_tensors(pipe, IDLE_WHILE_VAE)),
-        (pipe.vae.decoder, lambda: offloaded_tensors(pipe, IDLE_WHILE_VAE)),
-    ]
+    parts = functools.partial(offloaded_tensors, pipe)
+
+    def install(tracker) -> list:
+        def coding(*_):
+            tracker.back(parts(("vae",)))
+            tracker.away(parts(IDLE_WHILE_VAE))
+
+        handles = [
+            pipe.unet.register_forward_pre_hook(lambda *_: tracker.away(parts(IDLE_WHILE_SAMPLING))),
+            pipe.text_encoder.register_forward_pre_hook(lambda *_: tracker.back(parts(("text_encoder",)))),
+        ]
+        for coder in (pipe.vae.encoder, pipe.vae.decoder):
+            handles.append(coder.register_forward_pre_hook(coding))
+            handles.append(coder.register_forward_hook(lambda *_: tracker.back(parts(("unet",)))))
+        return handles
+
+    return install
 
 
 class Recorder:
     """Runs stages on one model under :func:`measure` and collects a :class:`StageResult` for each."""
 
-    def __init__(self, device: torch.device, unet, warmup: int, track: bool = False, windows=()) -> None:
+    def __init__(self, device: torch.device, unet, warmup: int, track: bool = False, hooks=None) -> None:
         self.device, self.unet, self.warmup, self.track = device, unet, warmup, track
-        self.windows = list(windows)  # see TensorMemory: parts that leave the device while a module runs
+        self.hooks = hooks  # see TensorMemory: where the code measured moves parts off the device
         self.results: list[StageResult] = []
         self.off_device: list[torch.Tensor] = []
 
@@ -233,7 +246,7 @@ class Recorder:
         warmup = self.warmup if timed else 10**9
         log.info("measuring %s / %s", method, stage)
         try:
-            with measure(self.device, count, self.unet, warmup, self.track, self.off_device, self.windows) as result:
+            with measure(self.device, count, self.unet, warmup, self.track, self.off_device, self.hooks) as result:
                 value = fn()
         except Exception as err:  # a benchmark reports every failure as a row and goes on
             log.exception("%s / %s failed", method, stage)

@@ -21,7 +21,7 @@ from peftedit.methods.common import checkpointing
 from peftedit.models import Model
 
 from . import reference
-from .measure import Recorder, StageResult, idle_windows
+from .measure import Recorder, StageResult, idle_offload
 
 SOURCE = "a photo of a cat sitting on a bench"
 TARGET = "a photo of a dog sitting on a bench"
@@ -59,7 +59,7 @@ def ours(
     ``inner_steps`` optimizer steps (the worst case, and a fixed amount of work to time).
     """
     pipe, unet = model.pipe, model.pipe.unet
-    bench = Recorder(model.device, unet, warmup, track, idle_windows(model))
+    bench = Recorder(model.device, unet, warmup, track, idle_offload(model))
     nulltext, why = load_nulltext()
     if nulltext is None:
         for method, stages in STAGES.items():

@@ -37,20 +37,21 @@ class TensorMemory(TorchDispatchMode):
     ``with TensorMemory("cpu") as tracked: ...`` then ``tracked.peak``. Storages alive at entry count from the start
     (``resident``); a storage first seen later (one created outside the mode, e.g. in C++) counts from then on.
     ``exclude``: tensors whose storages never count (weights the code being measured keeps off the GPU, which on a
-    CPU are on the same device as everything else). ``windows``: (module, tensors) pairs: while the module's forward
-    runs, those tensors do not count (weights that code moves off the GPU for that call's duration).
+    CPU are on the same device as everything else). ``hooks``: called with the tracker on entry, returns hook handles
+    removed on exit: hooks that call :meth:`away` and :meth:`back` where the code measured moves tensors off the GPU
+    and back.
     """
 
     def __init__(
         self,
         device_type: str = "cpu",
         exclude: Iterable[torch.Tensor] = (),
-        windows: Iterable[tuple[torch.nn.Module, Callable[[], list[torch.Tensor]]]] = (),
+        hooks: Callable[[TensorMemory], list] | None = None,
     ) -> None:
         super().__init__()
         self.device_type = device_type
         self.excluded = {storage_key(t.untyped_storage()) for t in exclude}
-        self.windows = list(windows)
+        self.hooks = hooks
         self._hooks: list = []
         self._away: set[int] = set()
         self.live: dict[int, int] = {}
@@ -111,9 +112,7 @@ class TensorMemory(TorchDispatchMode):
                 if obj.is_leaf and obj.grad is not None:  # gradients live in C++ until they are read
                     self._track(obj.grad)
         self.resident = self.current
-        for module, tensors in self.windows:
-            self._hooks.append(module.register_forward_pre_hook(lambda *_, get=tensors: self.away(get())))
-            self._hooks.append(module.register_forward_hook(lambda *_, get=tensors: self.back(get())))
+        self._hooks = self.hooks(self) if self.hooks else []
         return super().__enter__()
 
     def __exit__(self, *exc):

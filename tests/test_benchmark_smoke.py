@@ -259,7 +259,7 @@ def test_every_stage_runs_with_a_compiled_unet(tmp_path, one_thread):
 
 
 def test_savers_estimate_what_keeping_idle_parts_off_the_gpu_buys(tmp_path, one_thread):
-    """``runtime.offload_idle`` on a CPU (windows in the live-tensor count): renders and edits no longer hold the
+    """``runtime.offload_idle`` on a CPU (hooks in the live-tensor count): renders and edits no longer hold the
     encoders while the UNet samples; the training stages, whose encoders are already off, do not move."""
     from benchmarks import savers
 

@@ -63,7 +63,7 @@ def test_excluded_tensors_never_count():
     assert view.numel() == 10
 
 
-def test_tensors_away_while_a_module_runs_do_not_count_then():
+def test_tensors_sent_away_do_not_count_until_back():
     weights = torch.zeros(1000)  # 4000 bytes, resident
 
     class Work(torch.nn.Module):
@@ -71,15 +71,21 @@ def test_tensors_away_while_a_module_runs_do_not_count_then():
             scratch = torch.ones(2000)  # 8000 bytes, only during the call
             return x + scratch[:10].sum()
 
-    def run(windows_for):
+    def run(hooks_for):
         work, x = Work(), torch.zeros(10)
-        with TensorMemory("cpu", windows=windows_for(work)) as tracked:
+        with TensorMemory("cpu", hooks=hooks_for(work)) as tracked:
             out = work(x)
             after = tracked.current - tracked.resident
         return tracked.peak, after, out, work
 
-    plain_peak, plain_after, _, _ = run(lambda work: ())
-    peak, after, out, work = run(lambda work: [(work, lambda: [weights])])
+    def away_while_running(work):
+        return lambda tracker: [
+            work.register_forward_pre_hook(lambda *_: tracker.away([weights])),
+            work.register_forward_hook(lambda *_: tracker.back([weights])),
+        ]
+
+    plain_peak, plain_after, _, _ = run(lambda work: None)
+    peak, after, out, work = run(away_while_running)
     assert plain_peak - peak == 4000  # the weights were away while the scratch lived
     assert after == plain_after == out.untyped_storage().nbytes()  # and count again once the call is over
     assert not work._forward_pre_hooks and not work._forward_hooks  # no hook left behind

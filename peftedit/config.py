@@ -48,8 +48,9 @@ class RuntimeConfig:
     offload_encoders: bool = option(True, "Move the VAE and text encoder off the GPU while training.")
     offload_idle: bool = option(
         False,
-        "Keep idle parts off the GPU when rendering: the VAE and text encoder while the UNet samples, the UNet and "
-        "text encoder while the VAE decodes (the pipelines' memory peak). A few weight transfers per picture.",
+        "Keep idle parts off the GPU outside training too: the VAE and text encoder while the UNet samples, the UNet "
+        "and text encoder while the VAE encodes the photo or decodes (the pipelines' memory peak). Costs moving "
+        "~2 GiB of SD weights to the CPU and back per picture; its time is not measured yet.",
     )
     vae_slicing: bool = option(
         True, "Decode one picture at a time (the VAE's slicing): a P2P edit decodes two, so its peak drops."

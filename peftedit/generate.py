@@ -7,8 +7,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from .diffusion import check_prompt, decode_latents, encode_text, fresh_scheduler, initial_noise, sample
-from .methods.common import IDLE_WHILE_SAMPLING, IDLE_WHILE_VAE, parts_offloaded
+from .diffusion import check_prompt, encode_text, fresh_scheduler, initial_noise, sample
+from .methods.common import decode_pictures, sampling
 from .models import Model
 
 # Sampling defaults for a model that recommends none: SD's usual 50 DDIM steps at guidance 7.5.
@@ -36,9 +36,7 @@ def generate(model: Model, prompt: str, seed: int = 0, steps: int | None = None,
     side = pipe.unet.config.sample_size
     noise = initial_noise((1, pipe.unet.config.in_channels, side, side), seed) * scheduler.init_noise_sigma
     cond, uncond = encode_text(pipe, prompt), encode_text(pipe, "")
-    idle = model.runtime.offload_idle
-    with parts_offloaded(pipe, IDLE_WHILE_SAMPLING, idle):
+    with sampling(model):
         latents = sample(pipe.unet, scheduler, noise, cond, uncond, rec_guidance if guidance is None else guidance)
-    with parts_offloaded(pipe, IDLE_WHILE_VAE, idle):
-        image: Image.Image = decode_latents(pipe, latents)[0]
+    image: Image.Image = decode_pictures(model, latents)[0]
     return image

@@ -10,7 +10,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..artifacts import Artifact, now_utc, package_versions
-from ..diffusion import encode_image
+from ..diffusion import decode_latents, encode_image
 from ..images import fit_square, load_image
 from ..models import Model, architecture_hash, check_same_base, fingerprint
 
@@ -58,6 +58,17 @@ def encode_photo(model: Model, picture: Image.Image) -> torch.Tensor:
     """The photo's VAE latent; with ``runtime.offload_idle`` the UNet and text encoder are off the GPU meanwhile."""
     with parts_offloaded(model.pipe, IDLE_WHILE_VAE, model.runtime.offload_idle):
         return encode_image(model.pipe, picture)
+
+
+def decode_pictures(model: Model, latents: torch.Tensor) -> list[Image.Image]:
+    """The pictures of ``latents``; with ``runtime.offload_idle`` the UNet and text encoder are off the GPU then."""
+    with parts_offloaded(model.pipe, IDLE_WHILE_VAE, model.runtime.offload_idle):
+        return decode_latents(model.pipe, latents)
+
+
+def sampling(model: Model):
+    """A block of UNet sampling: with ``runtime.offload_idle`` the VAE and text encoder are off the GPU inside it."""
+    return parts_offloaded(model.pipe, IDLE_WHILE_SAMPLING, model.runtime.offload_idle)
 
 
 def encoders_offloaded(pipe, enabled: bool):

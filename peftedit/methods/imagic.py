@@ -19,7 +19,6 @@ from ..config import RuntimeConfig, option, positive, to_dict
 from ..diffusion import (
     check_finite,
     check_prompt,
-    decode_latents,
     denoising_loss,
     encode_text,
     fresh_scheduler,
@@ -31,16 +30,15 @@ from ..images import grid
 from ..models import Model
 from ..optim import make_optimizer
 from .common import (
-    IDLE_WHILE_SAMPLING,
-    IDLE_WHILE_VAE,
     base_meta,
     check_base,
     checkpointing,
+    decode_pictures,
     encode_photo,
     encoders_offloaded,
-    parts_offloaded,
     prepare_image,
     progress,
+    sampling,
 )
 
 METHOD = "imagic"
@@ -294,17 +292,15 @@ def render(
         artifact.tensors["e_opt"].to(device),
     )
     uncond = artifact.tensors["e_uncond"].to(device)
-    idle = model.runtime.offload_idle
     results = []
-    with lora_applied(pipe.unet, artifact), parts_offloaded(pipe, IDLE_WHILE_SAMPLING, idle):
+    with lora_applied(pipe.unet, artifact), sampling(model):
         for value in etas:
             scheduler = fresh_scheduler(pipe, steps)
             side = pipe.unet.config.sample_size
             noise = initial_noise((1, pipe.unet.config.in_channels, side, side), seed) * scheduler.init_noise_sigma
             cond = value * e_tgt + (1 - value) * e_opt
             results.append(sample(pipe.unet, scheduler, noise, cond, uncond, guidance))
-    with parts_offloaded(pipe, IDLE_WHILE_VAE, idle):
-        images = [image for latents in results for image in decode_latents(pipe, latents)]
+    images = [image for latents in results for image in decode_pictures(model, latents)]
     return images if isinstance(eta, list) else images[0]
 
 

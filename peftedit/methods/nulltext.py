@@ -29,7 +29,6 @@ from ..diffusion import (
     check_finite,
     check_prompt,
     ddim_invert,
-    decode_latents,
     encode_text,
     fresh_scheduler,
     guided_prediction,
@@ -41,16 +40,15 @@ from ..models import Model
 from ..optim import make_optimizer
 from . import p2p
 from .common import (
-    IDLE_WHILE_SAMPLING,
-    IDLE_WHILE_VAE,
     base_meta,
     check_base,
     checkpointing,
+    decode_pictures,
     encode_photo,
     encoders_offloaded,
-    parts_offloaded,
     prepare_image,
     progress,
+    sampling,
 )
 
 log = logging.getLogger("peftedit")
@@ -315,15 +313,13 @@ def run_edit(
         return latents
 
     start = tensors["z_T"].expand(branches, -1, -1, -1)
-    idle = model.runtime.offload_idle
-    with parts_offloaded(pipe, IDLE_WHILE_SAMPLING, idle):
+    with sampling(model):
         if branches == 2 or maps:
             with p2p.installed(unet, controller):
                 latents = sample(unet, scheduler, start, cond, uncond, guidance, after_step)
         else:
             latents = sample(unet, scheduler, start, cond, uncond, guidance, after_step)
-    with parts_offloaded(pipe, IDLE_WHILE_VAE, idle):
-        images = decode_latents(pipe, latents)
+    images = decode_pictures(model, latents)
     return EditResult(images, latents, prompts, controller.mean_maps(), errors)
 
 

@@ -26,12 +26,11 @@ from peftedit import ImagicConfig, RuntimeConfig, imagic, load_model
 from peftedit.artifacts import now_utc, package_versions
 from peftedit.config import build, resolve_recipe
 from peftedit.diffusion import encode_image, encode_text, fresh_scheduler
-from peftedit.methods.common import encoders_offloaded
 
 from . import memory, options
 from .build_model import save_model
-from .measure import GIB, measure, offloaded_tensors
-from .output import write_json
+from .measure import GIB, encoders_away, measure
+from .output import publish
 
 log = logging.getLogger("benchmarks")
 
@@ -72,10 +71,8 @@ def run(args) -> list[dict]:
     pipe, unet, device = model.pipe, model.pipe.unet, model.device
     latent = encode_image(pipe, memory.input_photo(model.resolution))
     e_tgt = encode_text(pipe, "a photo of a dog jumping on a bench")
-    # As in imagic.fit, the encoders leave the GPU for training; a CPU cannot move them, so its count leaves them out.
-    offloaded = offloaded_tensors(pipe) if runtime.offload_encoders else []
     rows = []
-    with encoders_offloaded(pipe, runtime.offload_encoders):
+    with encoders_away(pipe, runtime.offload_encoders) as offloaded:  # as in imagic.fit
         for setting, outer in SETTINGS.items():
             checkpoint(unet, outer)
             for stage in ("embedding", "lora"):
@@ -138,10 +135,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     rows = run(args)
-    path = write_json(args.out or options.results_path("checkpointing-", args.device), rows)
-    print(markdown(rows))
-    print(f"wrote {len(rows)} rows to {path}")
-    return rows
+    return publish(args.out or options.results_path("checkpointing-", args.device), rows, markdown(rows))
 
 
 if __name__ == "__main__":

@@ -183,6 +183,14 @@ def offloaded_tensors(pipe, names: tuple[str, ...] = OFFLOADED_PARTS) -> list[to
     return [t for m in parts for t in [*m.parameters(), *m.buffers()]]
 
 
+@contextlib.contextmanager
+def encoders_away(pipe, enabled: bool):
+    """The library's ``encoders_offloaded`` over the block; yields the tensors it moves, which the live-tensor count
+    leaves out (on a GPU they are gone from the device, on a CPU they cannot move): none when ``enabled`` is false."""
+    with encoders_offloaded(pipe, enabled):
+        yield offloaded_tensors(pipe) if enabled else []
+
+
 def idle_offload(model):
     """What ``runtime.offload_idle`` keeps off the GPU, as hooks for the live-tensor count on a CPU, where nothing can
     leave the device (None on a GPU, where the parts really move, or with the option off).
@@ -225,13 +233,11 @@ class Recorder:
 
     @contextlib.contextmanager
     def encoders_offloaded(self, pipe, enabled: bool):
-        """The library's ``encoders_offloaded`` over the block, and stages inside it do not count the parts it moves:
-        on a GPU they are gone from the device, on a CPU they cannot move, so the estimate leaves them out instead."""
+        """:func:`encoders_away` over the block, for the stages measured inside it."""
         before = self.off_device
-        if enabled:
-            self.off_device = [*before, *offloaded_tensors(pipe)]
         try:
-            with encoders_offloaded(pipe, enabled):
+            with encoders_away(pipe, enabled) as away:
+                self.off_device = [*before, *away]
                 yield
         finally:
             self.off_device = before

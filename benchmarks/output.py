@@ -17,3 +17,11 @@ def write_json(path: str | Path, data: Any) -> Path:
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def publish(path: str | Path, rows: list[dict], table: str) -> list[dict]:
+    """Write ``rows`` (as :func:`write_json`), print ``table`` and where they went; returns ``rows``."""
+    path = write_json(path, rows)
+    print(table)
+    print(f"wrote {len(rows)} rows to {path}")
+    return rows

@@ -5,11 +5,12 @@ one setting changed at a time.
     python -m benchmarks.savers --model sd15 --device cpu --set runtime.dtype=bf16   # live-tensor estimate
 
 Runs ``benchmarks.memory`` (no baselines) once with the recipes as shipped, once per saver switched off and once per
-speed option (channels-last UNet, ``torch.compile``) switched on, on one model built once, and reports per method and
-stage the peak memory of each variant against the recipe's: CUDA peak reserved on a GPU, the live-tensor estimate
-(``tensor_peak_gib``) elsewhere; on a GPU the table also gives the change in seconds per step. Rows go to
-``benchmarks/results/savers-<device>-<date>.json``. Encoder offloading and the compiled UNet run only on a GPU: on a
-CPU the encoders are on the "device" either way, and the live-tensor count does not see inside compiled kernels.
+option they leave off (``offload_idle``, channels-last UNet, ``torch.compile``) switched on, on one model built once,
+and reports per method and stage the peak memory of each variant against the recipe's: CUDA peak reserved on a GPU,
+the live-tensor estimate (``tensor_peak_gib``) elsewhere; on a GPU the table also gives the change in seconds per
+step. Rows go to ``benchmarks/results/savers-<device>-<date>.json``. Encoder offloading and the compiled UNet run only
+on a GPU: on a CPU the encoders are on the "device" either way, and the live-tensor count does not see inside
+compiled kernels.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from . import memory, options
 from .build_model import save_model
-from .output import write_json
+from .output import publish
 
 # (name, override): the first is the recipes as shipped; then each memory saver they use switched off, and each
 # option they leave off switched on: a further memory saver, and the speed options (whose worth is seconds per step,
@@ -147,10 +148,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = compare(runs, peak_key(args.device))
     for row in rows:
         row["command"] = args.command
-    path = write_json(args.out or options.results_path("savers-", args.device), rows)
-    print(markdown(rows))
-    print(f"wrote {len(rows)} rows to {path}")
-    return rows
+    return publish(args.out or options.results_path("savers-", args.device), rows, markdown(rows))
 
 
 if __name__ == "__main__":

@@ -109,9 +109,11 @@ def compile_limits(compiled: bool):
         yield
         return
     torch._dynamo.reset()
-    with torch._dynamo.config.patch(recompile_limit=COMPILE_RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
-        yield
-    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(recompile_limit=COMPILE_RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
+            yield
+    finally:
+        torch._dynamo.reset()  # a failed stage's graphs must not count against the next run's limit either
 
 
 def run_ours(folder: Path, args, imagic_cfg: dict, nulltext_cfg: dict | None) -> tuple[list[StageResult], dict]:

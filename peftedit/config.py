@@ -77,6 +77,11 @@ class RuntimeConfig:
         _choice("runtime.optimizer", self.optimizer, ("adamw8bit", "adamw"))
 
 
+# The runtime settings a loaded model carries (``load_model`` applies them, or sampling reads them from
+# ``Model.runtime``); a method call's own runtime config sets only the others (training and seed).
+LOAD_TIME_SETTINGS = ("device", "dtype", "attention", "vae_slicing", "channels_last", "compile", "offload_idle")
+
+
 def _choice(name: str, value: str, allowed: tuple[str, ...], prefix_ok: tuple[str, ...] = ()) -> None:
     if value not in allowed and not value.startswith(prefix_ok or ("\0",)):
         raise PeftEditError(f"{name} = {value!r} is not one of {', '.join(allowed)}")

@@ -1,8 +1,10 @@
-"""The speed options of ``runtime``: channels-last UNet and ``torch.compile``. Their speed only a GPU shows
-(``benchmarks.savers``); here: they are applied, they compute the same, and a compiled UNet survives a P2P edit."""
+"""The runtime options: channels-last UNet and ``torch.compile`` (their speed only a GPU shows, ``benchmarks.savers``;
+here: they are applied, compute the same, and a compiled UNet survives a P2P edit), ``offload_idle``'s moves, and
+which runtime a method call runs with."""
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
@@ -156,3 +158,21 @@ def test_offload_idle_leaves_only_the_part_at_work_on_the_gpu(eps_dir, photo):
     for phase, devices in seen.items():
         assert devices and all(d == ("cpu", "cpu") for d in devices), (phase, devices)
     assert all(p.device.type == "cuda" for p in (pipe.unet, pipe.vae, pipe.text_encoder))
+
+
+def test_a_method_call_runs_and_records_the_models_load_time_settings(eps_dir, photo, caplog):
+    """``fit(model, …)`` without a runtime records the one the model was loaded with; a call's own runtime sets the
+    training settings, and a load-time one it cannot change (here offload_idle, vae_slicing) stays the model's."""
+    loaded = RuntimeConfig(device="cpu", vae_slicing=False, offload_idle=True, seed=5)
+    model = load_model(str(eps_dir), loaded)
+    config = ImagicConfig(embedding_steps=2, finetune_steps=2, render_steps=2, preview_etas=[0.7])
+    plain = imagic.fit(model, photo, "a red circle", config, show_progress=False)
+    assert plain.meta["recipe"]["runtime"] == dataclasses.asdict(loaded)
+    assert "set when the model is loaded" not in caplog.text
+
+    call = RuntimeConfig(device="cpu", optimizer="adamw", gradient_checkpointing=False, seed=3)
+    inversion = nulltext.invert(model, photo, "a red circle", NullTextConfig(steps=2, inner_steps=1), call, False)
+    recorded = inversion.meta["recipe"]["runtime"]
+    assert (recorded["optimizer"], recorded["gradient_checkpointing"], recorded["seed"]) == ("adamw", False, 3)
+    assert (recorded["vae_slicing"], recorded["offload_idle"]) == (False, True)
+    assert "runtime.vae_slicing, runtime.offload_idle are set when the model is loaded" in caplog.text

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
 from pathlib import Path
 
 import torch
@@ -10,9 +12,33 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..artifacts import Artifact, now_utc, package_versions
+from ..config import LOAD_TIME_SETTINGS, RuntimeConfig
 from ..diffusion import decode_latents, encode_image
 from ..images import fit_square, load_image
 from ..models import Model, architecture_hash, check_same_base, fingerprint
+
+log = logging.getLogger("peftedit")
+
+
+def call_runtime(model: Model, runtime: RuntimeConfig | None) -> RuntimeConfig:
+    """The runtime a method call runs (and records) with: ``runtime``'s training settings over the load-time ones
+    ``model`` was loaded with; ``None`` means the model's own.
+
+    A load-time setting (``LOAD_TIME_SETTINGS``) cannot change after loading, so one that differs is the model's, with
+    a warning naming it.
+    """
+    if runtime is None:
+        return model.runtime
+    loaded = {name: getattr(model.runtime, name) for name in LOAD_TIME_SETTINGS}
+    differ = [f"runtime.{name}" for name, value in loaded.items() if getattr(runtime, name) != value]
+    if differ:
+        log.warning(
+            "%s %s set when the model is loaded: using the model's (%s)",
+            ", ".join(differ),
+            "is" if len(differ) == 1 else "are",
+            ", ".join(f"{name}={loaded[name.removeprefix('runtime.')]!r}" for name in differ),
+        )
+    return dataclasses.replace(runtime, **loaded)
 
 
 def prepare_image(image: str | Path | Image.Image, side: int) -> tuple[Image.Image, dict]:

@@ -31,6 +31,7 @@ from ..models import Model
 from ..optim import make_optimizer
 from .common import (
     base_meta,
+    call_runtime,
     check_base,
     checkpointing,
     decode_pictures,
@@ -202,7 +203,7 @@ def fit(
     The model is left as it was: the LoRA lives in the artifact, not in ``model``.
     """
     config = config or ImagicConfig()
-    runtime = runtime or RuntimeConfig()
+    runtime = call_runtime(model, runtime)
     pipe, unet = model.pipe, model.pipe.unet
     target_text = check_prompt(pipe.tokenizer, target_text)
     picture, image_info = prepare_image(image, model.resolution)

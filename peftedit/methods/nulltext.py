@@ -41,6 +41,7 @@ from ..optim import make_optimizer
 from . import p2p
 from .common import (
     base_meta,
+    call_runtime,
     check_base,
     checkpointing,
     decode_pictures,
@@ -171,7 +172,7 @@ def invert(
 ) -> Artifact:
     """Invert one photo with ``config.method``; returns the edit artifact (preview: input | reconstruction)."""
     config = config or NullTextConfig()
-    runtime = runtime or RuntimeConfig()
+    runtime = call_runtime(model, runtime)
     pipe, unet = model.pipe, model.pipe.unet
     source_prompt = check_prompt(pipe.tokenizer, source_prompt)
     picture, image_info = prepare_image(image, model.resolution)

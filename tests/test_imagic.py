@@ -87,13 +87,18 @@ def test_lora_at_init_changes_nothing(eps_model):
     assert torch.equal(base, adapted)
 
 
-def test_fit_leaves_the_model_unchanged(eps_model, photo):
+def test_fit_and_render_leave_the_model_as_loaded(eps_model, photo):
+    """Same weights and the same modules: no emptied LoRA wrapper stays around a layer (later stages and renders
+    would run through it)."""
     unet = eps_model.pipe.unet
     before = {k: v.clone() for k, v in unet.state_dict().items()}
-    imagic.fit(eps_model, photo, "a red circle", ImagicConfig(**FAST), RUNTIME, False)
-    after = {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items() if "lora_" not in k}
+    layers = [type(m) for m in unet.modules()]
+    artifact = imagic.fit(eps_model, photo, "a red circle", ImagicConfig(**FAST), RUNTIME, False)
+    imagic.render(eps_model, artifact, eta=0.5)
+    after = unet.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+    assert [type(m) for m in unet.modules()] == layers
     assert not any(p.requires_grad for p in unet.parameters())
 
 

@@ -149,6 +149,14 @@ def optimize_embedding(unet, scheduler, latent, e_tgt, config, runtime, generato
     return embedding.detach(), loss
 
 
+def remove_adapter(unet) -> None:
+    """Take our adapter off ``unet``; with no other adapter left, peft's emptied LoRA wrappers go too, so the UNet
+    runs through its own layers again (deleting an adapter alone keeps a wrapper around each targeted layer)."""
+    unet.delete_adapters(ADAPTER)
+    if not getattr(unet, "peft_config", None):
+        unet.unload_lora()
+
+
 def lora_parameters(unet) -> list[torch.nn.Parameter]:
     """The adapter's parameters, made fp32 and trainable (the frozen base may be half precision)."""
     params = []
@@ -187,7 +195,7 @@ def finetune_lora(unet, scheduler, latent, e_opt, config, runtime, generator, sh
         state = get_peft_model_state_dict(unet, adapter_name=ADAPTER)
         return {k: v.detach().float().cpu().clone() for k, v in state.items()}, loss
     finally:
-        unet.delete_adapters(ADAPTER)
+        remove_adapter(unet)
 
 
 def fit(
@@ -259,7 +267,7 @@ def lora_applied(unet, artifact: Artifact):
             param.requires_grad_(False)
         yield unet
     finally:
-        unet.delete_adapters(ADAPTER)
+        remove_adapter(unet)
 
 
 def render(

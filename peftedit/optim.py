@@ -1,4 +1,5 @@
-"""Optimizer factory: bitsandbytes 8-bit AdamW by default, torch AdamW where bitsandbytes cannot load."""
+"""Optimizer factory (bitsandbytes 8-bit AdamW by default, torch AdamW where bitsandbytes cannot load) and the
+optimizer step, with loss scaling where gradients pass through a float16 model."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import warnings
 from collections.abc import Iterable
 
 import torch
+
+from .errors import NumericalError
 
 log = logging.getLogger("peftedit")
 
@@ -45,3 +48,23 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every parameter group's learning rate (for schedules computed by the caller)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def loss_scaler(model_dtype: torch.dtype, device: torch.device) -> torch.amp.GradScaler:
+    """Loss scaling for gradients that flow back through a float16 model (torch's GradScaler); a no-op otherwise.
+
+    float16 has 5 exponent bits: the gradients of small losses (null-text's reach 1e-5) flush to zero on their way
+    back through the UNet unless the loss is scaled up first. bfloat16 and float32 have float32's range and need none.
+    """
+    return torch.amp.GradScaler(device.type, enabled=model_dtype == torch.float16)
+
+
+def descend(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: torch.Tensor, stage: str) -> None:
+    """One optimizer step on ``loss``. With scaling on, a step whose gradients overflowed is skipped and the scale
+    halved (GradScaler); a scale driven below 1 means the gradients overflow at any scale: that raises."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    if scaler.is_enabled() and scaler.get_scale() < 1.0:
+        raise NumericalError(f"{stage}: gradients overflow float16 at every loss scale; try runtime.dtype=fp32")

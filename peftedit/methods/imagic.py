@@ -28,7 +28,7 @@ from ..diffusion import (
 from ..errors import ArtifactError, PeftEditError
 from ..images import grid
 from ..models import Model
-from ..optim import make_optimizer
+from ..optim import descend, loss_scaler, make_optimizer
 from .common import (
     base_meta,
     call_runtime,
@@ -116,14 +116,13 @@ class ImagicConfig:
 def _train(unet, scheduler, latent, cond, params, lr, steps, runtime, generator, stage, advice, show) -> float:
     """Minimise the denoising loss over ``params`` for ``steps`` steps; returns the last loss."""
     optimizer = make_optimizer(params, lr, runtime.optimizer)
+    scaler = loss_scaler(unet.dtype, latent.device)
     loss_value = float("nan")
     bar = progress(steps, f"imagic {stage}", show)
     for step in bar:
         loss = denoising_loss(unet, scheduler, latent, cond, generator)
         loss_value = check_finite(loss, stage, step, advice)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        descend(optimizer, scaler, loss, stage)
         bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
     return loss_value
 

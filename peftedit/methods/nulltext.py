@@ -37,7 +37,7 @@ from ..diffusion import (
 from ..errors import ArtifactError, PeftEditError
 from ..images import grid, psnr
 from ..models import Model
-from ..optim import make_optimizer
+from ..optim import descend, loss_scaler, make_optimizer
 from . import p2p
 from .common import (
     base_meta,
@@ -117,6 +117,7 @@ def optimize_null_text(unet, scheduler, pivots, cond, uncond, config, runtime, s
     null = uncond.detach().float()
     nulls, latents = [], pivots[-1]
     stats = {"inner_steps": [], "loss": [], "pivot_error": []}
+    scaler = loss_scaler(unet.dtype, latents.device)  # one for the run: the scale it finds carries over
     bar = progress(steps, "null-text", show)
     for i in bar:
         t, target = scheduler.timesteps[i], pivots[steps - 1 - i]
@@ -134,9 +135,7 @@ def optimize_null_text(unet, scheduler, pivots, cond, uncond, config, runtime, s
             used = j + 1
             if value < threshold:
                 break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            descend(optimizer, scaler, loss, "null-text optimization")
         null = null.detach()
         nulls.append(null)
         with torch.no_grad():

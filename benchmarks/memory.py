@@ -354,16 +354,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     imagic_cfg, nulltext_cfg = configs(args)
     inner_steps = nulltext_cfg["nulltext"].inner_steps if nulltext_cfg else None
+
+    def rows_of(baseline: list[StageResult]) -> list[dict]:
+        rows = make_rows(ours, baseline, facts, args, inner_steps)
+        for row in rows:
+            source = imagic_cfg if row["method"] == "imagic" or nulltext_cfg is None else nulltext_cfg
+            row["runtime"] = to_dict(source["runtime"])
+        return rows
+
     with tempfile.TemporaryDirectory(prefix="peftedit-bench-") as tmp:
         folder = args.model_dir or save_model(args.model, Path(tmp) / args.model)
         log.info("model %s in %s; running our stages", args.model, folder)
         ours, facts = run_ours(folder, args, imagic_cfg, nulltext_cfg)
-        baseline = [] if args.no_baseline else run_baseline(folder, args, nulltext_cfg)
-    rows = make_rows(ours, baseline, facts, args, inner_steps)
-    for row in rows:
-        source = imagic_cfg if row["method"] == "imagic" or nulltext_cfg is None else nulltext_cfg
-        row["runtime"] = to_dict(source["runtime"])
-    path = write_rows(args.out or results_path("", facts["device"]), rows)
+        path = args.out or results_path("", facts["device"])
+        baseline = []
+        if not args.no_baseline:
+            pending = rows_of([])  # written now, so a run stopped during the baselines keeps our figures
+            for row in pending:
+                row["baseline_status"] = "pending: the run stopped before the baselines were measured"
+            write_rows(path, pending)
+            log.info("our stages written to %s; running the baselines", path)
+            baseline = run_baseline(folder, args, nulltext_cfg)
+    rows = rows_of(baseline)
+    path = write_rows(path, rows)
     print(markdown(rows))
     for line in goals(rows):
         print(line)

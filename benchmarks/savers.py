@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import memory, options
 from .build_model import save_model
-from .output import publish
+from .output import publish, write_json
 
 # (name, override): the first is the recipes as shipped; then each memory saver they use switched off, and each
 # option they leave off switched on: a further memory saver, and the speed options (whose worth is seconds per step,
@@ -136,7 +136,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     common = ["--model", args.model, "--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup)]
     common += ["--inner-steps", str(args.inner_steps), "--methods", *args.methods, "--no-baseline"]
     common += [f"--set={item}" for item in args.set]
+    path = args.out or options.results_path("savers-", args.device)
     runs: dict[str, list[dict]] = {}
+
+    def rows() -> list[dict]:
+        found = compare(runs, peak_key(args.device))
+        for row in found:
+            row["command"] = args.command
+        return found
+
     with tempfile.TemporaryDirectory(prefix="peftedit-savers-") as tmp:
         folder = save_model(args.model, Path(tmp) / args.model)
         for variant, override in VARIANTS:
@@ -145,10 +153,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             extra = [f"--set={override}"] if override else []
             out = Path(tmp) / f"{len(runs)}.json"
             runs[variant] = memory.main([*common, *extra, "--model-dir", str(folder), "--out", str(out)])
-    rows = compare(runs, peak_key(args.device))
-    for row in rows:
-        row["command"] = args.command
-    return publish(args.out or options.results_path("savers-", args.device), rows, markdown(rows))
+            write_json(path, rows())  # after each variant, so a run stopped part way keeps the variants done
+    return publish(path, rows(), markdown(rows()))
 
 
 if __name__ == "__main__":

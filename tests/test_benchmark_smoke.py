@@ -274,3 +274,40 @@ def test_savers_estimate_what_keeping_idle_parts_off_the_gpu_buys(tmp_path, one_
             assert saved >= 0.99 * encoders, (method, stage, saved)
         elif stage != "pipeline":
             assert saved == 0, (method, stage, saved)
+
+
+class _Stopped(Exception):
+    """Stands in for the device tool's time limit killing a run part way."""
+
+
+def _stop(*args, **kwargs):
+    raise _Stopped
+
+
+def test_a_run_stopped_in_the_baselines_keeps_our_rows(tmp_path, monkeypatch, one_thread):
+    monkeypatch.setattr(memory, "run_baseline", _stop)
+    out = tmp_path / "r.json"
+    argv = ["--model", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--methods", "imagic"]
+    with pytest.raises(_Stopped):
+        memory.main([*argv, "--set", "runtime.dtype=fp32", "--no-track-tensors", "--out", str(out)])
+    rows = json.loads(out.read_text())
+    assert {r["stage"] for r in rows} == STAGES["imagic"]
+    assert all(r["status"] == "ok" and r["baseline_status"].startswith("pending") for r in rows)
+
+
+def test_a_savers_run_stopped_part_way_keeps_the_variants_done(tmp_path, monkeypatch, one_thread):
+    from benchmarks import savers
+
+    real, calls = memory.main, []
+
+    def second_stops(argv):
+        calls.append(argv)
+        return real(argv) if len(calls) == 1 else _stop()
+
+    monkeypatch.setattr(memory, "main", second_stops)
+    out = tmp_path / "savers.json"
+    argv = ["--model", "tiny", "--device", "cpu", "--methods", "imagic", "--set", "runtime.dtype=fp32"]
+    with pytest.raises(_Stopped):
+        savers.main([*argv, "--variants", "no gradient checkpointing", "--out", str(out)])
+    rows = json.loads(out.read_text())
+    assert {r["variant"] for r in rows} == {"recipe"} and {r["stage"] for r in rows} == STAGES["imagic"]

@@ -6,10 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peftedit import RuntimeConfig, load_model
+from peftedit import ImagicConfig, NullTextConfig, RuntimeConfig, imagic, load_model, nulltext
 from peftedit.diffusion import denoising_loss, encode_text, fresh_scheduler
 from peftedit.errors import NumericalError
 from peftedit.optim import descend, loss_scaler, make_optimizer
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def test_adamw8bit_keeps_uint8_state_for_large_tensors():
@@ -33,25 +35,27 @@ def test_torch_adamw_on_request():
     assert isinstance(optimizer, torch.optim.AdamW)
 
 
-def _step_on_small_loss(folder, dtype: str, scale: bool) -> torch.Tensor:
+def _step_on_small_loss(folder, dtype: str, scale: bool, device: str = "cpu") -> torch.Tensor:
     """The update one SGD step (lr 1: minus the gradient) makes to a text embedding, through the UNet in ``dtype``,
     on a denoising loss shrunk to 1e-5 (the size null-text's losses reach)."""
-    model = load_model(str(folder), RuntimeConfig(device="cpu", dtype=dtype))
+    model = load_model(str(folder), RuntimeConfig(device=device, dtype=dtype))
     unet = model.pipe.unet
     embedding = encode_text(model.pipe, "a red circle").float().requires_grad_(True)
     start = embedding.detach().clone()
     generator = torch.Generator().manual_seed(0)
-    latent = torch.randn(1, 4, unet.config.sample_size, unet.config.sample_size, generator=generator)
+    side = unet.config.sample_size
+    latent = torch.randn(1, 4, side, side, generator=generator).to(device)
     loss = denoising_loss(unet, fresh_scheduler(model.pipe), latent, embedding, generator)
     scaler = loss_scaler(unet.dtype if scale else torch.float32, latent.device)
     descend(torch.optim.SGD([embedding], lr=1.0), scaler, loss * 1e-5 / loss.detach(), "test")
-    return embedding.detach() - start
+    return (embedding.detach() - start).cpu()
 
 
-def test_loss_scaling_keeps_small_gradients_through_a_float16_unet(eps_dir):
-    exact = _step_on_small_loss(eps_dir, "fp32", scale=True)  # no scaling in fp32: nothing to keep
-    scaled = _step_on_small_loss(eps_dir, "fp16", scale=True)
-    plain = _step_on_small_loss(eps_dir, "fp16", scale=False)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, CUDA])])
+def test_loss_scaling_keeps_small_gradients_through_a_float16_unet(eps_dir, device):
+    exact = _step_on_small_loss(eps_dir, "fp32", True, device)  # no scaling in fp32: nothing to keep
+    scaled = _step_on_small_loss(eps_dir, "fp16", True, device)
+    plain = _step_on_small_loss(eps_dir, "fp16", False, device)
     assert exact.abs().max() > 0
     assert float((scaled - exact).norm() / exact.norm()) < 0.05
     assert float((plain - exact).norm() / exact.norm()) > 0.5  # what the scaler prevents: most of it flushed to 0
@@ -66,3 +70,29 @@ def test_gradients_that_overflow_at_every_scale_raise():
         for _ in range(40):  # the scale starts at 2**16 and halves on each overflowed step
             descend(optimizer, scaler, (param * float("inf")).sum(), "test")
     assert torch.equal(param.detach(), torch.ones(4))  # no overflowed step was taken
+
+
+@pytest.mark.gpu
+@CUDA
+def test_the_recipes_training_settings_train_on_cuda(eps_dir, photo):
+    """fp16 UNet, 8-bit AdamW on CUDA tensors, checkpointing (RuntimeConfig's defaults, as in the 8 GB recipes):
+    every trained tensor moves, every loss is finite, and the optimizer stepping is bitsandbytes'."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    model = load_model(str(eps_dir), RuntimeConfig(device="cuda"))
+    assert model.dtype == torch.float16
+    optimizers = set()
+    handle = register_optimizer_step_post_hook(lambda optimizer, *_: optimizers.add(type(optimizer).__name__))
+    try:
+        config = ImagicConfig(embedding_steps=4, finetune_steps=4, render_steps=3, preview_etas=[0.7])
+        fitted = imagic.fit(model, photo, "a red circle", config, show_progress=False)
+        config = NullTextConfig(steps=3, inner_steps=2, early_stop=0.0, early_stop_slope=0.0)
+        inverted = nulltext.invert(model, photo, "a red circle", config, show_progress=False)
+    finally:
+        handle.remove()
+    assert optimizers == {"AdamW8bit"}
+    assert all(value == value for value in fitted.meta["losses"].values())
+    assert not torch.equal(fitted.tensors["e_opt"], fitted.tensors["e_tgt"])
+    assert any(v.abs().max() > 0 for k, v in fitted.lora.items() if "lora_B" in k)  # B starts at zero
+    nulls, start = inverted.tensors["null_embeddings"], inverted.tensors["e_uncond"][0]
+    assert all(not torch.equal(null, start) for null in nulls)

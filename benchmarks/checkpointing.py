@@ -29,7 +29,7 @@ from peftedit.diffusion import encode_image, encode_text, fresh_scheduler
 
 from . import memory, options
 from .build_model import save_model
-from .measure import GIB, encoders_away, measure
+from .measure import GIB, encoders_away, measure, release
 from .output import publish
 
 log = logging.getLogger("benchmarks")
@@ -98,6 +98,7 @@ def _stage(model, stage, latent, e_tgt, config, runtime, warmup: int, offloaded)
     fn = {"embedding": imagic.optimize_embedding, "lora": imagic.finetune_lora}[stage]
     track = device.type != "cuda"
     generator = torch.Generator("cpu").manual_seed(runtime.seed)
+    release(device)  # the previous stage's garbage must not count as resident (measure() would free it after)
     held = torch.cuda.memory_allocated(device) / GIB if device.type == "cuda" else None
     with measure(device, "optimizer", warmup=warmup, track=track, exclude=offloaded) as result:
         fn(pipe.unet, fresh_scheduler(pipe), latent, e_tgt, config, runtime, generator, False)

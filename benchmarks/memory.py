@@ -195,7 +195,9 @@ def make_rows(
         "steps": args.steps,
         "warmup": args.warmup,
         "inner_steps": inner_steps,
-        "versions": {**package_versions(), "cuda": torch.version.cuda},
+        "versions": {**package_versions(), "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()},
+        # fp32 matmuls and convolutions run in TF32 where these are on (cuDNN's default), the baselines' included
+        "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
         "command": args.command,
         "created": now_utc(),
     }

@@ -54,6 +54,10 @@ def package_versions() -> dict[str, str]:
             out[name] = importlib_metadata.version(name)
         except importlib_metadata.PackageNotFoundError:
             out[name] = "not installed"
+    if out.get("peftedit") == "not installed":  # run from a checkout on the path (the GPU benchmarks), not installed
+        from . import __version__
+
+        out["peftedit"] = f"{__version__} (not installed)"
     return out
 
 

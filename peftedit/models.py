@@ -142,8 +142,14 @@ def set_attention(unet, backend: str, device: torch.device) -> str:
     if backend == "xformers" and not (has_xformers and device.type == "cuda"):
         raise PeftEditError("runtime.attention = 'xformers' needs the xformers package and a CUDA device")
     if backend == "xformers" or (backend == "auto" and has_xformers and device.type == "cuda"):
-        unet.enable_xformers_memory_efficient_attention()
-        return "xformers"
+        try:
+            unet.enable_xformers_memory_efficient_attention()  # diffusers tries one xformers call first
+            return "xformers"
+        except Exception as err:  # an xformers built for another torch or CUDA fails in many ways
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if backend == "xformers":
+                raise PeftEditError(f"runtime.attention = 'xformers': xformers does not work here ({reason})") from err
+            log.warning("xformers is installed but does not work here (%s); using PyTorch SDPA", reason)
     unet.set_attn_processor(AttnProcessor2_0())
     return "sdpa"
 

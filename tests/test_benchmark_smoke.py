@@ -311,3 +311,18 @@ def test_a_savers_run_stopped_part_way_keeps_the_variants_done(tmp_path, monkeyp
         savers.main([*argv, "--variants", "no gradient checkpointing", "--out", str(out)])
     rows = json.loads(out.read_text())
     assert {r["variant"] for r in rows} == {"recipe"} and {r["stage"] for r in rows} == STAGES["imagic"]
+
+
+def test_versions_name_peftedit_when_it_runs_from_a_checkout(monkeypatch):
+    """On the GPU machine peftedit is on PYTHONPATH, not installed: its rows still say which version ran."""
+    from peftedit import __version__, artifacts
+
+    real = artifacts.importlib_metadata.version
+
+    def version(name):
+        if name == "peftedit":
+            raise artifacts.importlib_metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(artifacts.importlib_metadata, "version", version)
+    assert artifacts.package_versions()["peftedit"] == f"{__version__} (not installed)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -44,3 +45,30 @@ def test_vae_slicing_is_on_by_default_and_decodes_the_same():
         one_by_one, together = decode_latents(sliced.pipe, latents), decode_latents(batched.pipe, latents)
     for a, b in zip(one_by_one, together, strict=True):
         assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
+
+
+def test_a_broken_xformers_falls_back_to_sdpa_unless_asked_for(eps_model, monkeypatch, caplog):
+    """An xformers that is installed but fails its first call (built for another torch or CUDA): ``auto`` warns and
+    uses SDPA, ``xformers`` is a one-line error."""
+    import importlib.util
+
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from peftedit.errors import PeftEditError
+    from peftedit.models import set_attention
+
+    unet = eps_model.pipe.unet
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "xformers" else real_find_spec(name, *a)
+    )
+
+    def broken():
+        raise RuntimeError("No such operator xformers::efficient_attention_forward_cutlass\nmore detail")
+
+    monkeypatch.setattr(unet, "enable_xformers_memory_efficient_attention", broken)
+    assert set_attention(unet, "auto", torch.device("cuda")) == "sdpa"
+    assert "xformers is installed but does not work here (No such operator" in caplog.text
+    assert {type(p) for p in unet.attn_processors.values()} == {AttnProcessor2_0}
+    with pytest.raises(PeftEditError, match=r"xformers does not work here \(No such operator [^\n]*\)$"):
+        set_attention(unet, "xformers", torch.device("cuda"))

@@ -183,7 +183,11 @@ class Controller:
         sides = {self.layer_side(n) for n in unet.attn_processors if n.endswith("attn2.processor")}
         wanted = self.latent_side // self.control.map_divisor
         self.map_side = min((s for s in sides if s >= wanted), default=max(sides, default=0))
-        self.maps: torch.Tensor | None = None
+        # On the UNet's device from the start: a copy from the host inside every edited layer would sync the GPU.
+        device = unet.device
+        self.index, self.aligned = self.index.to(device), self.aligned.to(device)
+        self.equalizer, self.blend_alpha = self.equalizer.to(device), self.blend_alpha.to(device)
+        self.maps: torch.Tensor | None = None  # summed on the device; mean_maps() hands them to the CPU
         self.map_count = 0
         self.moved: torch.Tensor | None = None
 
@@ -215,15 +219,13 @@ class Controller:
         if edit:
             source, target = probs[-2], probs[-1]
             if cross and self.step < int(self.steps * self.control.cross_replace):
-                device, dtype = probs.device, probs.dtype
-                borrowed = source[..., self.index.to(device)]
-                aligned = self.aligned.to(device, dtype)
-                probs[-1] = (borrowed * aligned + target * (1 - aligned)) * self.equalizer.to(device, dtype)
+                borrowed, aligned = source[..., self.index], self.aligned.to(probs.dtype)
+                probs[-1] = (borrowed * aligned + target * (1 - aligned)) * self.equalizer.to(probs.dtype)
             elif not cross and self.step < int(self.steps * self.control.self_replace):
                 probs[-1] = source
         if store:
             side = math.isqrt(probs.shape[2])
-            maps = probs[-self.branches :].float().mean(1).reshape(self.branches, side, side, -1).cpu()
+            maps = probs[-self.branches :].float().mean(1).reshape(self.branches, side, side, -1)
             self.maps = maps if self.maps is None else self.maps + maps
             self.map_count += 1
         return probs
@@ -255,7 +257,7 @@ class Controller:
 
     def mean_maps(self) -> torch.Tensor | None:
         """The cross-attention maps averaged over steps and map layers, [branches, side, side, tokens]."""
-        return None if self.maps is None else self.maps / self.map_count
+        return None if self.maps is None else (self.maps / self.map_count).cpu()
 
 
 class ControlledAttention:

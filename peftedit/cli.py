@@ -48,6 +48,39 @@ def save_image_atomic(image, path: str | Path) -> Path:
     return path
 
 
+# Picture formats -o may name (Pillow writes each from the RGB pictures peftedit makes).
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def check_creatable(path: Path) -> None:
+    """Raise unless ``path`` can be made: the nearest existing folder above it is a folder we may write in."""
+    from .errors import PeftEditError
+
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise PeftEditError(f"cannot write {path}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK):
+                raise PeftEditError(f"cannot write {path}: {parent} is not writable")
+            return
+
+
+def check_picture_output(path: str | Path, overwrite: bool) -> Path:
+    """``path`` as a picture to write, checked before any work: a known format, not a folder, not an existing file
+    unless ``overwrite``, and creatable."""
+    from .errors import PeftEditError
+
+    path = Path(path)
+    if path.is_dir():
+        raise PeftEditError(f"{path} is a folder; give a file name such as {path / 'edit.png'}")
+    if path.suffix.lower() not in PICTURE_SUFFIXES:
+        raise PeftEditError(f"{path}: name a picture file ({', '.join(PICTURE_SUFFIXES)})")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; choose another name or pass --overwrite")
+    check_creatable(path)
+    return path
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="hub id, diffusers folder or .safetensors file (default: the demo model)")
     p.add_argument("--single-file-config", help="diffusers config folder/id for a single .safetensors checkpoint")
@@ -56,7 +89,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _command(sub, name: str, help: str) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=help, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(name, help=help, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # also after the command (peftedit edit F --quiet); SUPPRESS keeps a value given before it
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="base model (default: the one recorded in the edit)")
     p.add_argument("--single-file-config", help=argparse.SUPPRESS)
     p.add_argument("--eta", type=float, help="Imagic interpolation (default: the edit's recipe)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--seed", type=int, help="sampling seed of an Imagic edit (default 0; inversions have none)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance (default: the edit's recipe)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the edit's recipe)")
     p.add_argument("-o", "--output", help="PNG to write (default: <folder>-<settings>.png)")
@@ -119,19 +156,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cross-replace", type=float, help="share of steps with the source's cross-attention (0.8)")
     p.add_argument("--self-replace", type=float, help="share of steps with the source's self-attention (0.4)")
     p.add_argument("--save-attention", metavar="PNG", help="write the per-word cross-attention maps as a grid")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output pictures")
 
-    p = sub.add_parser("inspect", help="show what an edit folder holds")
+    p = _command(sub, "inspect", "show what an edit folder holds")
     p.add_argument("folder")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = sub.add_parser("generate", help="plain text-to-image with any model")
+    p = _command(sub, "generate", "plain text-to-image with any model")
     p.add_argument("prompt")
     p.add_argument("--model", help="hub id, diffusers folder or .safetensors file (default: the demo model)")
     p.add_argument("--single-file-config", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's recommendation)")
     p.add_argument("--guidance", type=float, default=None, help="guidance (default: the model's recommendation)")
-    p.add_argument("-o", "--output", default="generated.png")
+    p.add_argument("-o", "--output", default="generated.png", help="picture to write (default generated.png)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output picture")
     return parser
 
 
@@ -152,6 +191,8 @@ def _sections(*names: str) -> dict[str, type]:
 def _prepare(args, table: str, flags: dict[str, str], prompt: str):
     """Configs from recipe, --set and the command's own flags; the output folder (refused if it exists); the model."""
     from .config import build
+    from .errors import PeftEditError
+    from .images import open_image
     from .models import load_model
 
     overrides = list(args.set)
@@ -160,6 +201,11 @@ def _prepare(args, table: str, flags: dict[str, str], prompt: str):
     output = Path(args.output or Path("adapters") / slug(Path(args.image).stem, prompt))
     if output.exists() and not args.overwrite:
         raise FileExistsError(f"{output} already exists; choose another -o or pass --overwrite")
+    check_creatable(output)
+    # The photo and the prompt are checked before the model loads (minutes for Stable Diffusion).
+    open_image(args.image)
+    if not prompt.strip():
+        raise PeftEditError("the prompt is empty: describe the picture you want")
     model = load_model(args.model, configs["runtime"], args.single_file_config)
     return configs, output, model
 
@@ -185,28 +231,51 @@ def cmd_imagic(args) -> int:
     return 0
 
 
+# Edit flags that only an inversion (Prompt-to-Prompt) uses.
+P2P_FLAGS = ("p2p", "blend", "blend_mask", "reweight", "cross_replace", "self_replace", "save_attention")
+
+
 def cmd_edit(args) -> int:
     from .artifacts import Artifact
     from .models import load_model
 
     artifact = Artifact.load(args.folder)
-    if artifact.method == "imagic" and args.target:
-        raise ValueError("an Imagic edit renders its own target text; drop the prompt (use --eta to vary it)")
+    name = Path(args.folder).resolve().name  # "." names the folder it is
+    if artifact.method == "imagic":
+        if args.target:
+            raise ValueError("an Imagic edit renders its own target text; drop the prompt (use --eta to vary it)")
+        given = [f"--{flag.replace('_', '-')}" for flag in P2P_FLAGS if getattr(args, flag) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: Prompt-to-Prompt options are for inversions, not Imagic edits")
+        seed = 0 if args.seed is None else args.seed
+        eta = artifact.meta["recipe"]["imagic"]["eta"] if args.eta is None else args.eta
+        default = f"{name}-eta{eta:g}-seed{seed}.png"
+    elif artifact.method in NULLTEXT_METHODS:
+        if args.eta is not None:
+            raise ValueError("--eta is for Imagic edits; edit an inversion with a target prompt")
+        if args.seed is not None:
+            logging.getLogger("peftedit").warning(
+                "--seed has no effect on an inversion's edit (DDIM here is deterministic)"
+            )
+        default = f"{name}-{slug(args.target)}.png" if args.target else f"{name}-reconstruction.png"
+    else:
+        raise ValueError(f"{args.folder}: unknown method {artifact.method!r}")
+    output = check_picture_output(args.output or default, args.overwrite)
+    if args.save_attention:
+        check_picture_output(args.save_attention, args.overwrite)
     base = args.model or artifact.meta["base_model"]
     # The edit records its base model: no "using the demo model" notice when that is where the edit came from.
     model = load_model(base, _runtime_from(artifact), args.single_file_config, announce_demo=args.model is not None)
+    show = not args.quiet
     if artifact.method == "imagic":
         from .methods import imagic
 
-        image = imagic.render(model, artifact, eta=args.eta, seed=args.seed, guidance=args.guidance, steps=args.steps)
-        eta = artifact.meta["recipe"]["imagic"]["eta"] if args.eta is None else args.eta
-        default = f"{Path(args.folder).name}-eta{eta:g}-seed{args.seed}.png"
-    elif artifact.method in NULLTEXT_METHODS:
-        image, default = _edit_inversion(args, model, artifact)
+        image = imagic.render(
+            model, artifact, eta=args.eta, seed=seed, guidance=args.guidance, steps=args.steps, show_progress=show
+        )
     else:
-        raise ValueError(f"{args.folder}: unknown method {artifact.method!r}")
-    path = save_image_atomic(image, args.output or default)
-    print(f"wrote {path}")
+        image = _edit_inversion(args, model, artifact)
+    print(f"wrote {save_image_atomic(image, output)}")
     return 0
 
 
@@ -237,13 +306,11 @@ def cmd_invert(args) -> int:
 
 
 def _edit_inversion(args, model, artifact):
-    """A Prompt-to-Prompt edit (or, with no target, input | reconstruction) and its default file name."""
+    """A Prompt-to-Prompt edit (or, with no target, input | reconstruction)."""
     from .diffusion import decode_latents
     from .images import grid
     from .methods import nulltext, p2p
 
-    if args.eta is not None:
-        raise ValueError("--eta is for Imagic edits; edit an inversion with a target prompt")
     chosen = {
         "mode": args.p2p,
         "blend": args.blend,
@@ -255,18 +322,23 @@ def _edit_inversion(args, model, artifact):
     chosen = {k: v for k, v in chosen.items() if v is not None}
     control = p2p.Control(**chosen) if chosen else None
     result = nulltext.run_edit(
-        model, artifact, args.target, control, args.steps, args.guidance, maps=bool(args.save_attention)
+        model,
+        artifact,
+        args.target,
+        control,
+        args.steps,
+        args.guidance,
+        maps=bool(args.save_attention),
+        show_progress=not args.quiet,
     )
-    name = Path(args.folder).name
+    image = result.image
     if len(result.images) == 1:
         source = decode_latents(model.pipe, artifact.tensors["z_0"])[0]
-        image, default = grid([source, result.image], ["input (VAE)", "reconstruction"]), f"{name}-reconstruction.png"
-    else:
-        image, default = result.image, f"{name}-{slug(result.prompts[-1])}.png"
+        image = grid([source, result.image], ["input (VAE)", "reconstruction"])
     if args.save_attention:
         maps = p2p.attention_grid(model.pipe.tokenizer, result.prompts[-1], result.maps[-1], result.image)
         print(f"wrote {save_image_atomic(maps, args.save_attention)}")
-    return image, default
+    return image
 
 
 def _runtime_from(artifact):
@@ -336,9 +408,13 @@ def cmd_generate(args) -> int:
     from .generate import generate
     from .models import load_model
 
+    output = check_picture_output(args.output, args.overwrite)
+    if not args.prompt.strip():
+        raise ValueError("the prompt is empty: describe the picture you want")
     model = load_model(args.model, single_file_config=args.single_file_config)
-    image = generate(model, args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance)
-    print(f"wrote {save_image_atomic(image, args.output)}")
+    show = not args.quiet
+    image = generate(model, args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance, show_progress=show)
+    print(f"wrote {save_image_atomic(image, output)}")
     return 0
 
 
@@ -382,8 +458,8 @@ def _setup_logging(debug: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``peftedit`` command; returns the exit code."""
     args = build_parser().parse_args(argv)
-    _setup_logging(args.debug)
     try:
+        _setup_logging(args.debug)
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("peftedit: interrupted; nothing was saved", file=sys.stderr)

@@ -8,7 +8,7 @@ from pathlib import Path
 from PIL import Image
 
 from .diffusion import check_prompt, encode_text, fresh_scheduler, initial_noise, sample
-from .methods.common import decode_pictures, sampling
+from .methods.common import decode_pictures, sampling, sampling_bar
 from .models import Model
 
 # Sampling defaults for a model that recommends none: SD's usual 50 DDIM steps at guidance 7.5.
@@ -27,7 +27,14 @@ def recommended_sampling(model: Model) -> tuple[int, float]:
     return DEFAULT_STEPS, DEFAULT_GUIDANCE
 
 
-def generate(model: Model, prompt: str, seed: int = 0, steps: int | None = None, guidance: float | None = None):
+def generate(
+    model: Model,
+    prompt: str,
+    seed: int = 0,
+    steps: int | None = None,
+    guidance: float | None = None,
+    show_progress: bool = False,
+):
     """One image for ``prompt`` (PIL); steps and guidance default to the model's recommendation."""
     pipe = model.pipe
     prompt = check_prompt(pipe.tokenizer, prompt)
@@ -37,6 +44,9 @@ def generate(model: Model, prompt: str, seed: int = 0, steps: int | None = None,
     noise = initial_noise((1, pipe.unet.config.in_channels, side, side), seed) * scheduler.init_noise_sigma
     cond, uncond = encode_text(pipe, prompt), encode_text(pipe, "")
     with sampling(model):
-        latents = sample(pipe.unet, scheduler, noise, cond, uncond, rec_guidance if guidance is None else guidance)
+        guidance = rec_guidance if guidance is None else guidance
+        latents = sample(
+            pipe.unet, scheduler, noise, cond, uncond, guidance, progress=sampling_bar("generate", show_progress)
+        )
     image: Image.Image = decode_pictures(model, latents)[0]
     return image

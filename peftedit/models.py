@@ -57,6 +57,8 @@ def resolve_device(runtime: RuntimeConfig) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if runtime.device.startswith("cuda") and not torch.cuda.is_available():
         raise PeftEditError(f"runtime.device = {runtime.device!r} but CUDA is not available here; use cpu")
+    if runtime.device == "mps" and not torch.backends.mps.is_available():
+        raise PeftEditError("runtime.device = 'mps' but Apple's MPS is not available here; use cpu")
     return torch.device(runtime.device)
 
 
@@ -96,6 +98,8 @@ def load_model(
         path = demo_model_dir()
         if not (path / "model_index.json").is_file():
             raise PeftEditError(f"the demo model is not installed at {path}; pass --model")
+    elif path.exists():
+        name = str(path.resolve())  # recorded in edits as their base: found again from any working folder
     kwargs = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
     try:
         if path.suffix.lower() in PICKLE_SUFFIXES:
@@ -114,9 +118,9 @@ def load_model(
             pipe = StableDiffusionPipeline.from_pretrained(name, use_safetensors=True, **kwargs)
     except PeftEditError:
         raise
-    except OSError as err:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # a broken folder fails in many ways
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PeftEditError(f"could not load model {name!r}: {first}") from err
+        raise PeftEditError(f"could not load model {name!r}: {type(err).__name__}: {first}") from err
     # DDIM is what both methods are defined with; keep the model's own betas and prediction_type.
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.to(device)

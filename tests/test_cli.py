@@ -84,6 +84,8 @@ def _one_line_error(code, err, *fragments):
     "args, fragments",
     [
         (["missing.png", "a dog"], ["image not found"]),
+        (["missing.png", "a dog", "--model", "{tmp}/no-model"], ["image not found"]),  # checked before the model
+        (["{photo}", "  ", "--model", "{tmp}/no-model"], ["prompt is empty"]),
         (["{photo}", "   "], ["prompt is empty"]),
         (["{photo}", "a dog", "--set", "imagic.lora_rnak=4"], ["unknown key imagic.lora_rnak"]),
         (["{photo}", "a dog", "--recipe", "nope"], ["recipe 'nope' not found"]),
@@ -217,7 +219,8 @@ def test_model_sources_dispatch_to_the_right_loader(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(StableDiffusionPipeline, "from_single_file", staticmethod(fake_single_file))
     checkpoint = tmp_path / "model.safetensors"
     checkpoint.write_bytes(b"")
-    code, _, err = _run(capsys, "generate", "a dog", "--model", checkpoint, "--single-file-config", "cfg")
+    out = tmp_path / "x.png"
+    code, _, err = _run(capsys, "generate", "a dog", "--model", checkpoint, "--single-file-config", "cfg", "-o", out)
     assert seen["single_file"] == (str(checkpoint), "cfg")
     _one_line_error(code, err, "could not load model", "stop here")
 
@@ -225,7 +228,7 @@ def test_model_sources_dispatch_to_the_right_loader(tmp_path, monkeypatch, capsy
 def test_unreachable_hub_id_is_one_line(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    code, _, err = _run(capsys, "generate", "a dog", "--model", "nobody-here/no-such-model")
+    code, _, err = _run(capsys, "generate", "a dog", "--model", "nobody-here/no-such-model", "-o", tmp_path / "x.png")
     _one_line_error(code, err, "could not load model 'nobody-here/no-such-model'")
 
 
@@ -240,3 +243,82 @@ def test_rerender_runtime_drops_compile_and_unknown_settings(caplog):
     assert "from_the_future" in caplog.text
     older = _runtime_from(SimpleNamespace(meta={"recipe": {"runtime": {"gradient_checkpointing": False}}}))
     assert not older.gradient_checkpointing and not older.channels_last  # edits made before a setting existed
+
+
+def test_edit_pictures_are_checked_before_any_work(edit_dir, tmp_path, capsys):
+    """An existing picture is kept unless --overwrite; a folder, an unknown format or a path under a file are
+    refused; all before the model loads (the bad --model would fail otherwise)."""
+    existing = tmp_path / "existing.png"
+    existing.write_bytes(b"precious")
+    nowhere = ["--model", tmp_path / "no-model"]
+    cases = [
+        (existing, "already exists"),
+        (tmp_path, "is a folder"),
+        (tmp_path / "noext", "name a picture file"),
+        (existing / "sub.png", "is a file, not a folder"),
+    ]
+    for output, fragment in cases:
+        code, _, err = _run(capsys, "edit", edit_dir, *nowhere, "-o", output)
+        _one_line_error(code, err, fragment)
+    code, _, err = _run(capsys, "edit", edit_dir, "--save-attention", existing, *nowhere, "-o", tmp_path / "n.png")
+    _one_line_error(code, err, "Prompt-to-Prompt options are for inversions")
+    code, _, err = _run(capsys, "generate", "a dog", *nowhere, "-o", existing)
+    _one_line_error(code, err, "already exists")
+    assert existing.read_bytes() == b"precious"
+    code, _, err = _run(capsys, "edit", edit_dir, "--steps", 3, "-o", existing, "--overwrite")
+    assert code == 0, err
+    assert Image.open(existing).size[0] > 0
+
+
+def test_imagic_output_under_a_file_is_refused_before_training(eps_dir, photo, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    code, _, err = _run(capsys, "imagic", photo, "a dog", "--model", tmp_path / "no-model", "-o", afile / "sub")
+    _one_line_error(code, err, "is a file, not a folder")
+
+
+def test_options_after_the_command_and_progress_bars(edit_dir, tmp_path, capsys):
+    code = main(["edit", str(edit_dir), "--steps", "3", "-o", str(tmp_path / "a.png")])
+    _, err = capsys.readouterr()
+    assert code == 0 and "render eta" in err  # the sampling bar (tqdm writes to stderr)
+    code = main(["edit", str(edit_dir), "--steps", "3", "-o", str(tmp_path / "b.png"), "--quiet"])
+    _, err = capsys.readouterr()
+    assert code == 0 and "render eta" not in err
+    for command in ("inspect", "generate"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "examples:" in capsys.readouterr().out
+
+
+def test_default_picture_name_of_an_edit_run_inside_its_folder(edit_dir, capsys, monkeypatch):
+    monkeypatch.chdir(edit_dir)
+    code, out, err = _run(capsys, "edit", ".", "--steps", 3)
+    assert code == 0, err
+    written = [p.name for p in edit_dir.glob("*.png") if p.name != "preview.png"]
+    assert len(written) == 1 and written[0].startswith(f"{edit_dir.name}-eta"), written
+
+
+def test_a_local_model_is_recorded_by_its_absolute_path(eps_dir, monkeypatch):
+    from peftedit import RuntimeConfig, load_model
+
+    monkeypatch.chdir(eps_dir.parent)
+    model = load_model(eps_dir.name, RuntimeConfig(device="cpu"))
+    assert model.name == str(eps_dir.resolve())
+
+
+def test_broken_model_folders_and_missing_devices_are_one_line(tmp_path, capsys):
+    folder = tmp_path / "empty-model"
+    folder.mkdir()
+    (folder / "model_index.json").write_text("{}")
+    code, _, err = _run(capsys, "generate", "a dog", "--model", folder, "-o", tmp_path / "x.png")
+    _one_line_error(code, err, "could not load model")
+
+    import torch
+
+    from peftedit import RuntimeConfig
+    from peftedit.errors import PeftEditError
+    from peftedit.models import resolve_device
+
+    if not torch.backends.mps.is_available():
+        with pytest.raises(PeftEditError, match="MPS is not available"):
+            resolve_device(RuntimeConfig(device="mps"))

@@ -366,10 +366,11 @@ def test_cli_invert_edit_and_errors(eps_dir, photo, tmp_path, capsys):
     )
     assert code == 0, err
     assert Image.open(edited).size == (16, 16) and Image.open(maps).size[0] == 7 * 128  # image + 6 tokens
-    code, out, err = _run(capsys, "edit", folder, SOURCE, "--blend-mask", "difference", "-o", edited)
+    code, out, err = _run(capsys, "edit", folder, SOURCE, "--blend-mask", "difference", "-o", edited, "--overwrite")
     assert code == 0, err
     code, out, err = _run(capsys, "inspect", folder)
     assert code == 0 and "null_embeddings [6, 77, 32]" in out
+    edited = tmp_path / "not-written.png"
     for argv, fragment in (
         (["edit", folder, "--steps", 7, "-o", edited], "made with 6 DDIM steps"),
         (["edit", folder, "a photo of a big red circle", "--p2p", "replace", "-o", edited], "use --p2p refine"),
@@ -380,3 +381,4 @@ def test_cli_invert_edit_and_errors(eps_dir, photo, tmp_path, capsys):
         code, out, err = _run(capsys, *argv)
         lines = [line for line in err.splitlines() if line.startswith("peftedit: error:")]
         assert code == 2 and len(lines) == 1 and fragment in lines[0], (argv, err)
+    assert not edited.exists()

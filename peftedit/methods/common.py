@@ -119,6 +119,11 @@ def progress(total: int, desc: str, show: bool):
     return tqdm(range(total), desc=desc, disable=not show, leave=True, dynamic_ncols=True)
 
 
+def sampling_bar(desc: str, show: bool):
+    """A bar for ``diffusion.sample``'s ``progress``: wraps its steps; gone from the terminal when done."""
+    return lambda steps: tqdm(steps, desc=desc, disable=not show, leave=False, dynamic_ncols=True)
+
+
 def base_meta(model: Model, recipe: dict, image_info: dict) -> tuple[dict, torch.Tensor]:
     """Metadata every artifact carries, and the base model's weight probe (stored as a tensor)."""
     fid, probe = fingerprint(model.pipe)

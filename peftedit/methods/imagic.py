@@ -40,6 +40,7 @@ from .common import (
     prepare_image,
     progress,
     sampling,
+    sampling_bar,
 )
 
 METHOD = "imagic"
@@ -240,7 +241,7 @@ def fit(
     }
     artifact = Artifact(METHOD, tensors, meta, lora=lora, lora_config=config.lora_config())
     etas = config.preview_etas
-    renders = render(model, artifact, eta=etas, seed=config.preview_seed, check=False)
+    renders = render(model, artifact, eta=etas, seed=config.preview_seed, check=False, show_progress=show_progress)
     artifact.preview = grid([picture, *renders], ["input"] + [f"eta {e:g}" for e in etas])
     artifact.card = model_card(artifact)
     return artifact
@@ -277,6 +278,7 @@ def render(
     guidance: float | None = None,
     steps: int | None = None,
     check: bool = True,
+    show_progress: bool = False,
 ) -> Image.Image | list[Image.Image]:
     """Render an Imagic edit at ``eta`` (a list gives one image per eta); returns PIL image(s).
 
@@ -307,7 +309,8 @@ def render(
             side = pipe.unet.config.sample_size
             noise = initial_noise((1, pipe.unet.config.in_channels, side, side), seed) * scheduler.init_noise_sigma
             cond = value * e_tgt + (1 - value) * e_opt
-            results.append(sample(pipe.unet, scheduler, noise, cond, uncond, guidance))
+            bar = sampling_bar(f"render eta {value:g}", show_progress)
+            results.append(sample(pipe.unet, scheduler, noise, cond, uncond, guidance, progress=bar))
     images = [image for latents in results for image in decode_pictures(model, latents)]
     return images if isinstance(eta, list) else images[0]
 

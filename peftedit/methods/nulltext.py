@@ -50,6 +50,7 @@ from .common import (
     prepare_image,
     progress,
     sampling,
+    sampling_bar,
 )
 
 log = logging.getLogger("peftedit")
@@ -203,7 +204,7 @@ def invert(
     )
     meta.update(prompts={"source": source_prompt}, guidance=config.guidance, steps=config.steps)
     artifact = Artifact(config.method, tensors, meta)
-    result = run_edit(model, artifact, check=False, pivots=pivots)
+    result = run_edit(model, artifact, check=False, pivots=pivots, show_progress=show_progress)
     stats.setdefault("pivot_error", result.pivot_error)
     meta["per_step"] = stats
     meta["losses"] = {
@@ -275,6 +276,7 @@ def run_edit(
     maps: bool = False,
     check: bool = True,
     pivots: list[torch.Tensor] | None = None,
+    show_progress: bool = False,
 ) -> EditResult:
     """Sample from the inversion: the source branch alone (reconstruction) or [source, target] with P2P control."""
     check_inversion(model, artifact, steps, check)
@@ -313,12 +315,13 @@ def run_edit(
         return latents
 
     start = tensors["z_T"].expand(branches, -1, -1, -1)
+    bar = sampling_bar("reconstruction" if pivots is not None else "edit", show_progress)
     with sampling(model):
         if branches == 2 or maps:
             with p2p.installed(unet, controller):
-                latents = sample(unet, scheduler, start, cond, uncond, guidance, after_step)
+                latents = sample(unet, scheduler, start, cond, uncond, guidance, after_step, bar)
         else:
-            latents = sample(unet, scheduler, start, cond, uncond, guidance, after_step)
+            latents = sample(unet, scheduler, start, cond, uncond, guidance, after_step, bar)
     images = decode_pictures(model, latents)
     return EditResult(images, latents, prompts, controller.mean_maps(), errors)
 

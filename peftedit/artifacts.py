@@ -7,7 +7,8 @@ Layout (documented in adapters/README.md)::
     preview.png                       a grid to look at
     README.md                         a short model card
 
-Folders are written atomically: built next to the target under a hidden name, then renamed into place.
+Folders are written atomically: built next to the target under a hidden name, then renamed into place. Only an
+earlier edit folder is ever replaced (:func:`check_replaceable`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ EDIT_FILE = "edit.safetensors"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 PREVIEW_FILE = "preview.png"
 CARD_FILE = "README.md"
+EDIT_FOLDER_FILES = frozenset({EDIT_FILE, LORA_FILE, PREVIEW_FILE, CARD_FILE})
 PACKAGES = (
     "peftedit",
     "torch",
@@ -96,8 +98,7 @@ class Artifact:
     def save(self, folder: str | Path, overwrite: bool = False) -> Path:
         """Write the folder atomically; returns its path. An existing folder is replaced only with ``overwrite``."""
         folder = Path(folder)
-        if folder.exists() and not overwrite:
-            raise ArtifactError(f"{folder} already exists; choose another -o or pass --overwrite")
+        check_replaceable(folder, overwrite)
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = folder.parent / f".{folder.name}.partial-{uuid.uuid4().hex[:8]}"
         try:
@@ -195,6 +196,45 @@ def _shareable(folder: Path) -> None:
     probe.unlink()
     for path in folder.iterdir():
         path.chmod(mode)
+
+
+def check_replaceable(path: str | Path, overwrite: bool) -> None:
+    """Raise :class:`ArtifactError` unless an edit may be saved at ``path``: nothing is there, or, with
+    ``overwrite``, an earlier peftedit edit folder holding only files an edit writes. Call it before any work."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        return
+    if not overwrite:
+        raise ArtifactError(f"{path} already exists; choose another -o or pass --overwrite")
+    reason = _not_an_edit(path)
+    if reason:
+        raise ArtifactError(
+            f"{path} exists and is not a peftedit edit folder: it {reason}; --overwrite replaces only edit folders "
+            "(choose another -o)"
+        )
+
+
+def _not_an_edit(path: Path) -> str | None:
+    """Why ``path`` is not a folder that ``--overwrite`` may replace, or None when it is one."""
+    if path.is_symlink():
+        return "is a symbolic link"
+    if not path.is_dir():
+        return "is not a folder"
+    entries = sorted(path.iterdir())
+    others = [p.name for p in entries if p.name not in EDIT_FOLDER_FILES or not p.is_file()]
+    if others:
+        more = f" and {len(others) - 5} more" if len(others) > 5 else ""
+        return f"holds files an edit does not write ({', '.join(others[:5])}{more})"
+    if not (path / EDIT_FILE).is_file():
+        return f"has no {EDIT_FILE}"
+    try:
+        with safe_open(str(path / EDIT_FILE), framework="pt") as handle:
+            header = handle.metadata() or {}
+    except (SafetensorError, OSError):
+        return f"has an unreadable {EDIT_FILE}"
+    if "peftedit.format_version" not in header:
+        return f"has an {EDIT_FILE} without a peftedit header"
+    return None
 
 
 def _replace_dir(tmp: Path, folder: Path) -> None:

@@ -151,6 +151,7 @@ def _sections(*names: str) -> dict[str, type]:
 
 def _prepare(args, table: str, flags: dict[str, str], prompt: str):
     """Configs from recipe, --set and the command's own flags; the output folder (refused if it exists); the model."""
+    from .artifacts import check_replaceable
     from .config import build
     from .models import load_model
 
@@ -158,8 +159,7 @@ def _prepare(args, table: str, flags: dict[str, str], prompt: str):
     overrides += [f"{key}={getattr(args, flag)}" for flag, key in flags.items() if getattr(args, flag) is not None]
     configs = build(_sections("runtime", table), args.recipe, overrides)
     output = Path(args.output or Path("adapters") / slug(Path(args.image).stem, prompt))
-    if output.exists() and not args.overwrite:
-        raise FileExistsError(f"{output} already exists; choose another -o or pass --overwrite")
+    check_replaceable(output, args.overwrite)
     model = load_model(args.model, configs["runtime"], args.single_file_config)
     return configs, output, model
 

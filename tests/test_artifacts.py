@@ -1,0 +1,193 @@
+"""Edit folders on disk, with no model: --overwrite replaces only earlier edits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from peftedit.artifacts import EDIT_FILE, LORA_FILE, Artifact, check_replaceable
+from peftedit.cli import main
+from peftedit.errors import ArtifactError
+
+RANK = 8
+
+
+def imagic_edit(target: str = "a red square") -> Artifact:
+    """An Imagic artifact with made-up tensors: everything but a render."""
+    lora = {
+        "down.ff.lora_A.weight": torch.randn(RANK, 16),
+        "down.ff.lora_B.weight": torch.randn(16, RANK),
+        "down.conv.lora_A.weight": torch.randn(RANK, 4, 3, 3),
+        "down.conv.lora_B.weight": torch.randn(4, RANK, 1, 1),
+    }
+    config = {"r": RANK, "lora_alpha": 8.0, "target_modules": ["ff", "conv"], "init_lora_weights": True}
+    recipe = {"runtime": {"seed": 0}, "imagic": {"eta": 0.7, "guidance": 7.5, "render_steps": 3}}
+    tensors = {name: torch.randn(1, 77, 8) for name in ("e_tgt", "e_opt", "e_uncond")}
+    tensors["base_probe"] = torch.randn(16)
+    return Artifact("imagic", tensors, _meta(recipe, {"target": target}), lora=lora, lora_config=config)
+
+
+def direct_edit() -> Artifact:
+    """A ``direct`` inversion with made-up tensors."""
+    steps = 3
+    tensors = {name: torch.randn(1, 4, 2, 2) for name in ("z_T", "z_0")}
+    tensors.update(
+        timesteps=torch.tensor([667, 334, 1]),
+        e_src=torch.randn(1, 77, 8),
+        e_uncond=torch.randn(1, 77, 8),
+        offsets=torch.randn(steps, 4, 2, 2),
+        base_probe=torch.randn(16),
+    )
+    meta = _meta({"runtime": {}, "nulltext": {"method": "direct"}}, {"source": "a red circle"})
+    meta.update(steps=steps, guidance=7.5)
+    return Artifact("direct", tensors, meta)
+
+
+def _meta(recipe: dict, prompts: dict) -> dict:
+    return {
+        "base_model": "peftedit-demo",
+        "base_architecture": "0" * 64,
+        "base_fingerprint": "abc",
+        "scheduler": {"prediction_type": "epsilon"},
+        "recipe": recipe,
+        "prompts": prompts,
+        "image": {"name": "photo.png"},
+    }
+
+
+def _run(capsys, *argv):
+    code = main(["--quiet", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_line_error(code, err, fragment):
+    lines = [line for line in err.splitlines() if line.startswith("peftedit: error:")]
+    assert code == 2 and len(lines) == 1 and fragment in lines[0], err
+
+
+def _snapshot(path):
+    if path.is_symlink():
+        return ("link", str(path.readlink()))
+    if path.is_file():
+        return path.read_bytes()
+    return {p.name: _snapshot(p) for p in sorted(path.iterdir())}
+
+
+def _photos(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "holiday.png").write_bytes(b"\x89PNG not really")
+    (folder / "notes.txt").write_text("precious")
+    return folder
+
+
+def _plain_file(tmp_path):
+    path = tmp_path / "out"
+    path.write_text("precious")
+    return path
+
+
+def _edit_with_a_render(tmp_path):
+    folder = imagic_edit().save(tmp_path / "out")
+    (folder / "edit.png").write_bytes(b"a render the user made inside the folder")
+    return folder
+
+
+def _edit_with_a_subfolder(tmp_path):
+    folder = direct_edit().save(tmp_path / "out")
+    (folder / "preview.png").mkdir()  # a known name, but a folder
+    (folder / "preview.png" / "keep.txt").write_text("precious")
+    return folder
+
+
+def _other_safetensors(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    save_file({"w": torch.ones(2)}, str(folder / EDIT_FILE), metadata={"format": "pt"})
+    return folder
+
+
+def _garbage_safetensors(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / EDIT_FILE).write_bytes(b"\x00" * 40)
+    return folder
+
+
+def _empty(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    return folder
+
+
+def _link_to_an_edit(tmp_path):
+    target = direct_edit().save(tmp_path / "real")
+    link = tmp_path / "out"
+    link.symlink_to(target, target_is_directory=True)
+    return link
+
+
+NOT_EDITS = {
+    "photos": (_photos, "holds files an edit does not write (holiday.png, notes.txt)"),
+    "plain file": (_plain_file, "is not a folder"),
+    "edit plus a render": (_edit_with_a_render, "(edit.png)"),
+    "edit plus a subfolder": (_edit_with_a_subfolder, "(preview.png)"),
+    "other safetensors": (_other_safetensors, "without a peftedit header"),
+    "garbage safetensors": (_garbage_safetensors, f"unreadable {EDIT_FILE}"),
+    "empty folder": (_empty, f"has no {EDIT_FILE}"),
+    "symbolic link": (_link_to_an_edit, "is a symbolic link"),
+}
+
+
+@pytest.mark.parametrize("case", NOT_EDITS)
+def test_overwrite_replaces_only_an_earlier_edit(case, tmp_path):
+    make, fragment = NOT_EDITS[case]
+    path = make(tmp_path)
+    before = _snapshot(tmp_path)
+    with pytest.raises(ArtifactError, match="already exists"):
+        check_replaceable(path, overwrite=False)
+    with pytest.raises(ArtifactError) as caught:
+        imagic_edit().save(path, overwrite=True)
+    message = str(caught.value)
+    assert "exists and is not a peftedit edit folder" in message and fragment in message, message
+    assert _snapshot(tmp_path) == before  # nothing removed, nothing left behind
+
+
+def test_overwrite_replaces_an_earlier_edit(tmp_path):
+    folder = imagic_edit("a red square").save(tmp_path / "edit")
+    with pytest.raises(ArtifactError, match="already exists"):
+        imagic_edit("a blue square").save(folder)
+    imagic_edit("a blue square").save(folder, overwrite=True)
+    assert Artifact.load(folder).meta["prompts"]["target"] == "a blue square"
+    direct_edit().save(folder, overwrite=True)  # an inversion replaces an Imagic edit: the LoRA file goes too
+    assert Artifact.load(folder).method == "direct" and not (folder / LORA_FILE).exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["edit"]
+
+
+@pytest.mark.parametrize("case", ["photos", "plain file", "edit plus a render"])
+def test_cli_refuses_to_overwrite_before_any_work(case, photo, tmp_path, capsys, monkeypatch):
+    import peftedit.models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output path was checked")
+
+    monkeypatch.setattr(peftedit.models, "load_model", no_model)
+    make, fragment = NOT_EDITS[case]
+    path = make(tmp_path)
+    before = _snapshot(tmp_path)
+    for command in ("invert", "imagic"):
+        code, _, err = _run(capsys, command, photo, "a red circle", "-o", path, "--overwrite")
+        _one_line_error(code, err, "is not a peftedit edit folder")
+        assert fragment in err
+    assert _snapshot(tmp_path) == before
+
+
+def test_cli_overwrites_an_earlier_edit(eps_dir, photo, tmp_path, capsys):
+    folder = imagic_edit().save(tmp_path / "edit")
+    args = ["--model", eps_dir, "--method", "ddim", "--steps", 2, "--set", "runtime.device=cpu", "-o", folder]
+    code, _, err = _run(capsys, "invert", photo, "a red circle", *args, "--overwrite")
+    assert code == 0, err
+    assert Artifact.load(folder).method == "ddim"
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", EDIT_FILE, "preview.png"]

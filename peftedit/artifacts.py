@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -29,9 +30,11 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .artifact_checks import HEADER_CHECKSUM, check_contents, check_lora_rank, header_sha256
 from .errors import ArtifactError
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: the header carries HEADER_CHECKSUM
+READABLE_VERSIONS = ("1", FORMAT_VERSION)  # 1: no header checksum; read with a warning
 EDIT_FILE = "edit.safetensors"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 PREVIEW_FILE = "preview.png"
@@ -46,6 +49,7 @@ PACKAGES = (
     "bitsandbytes",
     "safetensors",
 )
+log = logging.getLogger("peftedit")
 
 
 def package_versions() -> dict[str, str]:
@@ -133,6 +137,7 @@ class Artifact:
         }
         if self.lora_config is not None:
             header["peftedit.lora_config"] = json.dumps(self.lora_config, sort_keys=True)
+        header[HEADER_CHECKSUM] = header_sha256(header)
         save_file(tensors, tmp / EDIT_FILE, metadata=header)
         if self.preview is not None:
             self.preview.save(tmp / PREVIEW_FILE)
@@ -159,8 +164,12 @@ class Artifact:
         version = header.get("peftedit.format_version")
         if version is None:
             raise ArtifactError(f"{path} has no peftedit metadata: not a peftedit edit")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ArtifactError(f"{folder} is format version {version}; this peftedit reads version {FORMAT_VERSION}")
+        if version == "1":
+            log.warning("%s predates header checksums (format 1): changes to its metadata go unnoticed", path)
+        elif header.get(HEADER_CHECKSUM) != header_sha256(header):
+            raise ArtifactError(f"{path}: the header was changed after it was written (checksum mismatch)")
         if tensors_sha256(tensors) != header.get("peftedit.tensors_sha256"):
             raise ArtifactError(f"{path}: tensors do not match their recorded checksum (modified or damaged)")
         try:
@@ -169,6 +178,8 @@ class Artifact:
             lora_config = json.loads(header["peftedit.lora_config"]) if "peftedit.lora_config" in header else None
         except (KeyError, json.JSONDecodeError) as err:
             raise ArtifactError(f"{path}: damaged metadata ({err})") from None
+        method = header.get("peftedit.method")
+        check_contents(str(path), method, list(tensors), meta, files, lora_config, LORA_FILE)
         for name, digest in files.items():
             if not (folder / name).is_file():
                 raise ArtifactError(f"{folder} is incomplete: {name} is missing")
@@ -178,8 +189,9 @@ class Artifact:
         if LORA_FILE in files:
             prefix = "unet."
             lora = {k[len(prefix) :]: v for k, v in load_file(str(folder / LORA_FILE)).items() if k.startswith(prefix)}
+            check_lora_rank(str(folder / LORA_FILE), lora, lora_config["r"])
         preview = Image.open(folder / PREVIEW_FILE).convert("RGB") if (folder / PREVIEW_FILE).is_file() else None
-        return cls(header["peftedit.method"], tensors, meta, lora, lora_config, preview)
+        return cls(method, tensors, meta, lora, lora_config, preview)
 
     def require(self, *names: str) -> None:
         """Raise :class:`ArtifactError` when a tensor the method needs is absent."""

@@ -1,13 +1,19 @@
-"""Edit folders on disk, with no model: --overwrite replaces only earlier edits."""
+"""Edit folders on disk, with no model: --overwrite replaces only earlier edits, a changed header is refused in one
+line, and format-1 folders still load."""
 
 from __future__ import annotations
 
+import json
+import logging
+
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
+from peftedit.artifact_checks import HEADER_CHECKSUM, INVERSIONS
 from peftedit.artifacts import EDIT_FILE, LORA_FILE, Artifact, check_replaceable
-from peftedit.cli import main
+from peftedit.cli import NULLTEXT_METHODS, main
 from peftedit.errors import ArtifactError
 
 RANK = 8
@@ -56,6 +62,93 @@ def _meta(recipe: dict, prompts: dict) -> dict:
     }
 
 
+def _header(folder) -> dict[str, str]:
+    with safe_open(str(folder / EDIT_FILE), framework="pt") as handle:
+        return dict(handle.metadata())
+
+
+def _rewrite(folder, change, format_1: bool = False) -> None:
+    """Change the header of ``folder``'s edit.safetensors in place (tensors kept); ``format_1``: as an older
+    peftedit wrote it, with no header checksum (so only the structural checks can catch the change)."""
+    header, tensors = _header(folder), load_file(str(folder / EDIT_FILE))
+    change(header)
+    if format_1:
+        header["peftedit.format_version"] = "1"
+        header.pop(HEADER_CHECKSUM)
+    save_file(tensors, str(folder / EDIT_FILE), metadata=header)
+
+
+def _json_edit(key: str, change):
+    def edit(header):
+        value = json.loads(header[key])
+        header[key] = json.dumps(change(value))
+
+    return edit
+
+
+def _meta_edit(change):
+    return _json_edit("peftedit.meta", change)
+
+
+def _without(*path):
+    def change(meta):
+        inner = meta
+        for key in path[:-1]:
+            inner = inner[key]
+        del inner[path[-1]]
+        return meta
+
+    return _meta_edit(change)
+
+
+def _set(key: str, path: tuple, value):
+    def change(data):
+        inner = data
+        for step in path[:-1]:
+            inner = inner[step]
+        inner[path[-1]] = value
+        return data
+
+    return _json_edit(key, change)
+
+
+def _method(name):
+    return lambda header: header.update({"peftedit.method": name})
+
+
+# (which edit, how the header is changed, what a format-1 folder's load says; None: nothing can tell)
+TAMPERING = {
+    "meta without recipe": (imagic_edit, _without("recipe"), "meta.recipe is missing"),
+    "meta without prompts": (imagic_edit, _without("prompts"), "meta.prompts is missing"),
+    "meta without scheduler": (direct_edit, _without("scheduler"), "meta.scheduler is missing"),
+    "meta without base_architecture": (imagic_edit, _without("base_architecture"), "meta.base_architecture is"),
+    "meta without the source prompt": (direct_edit, _without("prompts", "source"), "meta.prompts.source is"),
+    "meta a JSON list": (imagic_edit, _meta_edit(lambda meta: [meta]), "peftedit.meta is a JSON list"),
+    "recipe runtime a list": (imagic_edit, _set("peftedit.meta", ("recipe", "runtime"), []), "recipe.runtime is"),
+    "eta a string": (imagic_edit, _set("peftedit.meta", ("recipe", "imagic", "eta"), "0.7"), "expected a number"),
+    "guidance a string": (direct_edit, _set("peftedit.meta", ("guidance",), "7.5"), "meta.guidance is '7.5'"),
+    "steps a string": (direct_edit, _set("peftedit.meta", ("steps",), "5"), "meta.steps is '5', expected a positive"),
+    "steps zero": (direct_edit, _set("peftedit.meta", ("steps",), 0), "meta.steps is 0"),
+    "lora rank 8 -> 4": (imagic_edit, _set("peftedit.lora_config", ("r",), 4), "lora_config says rank 4"),
+    "lora alpha 8 -> 800": (imagic_edit, _set("peftedit.lora_config", ("lora_alpha",), 800.0), None),
+    "lora config a list": (imagic_edit, _json_edit("peftedit.lora_config", lambda c: [c]), "lora_config is a JSON"),
+    "lora config unknown key": (imagic_edit, _set("peftedit.lora_config", ("use_dora",), True), "use_dora"),
+    "method direct -> ddim": (direct_edit, _method("ddim"), "unexpected: ['offsets']"),
+    "method unknown": (direct_edit, _method("fast"), "unknown method 'fast'"),
+    "files emptied": (imagic_edit, lambda h: h.update({"peftedit.files": "{}"}), "peftedit.files lists []"),
+    "files point elsewhere": (imagic_edit, _json_edit("peftedit.files", lambda f: {"../x": "0" * 64}), "../x"),
+    "a key added": (direct_edit, lambda h: h.update({"peftedit.note": "hi"}), None),
+}
+
+
+@pytest.fixture
+def saved(tmp_path):
+    def save(make, name="edit"):
+        return make().save(tmp_path / name)
+
+    return save
+
+
 def _run(capsys, *argv):
     code = main(["--quiet", *map(str, argv)])
     out, err = capsys.readouterr()
@@ -65,6 +158,54 @@ def _run(capsys, *argv):
 def _one_line_error(code, err, fragment):
     lines = [line for line in err.splitlines() if line.startswith("peftedit: error:")]
     assert code == 2 and len(lines) == 1 and fragment in lines[0], err
+
+
+@pytest.mark.parametrize("case", TAMPERING)
+def test_a_changed_header_is_refused(case, saved, tmp_path, capsys):
+    make, change, _ = TAMPERING[case]
+    folder = saved(make)
+    Artifact.load(folder)
+    _rewrite(folder, change)
+    with pytest.raises(ArtifactError, match="header was changed"):
+        Artifact.load(folder)
+    code, _, err = _run(capsys, "edit", folder, "-o", tmp_path / "out.png")
+    _one_line_error(code, err, "header was changed")
+    assert not (tmp_path / "out.png").exists()
+
+
+@pytest.mark.parametrize("case", [c for c, (_, _, fragment) in TAMPERING.items() if fragment])
+def test_format_1_headers_are_checked_for_what_a_render_needs(case, saved, tmp_path, capsys):
+    make, change, fragment = TAMPERING[case]
+    folder = saved(make)
+    _rewrite(folder, change, format_1=True)
+    with pytest.raises(ArtifactError) as caught:
+        Artifact.load(folder)
+    assert fragment in str(caught.value) and "\n" not in str(caught.value)
+    code, _, err = _run(capsys, "inspect", folder)
+    _one_line_error(code, err, fragment)
+
+
+@pytest.mark.parametrize("make", [imagic_edit, direct_edit])
+def test_format_1_folders_still_load_with_a_warning(make, saved, caplog):
+    folder = saved(make)
+    assert _header(folder)[HEADER_CHECKSUM]
+    with caplog.at_level(logging.WARNING, logger="peftedit"):
+        Artifact.load(folder)
+    assert "format 1" not in caplog.text
+    _rewrite(folder, lambda header: None, format_1=True)
+    with caplog.at_level(logging.WARNING, logger="peftedit"):
+        loaded = Artifact.load(folder)
+    assert "format 1" in caplog.text
+    original = make()
+    assert loaded.method == original.method and loaded.meta == original.meta
+    assert loaded.lora_config == original.lora_config
+
+
+def test_other_format_versions_are_refused(saved):
+    folder = saved(direct_edit)
+    _rewrite(folder, lambda header: header.update({"peftedit.format_version": "3"}))
+    with pytest.raises(ArtifactError, match="format version 3; this peftedit reads version 2"):
+        Artifact.load(folder)
 
 
 def _snapshot(path):
@@ -191,3 +332,9 @@ def test_cli_overwrites_an_earlier_edit(eps_dir, photo, tmp_path, capsys):
     assert code == 0, err
     assert Artifact.load(folder).method == "ddim"
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", EDIT_FILE, "preview.png"]
+
+
+def test_method_lists_agree():
+    from peftedit.methods import nulltext
+
+    assert INVERSIONS == nulltext.METHODS == NULLTEXT_METHODS

@@ -190,8 +190,7 @@ class Artifact:
             prefix = "unet."
             lora = {k[len(prefix) :]: v for k, v in load_file(str(folder / LORA_FILE)).items() if k.startswith(prefix)}
             check_lora_rank(str(folder / LORA_FILE), lora, lora_config["r"])
-        preview = Image.open(folder / PREVIEW_FILE).convert("RGB") if (folder / PREVIEW_FILE).is_file() else None
-        return cls(method, tensors, meta, lora, lora_config, preview)
+        return cls(method, tensors, meta, lora, lora_config, _read_preview(folder / PREVIEW_FILE))
 
     def require(self, *names: str) -> None:
         """Raise :class:`ArtifactError` when a tensor the method needs is absent."""
@@ -208,6 +207,18 @@ def _shareable(folder: Path) -> None:
     probe.unlink()
     for path in folder.iterdir():
         path.chmod(mode)
+
+
+def _read_preview(path: Path) -> Image.Image | None:
+    """The preview grid, or None: rendering does not need it, so a broken one only warns."""
+    if not path.is_file():
+        return None
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        log.warning("ignoring %s: not a readable image (%s)", path, " ".join(str(err).split()))
+        return None
 
 
 def check_replaceable(path: str | Path, overwrite: bool) -> None:

@@ -1,5 +1,5 @@
 """Edit folders on disk, with no model: --overwrite replaces only earlier edits, a changed header is refused in one
-line, and format-1 folders still load."""
+line, format-1 folders still load, and a broken preview does not block an edit."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -206,6 +207,21 @@ def test_other_format_versions_are_refused(saved):
     _rewrite(folder, lambda header: header.update({"peftedit.format_version": "3"}))
     with pytest.raises(ArtifactError, match="format version 3; this peftedit reads version 2"):
         Artifact.load(folder)
+
+
+@pytest.mark.parametrize("damage", [b"not a png", "truncated"])
+def test_a_broken_preview_only_warns(damage, tmp_path, capsys, caplog):
+    edit = imagic_edit()
+    edit.preview = Image.effect_noise((64, 32), 40).convert("RGB")
+    folder = edit.save(tmp_path / "with-preview")
+    preview = folder / "preview.png"
+    assert Artifact.load(folder).preview.size == (64, 32)
+    preview.write_bytes(preview.read_bytes()[: len(preview.read_bytes()) // 2] if damage == "truncated" else damage)
+    with caplog.at_level(logging.WARNING, logger="peftedit"):
+        loaded = Artifact.load(folder)
+    assert loaded.preview is None and "preview.png" in caplog.text
+    code, out, err = _run(capsys, "inspect", folder)
+    assert code == 0 and "a red square" in out, err
 
 
 def _snapshot(path):

@@ -7,13 +7,15 @@ Layout (documented in adapters/README.md)::
     preview.png                       a grid to look at
     README.md                         a short model card
 
-Folders are written atomically: built next to the target under a hidden name, then renamed into place.
+Folders are written atomically: built next to the target under a hidden name, then renamed into place. Only an
+earlier edit folder is ever replaced (:func:`check_replaceable`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -28,13 +30,16 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .artifact_checks import HEADER_CHECKSUM, check_contents, check_lora_rank, header_sha256
 from .errors import ArtifactError
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: the header carries HEADER_CHECKSUM
+READABLE_VERSIONS = ("1", FORMAT_VERSION)  # 1: no header checksum; read with a warning
 EDIT_FILE = "edit.safetensors"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 PREVIEW_FILE = "preview.png"
 CARD_FILE = "README.md"
+EDIT_FOLDER_FILES = frozenset({EDIT_FILE, LORA_FILE, PREVIEW_FILE, CARD_FILE})
 PACKAGES = (
     "peftedit",
     "torch",
@@ -44,6 +49,7 @@ PACKAGES = (
     "bitsandbytes",
     "safetensors",
 )
+log = logging.getLogger("peftedit")
 
 
 def package_versions() -> dict[str, str]:
@@ -96,8 +102,7 @@ class Artifact:
     def save(self, folder: str | Path, overwrite: bool = False) -> Path:
         """Write the folder atomically; returns its path. An existing folder is replaced only with ``overwrite``."""
         folder = Path(folder)
-        if folder.exists() and not overwrite:
-            raise ArtifactError(f"{folder} already exists; choose another -o or pass --overwrite")
+        check_replaceable(folder, overwrite)
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = folder.parent / f".{folder.name}.partial-{uuid.uuid4().hex[:8]}"
         try:
@@ -132,6 +137,7 @@ class Artifact:
         }
         if self.lora_config is not None:
             header["peftedit.lora_config"] = json.dumps(self.lora_config, sort_keys=True)
+        header[HEADER_CHECKSUM] = header_sha256(header)
         save_file(tensors, tmp / EDIT_FILE, metadata=header)
         if self.preview is not None:
             self.preview.save(tmp / PREVIEW_FILE)
@@ -158,8 +164,12 @@ class Artifact:
         version = header.get("peftedit.format_version")
         if version is None:
             raise ArtifactError(f"{path} has no peftedit metadata: not a peftedit edit")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ArtifactError(f"{folder} is format version {version}; this peftedit reads version {FORMAT_VERSION}")
+        if version == "1":
+            log.warning("%s predates header checksums (format 1): changes to its metadata go unnoticed", path)
+        elif header.get(HEADER_CHECKSUM) != header_sha256(header):
+            raise ArtifactError(f"{path}: the header was changed after it was written (checksum mismatch)")
         if tensors_sha256(tensors) != header.get("peftedit.tensors_sha256"):
             raise ArtifactError(f"{path}: tensors do not match their recorded checksum (modified or damaged)")
         try:
@@ -168,6 +178,8 @@ class Artifact:
             lora_config = json.loads(header["peftedit.lora_config"]) if "peftedit.lora_config" in header else None
         except (KeyError, json.JSONDecodeError) as err:
             raise ArtifactError(f"{path}: damaged metadata ({err})") from None
+        method = header.get("peftedit.method")
+        check_contents(str(path), method, list(tensors), meta, files, lora_config, LORA_FILE)
         for name, digest in files.items():
             if not (folder / name).is_file():
                 raise ArtifactError(f"{folder} is incomplete: {name} is missing")
@@ -177,8 +189,8 @@ class Artifact:
         if LORA_FILE in files:
             prefix = "unet."
             lora = {k[len(prefix) :]: v for k, v in load_file(str(folder / LORA_FILE)).items() if k.startswith(prefix)}
-        preview = Image.open(folder / PREVIEW_FILE).convert("RGB") if (folder / PREVIEW_FILE).is_file() else None
-        return cls(header["peftedit.method"], tensors, meta, lora, lora_config, preview)
+            check_lora_rank(str(folder / LORA_FILE), lora, lora_config["r"])
+        return cls(method, tensors, meta, lora, lora_config, _read_preview(folder / PREVIEW_FILE))
 
     def require(self, *names: str) -> None:
         """Raise :class:`ArtifactError` when a tensor the method needs is absent."""
@@ -195,6 +207,57 @@ def _shareable(folder: Path) -> None:
     probe.unlink()
     for path in folder.iterdir():
         path.chmod(mode)
+
+
+def _read_preview(path: Path) -> Image.Image | None:
+    """The preview grid, or None: rendering does not need it, so a broken one only warns."""
+    if not path.is_file():
+        return None
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        log.warning("ignoring %s: not a readable image (%s)", path, " ".join(str(err).split()))
+        return None
+
+
+def check_replaceable(path: str | Path, overwrite: bool) -> None:
+    """Raise :class:`ArtifactError` unless an edit may be saved at ``path``: nothing is there, or, with
+    ``overwrite``, an earlier peftedit edit folder holding only files an edit writes. Call it before any work."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        return
+    if not overwrite:
+        raise ArtifactError(f"{path} already exists; choose another -o or pass --overwrite")
+    reason = _not_an_edit(path)
+    if reason:
+        raise ArtifactError(
+            f"{path} exists and is not a peftedit edit folder: it {reason}; --overwrite replaces only edit folders "
+            "(choose another -o)"
+        )
+
+
+def _not_an_edit(path: Path) -> str | None:
+    """Why ``path`` is not a folder that ``--overwrite`` may replace, or None when it is one."""
+    if path.is_symlink():
+        return "is a symbolic link"
+    if not path.is_dir():
+        return "is not a folder"
+    entries = sorted(path.iterdir())
+    others = [p.name for p in entries if p.name not in EDIT_FOLDER_FILES or not p.is_file()]
+    if others:
+        more = f" and {len(others) - 5} more" if len(others) > 5 else ""
+        return f"holds files an edit does not write ({', '.join(others[:5])}{more})"
+    if not (path / EDIT_FILE).is_file():
+        return f"has no {EDIT_FILE}"
+    try:
+        with safe_open(str(path / EDIT_FILE), framework="pt") as handle:
+            header = handle.metadata() or {}
+    except (SafetensorError, OSError):
+        return f"has an unreadable {EDIT_FILE}"
+    if "peftedit.format_version" not in header:
+        return f"has an {EDIT_FILE} without a peftedit header"
+    return None
 
 
 def _replace_dir(tmp: Path, folder: Path) -> None:

@@ -189,7 +189,9 @@ def _sections(*names: str) -> dict[str, type]:
 
 
 def _prepare(args, table: str, flags: dict[str, str], prompt: str):
-    """Configs from recipe, --set and the command's own flags; the output folder (refused if it exists); the model."""
+    """Configs from recipe, --set and the command's own flags; the output folder (checked: see check_replaceable); the
+    model. The photo, the prompt and the output are checked before the model loads."""
+    from .artifacts import check_replaceable
     from .config import build
     from .errors import PeftEditError
     from .images import open_image
@@ -199,8 +201,7 @@ def _prepare(args, table: str, flags: dict[str, str], prompt: str):
     overrides += [f"{key}={getattr(args, flag)}" for flag, key in flags.items() if getattr(args, flag) is not None]
     configs = build(_sections("runtime", table), args.recipe, overrides)
     output = Path(args.output or Path("adapters") / slug(Path(args.image).stem, prompt))
-    if output.exists() and not args.overwrite:
-        raise FileExistsError(f"{output} already exists; choose another -o or pass --overwrite")
+    check_replaceable(output, args.overwrite)
     check_creatable(output)
     # The photo and the prompt are checked before the model loads (minutes for Stable Diffusion).
     open_image(args.image)

@@ -1,0 +1,356 @@
+"""Edit folders on disk, with no model: --overwrite replaces only earlier edits, a changed header is refused in one
+line, format-1 folders still load, and a broken preview does not block an edit."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from peftedit.artifact_checks import HEADER_CHECKSUM, INVERSIONS
+from peftedit.artifacts import EDIT_FILE, LORA_FILE, Artifact, check_replaceable
+from peftedit.cli import NULLTEXT_METHODS, main
+from peftedit.errors import ArtifactError
+
+RANK = 8
+
+
+def imagic_edit(target: str = "a red square") -> Artifact:
+    """An Imagic artifact with made-up tensors: everything but a render."""
+    lora = {
+        "down.ff.lora_A.weight": torch.randn(RANK, 16),
+        "down.ff.lora_B.weight": torch.randn(16, RANK),
+        "down.conv.lora_A.weight": torch.randn(RANK, 4, 3, 3),
+        "down.conv.lora_B.weight": torch.randn(4, RANK, 1, 1),
+    }
+    config = {"r": RANK, "lora_alpha": 8.0, "target_modules": ["ff", "conv"], "init_lora_weights": True}
+    recipe = {"runtime": {"seed": 0}, "imagic": {"eta": 0.7, "guidance": 7.5, "render_steps": 3}}
+    tensors = {name: torch.randn(1, 77, 8) for name in ("e_tgt", "e_opt", "e_uncond")}
+    tensors["base_probe"] = torch.randn(16)
+    return Artifact("imagic", tensors, _meta(recipe, {"target": target}), lora=lora, lora_config=config)
+
+
+def direct_edit() -> Artifact:
+    """A ``direct`` inversion with made-up tensors."""
+    steps = 3
+    tensors = {name: torch.randn(1, 4, 2, 2) for name in ("z_T", "z_0")}
+    tensors.update(
+        timesteps=torch.tensor([667, 334, 1]),
+        e_src=torch.randn(1, 77, 8),
+        e_uncond=torch.randn(1, 77, 8),
+        offsets=torch.randn(steps, 4, 2, 2),
+        base_probe=torch.randn(16),
+    )
+    meta = _meta({"runtime": {}, "nulltext": {"method": "direct"}}, {"source": "a red circle"})
+    meta.update(steps=steps, guidance=7.5)
+    return Artifact("direct", tensors, meta)
+
+
+def _meta(recipe: dict, prompts: dict) -> dict:
+    return {
+        "base_model": "peftedit-demo",
+        "base_architecture": "0" * 64,
+        "base_fingerprint": "abc",
+        "scheduler": {"prediction_type": "epsilon"},
+        "recipe": recipe,
+        "prompts": prompts,
+        "image": {"name": "photo.png"},
+    }
+
+
+def _header(folder) -> dict[str, str]:
+    with safe_open(str(folder / EDIT_FILE), framework="pt") as handle:
+        return dict(handle.metadata())
+
+
+def _rewrite(folder, change, format_1: bool = False) -> None:
+    """Change the header of ``folder``'s edit.safetensors in place (tensors kept); ``format_1``: as an older
+    peftedit wrote it, with no header checksum (so only the structural checks can catch the change)."""
+    header, tensors = _header(folder), load_file(str(folder / EDIT_FILE))
+    change(header)
+    if format_1:
+        header["peftedit.format_version"] = "1"
+        header.pop(HEADER_CHECKSUM)
+    save_file(tensors, str(folder / EDIT_FILE), metadata=header)
+
+
+def _json_edit(key: str, change):
+    def edit(header):
+        value = json.loads(header[key])
+        header[key] = json.dumps(change(value))
+
+    return edit
+
+
+def _meta_edit(change):
+    return _json_edit("peftedit.meta", change)
+
+
+def _without(*path):
+    def change(meta):
+        inner = meta
+        for key in path[:-1]:
+            inner = inner[key]
+        del inner[path[-1]]
+        return meta
+
+    return _meta_edit(change)
+
+
+def _set(key: str, path: tuple, value):
+    def change(data):
+        inner = data
+        for step in path[:-1]:
+            inner = inner[step]
+        inner[path[-1]] = value
+        return data
+
+    return _json_edit(key, change)
+
+
+def _method(name):
+    return lambda header: header.update({"peftedit.method": name})
+
+
+# (which edit, how the header is changed, what a format-1 folder's load says; None: nothing can tell)
+TAMPERING = {
+    "meta without recipe": (imagic_edit, _without("recipe"), "meta.recipe is missing"),
+    "meta without prompts": (imagic_edit, _without("prompts"), "meta.prompts is missing"),
+    "meta without scheduler": (direct_edit, _without("scheduler"), "meta.scheduler is missing"),
+    "meta without base_architecture": (imagic_edit, _without("base_architecture"), "meta.base_architecture is"),
+    "meta without the source prompt": (direct_edit, _without("prompts", "source"), "meta.prompts.source is"),
+    "meta a JSON list": (imagic_edit, _meta_edit(lambda meta: [meta]), "peftedit.meta is a JSON list"),
+    "recipe runtime a list": (imagic_edit, _set("peftedit.meta", ("recipe", "runtime"), []), "recipe.runtime is"),
+    "eta a string": (imagic_edit, _set("peftedit.meta", ("recipe", "imagic", "eta"), "0.7"), "expected a number"),
+    "guidance a string": (direct_edit, _set("peftedit.meta", ("guidance",), "7.5"), "meta.guidance is '7.5'"),
+    "steps a string": (direct_edit, _set("peftedit.meta", ("steps",), "5"), "meta.steps is '5', expected a positive"),
+    "steps zero": (direct_edit, _set("peftedit.meta", ("steps",), 0), "meta.steps is 0"),
+    "lora rank 8 -> 4": (imagic_edit, _set("peftedit.lora_config", ("r",), 4), "lora_config says rank 4"),
+    "lora alpha 8 -> 800": (imagic_edit, _set("peftedit.lora_config", ("lora_alpha",), 800.0), None),
+    "lora config a list": (imagic_edit, _json_edit("peftedit.lora_config", lambda c: [c]), "lora_config is a JSON"),
+    "lora config unknown key": (imagic_edit, _set("peftedit.lora_config", ("use_dora",), True), "use_dora"),
+    "method direct -> ddim": (direct_edit, _method("ddim"), "unexpected: ['offsets']"),
+    "method unknown": (direct_edit, _method("fast"), "unknown method 'fast'"),
+    "files emptied": (imagic_edit, lambda h: h.update({"peftedit.files": "{}"}), "peftedit.files lists []"),
+    "files point elsewhere": (imagic_edit, _json_edit("peftedit.files", lambda f: {"../x": "0" * 64}), "../x"),
+    "a key added": (direct_edit, lambda h: h.update({"peftedit.note": "hi"}), None),
+}
+
+
+@pytest.fixture
+def saved(tmp_path):
+    def save(make, name="edit"):
+        return make().save(tmp_path / name)
+
+    return save
+
+
+def _run(capsys, *argv):
+    code = main(["--quiet", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_line_error(code, err, fragment):
+    lines = [line for line in err.splitlines() if line.startswith("peftedit: error:")]
+    assert code == 2 and len(lines) == 1 and fragment in lines[0], err
+
+
+@pytest.mark.parametrize("case", TAMPERING)
+def test_a_changed_header_is_refused(case, saved, tmp_path, capsys):
+    make, change, _ = TAMPERING[case]
+    folder = saved(make)
+    Artifact.load(folder)
+    _rewrite(folder, change)
+    with pytest.raises(ArtifactError, match="header was changed"):
+        Artifact.load(folder)
+    code, _, err = _run(capsys, "edit", folder, "-o", tmp_path / "out.png")
+    _one_line_error(code, err, "header was changed")
+    assert not (tmp_path / "out.png").exists()
+
+
+@pytest.mark.parametrize("case", [c for c, (_, _, fragment) in TAMPERING.items() if fragment])
+def test_format_1_headers_are_checked_for_what_a_render_needs(case, saved, tmp_path, capsys):
+    make, change, fragment = TAMPERING[case]
+    folder = saved(make)
+    _rewrite(folder, change, format_1=True)
+    with pytest.raises(ArtifactError) as caught:
+        Artifact.load(folder)
+    assert fragment in str(caught.value) and "\n" not in str(caught.value)
+    code, _, err = _run(capsys, "inspect", folder)
+    _one_line_error(code, err, fragment)
+
+
+@pytest.mark.parametrize("make", [imagic_edit, direct_edit])
+def test_format_1_folders_still_load_with_a_warning(make, saved, caplog):
+    folder = saved(make)
+    assert _header(folder)[HEADER_CHECKSUM]
+    with caplog.at_level(logging.WARNING, logger="peftedit"):
+        Artifact.load(folder)
+    assert "format 1" not in caplog.text
+    _rewrite(folder, lambda header: None, format_1=True)
+    with caplog.at_level(logging.WARNING, logger="peftedit"):
+        loaded = Artifact.load(folder)
+    assert "format 1" in caplog.text
+    original = make()
+    assert loaded.method == original.method and loaded.meta == original.meta
+    assert loaded.lora_config == original.lora_config
+
+
+def test_other_format_versions_are_refused(saved):
+    folder = saved(direct_edit)
+    _rewrite(folder, lambda header: header.update({"peftedit.format_version": "3"}))
+    with pytest.raises(ArtifactError, match="format version 3; this peftedit reads version 2"):
+        Artifact.load(folder)
+
+
+@pytest.mark.parametrize("damage", [b"not a png", "truncated"])
+def test_a_broken_preview_only_warns(damage, tmp_path, capsys, caplog):
+    edit = imagic_edit()
+    edit.preview = Image.effect_noise((64, 32), 40).convert("RGB")
+    folder = edit.save(tmp_path / "with-preview")
+    preview = folder / "preview.png"
+    assert Artifact.load(folder).preview.size == (64, 32)
+    preview.write_bytes(preview.read_bytes()[: len(preview.read_bytes()) // 2] if damage == "truncated" else damage)
+    with caplog.at_level(logging.WARNING, logger="peftedit"):
+        loaded = Artifact.load(folder)
+    assert loaded.preview is None and "preview.png" in caplog.text
+    code, out, err = _run(capsys, "inspect", folder)
+    assert code == 0 and "a red square" in out, err
+
+
+def _snapshot(path):
+    if path.is_symlink():
+        return ("link", str(path.readlink()))
+    if path.is_file():
+        return path.read_bytes()
+    return {p.name: _snapshot(p) for p in sorted(path.iterdir())}
+
+
+def _photos(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "holiday.png").write_bytes(b"\x89PNG not really")
+    (folder / "notes.txt").write_text("precious")
+    return folder
+
+
+def _plain_file(tmp_path):
+    path = tmp_path / "out"
+    path.write_text("precious")
+    return path
+
+
+def _edit_with_a_render(tmp_path):
+    folder = imagic_edit().save(tmp_path / "out")
+    (folder / "edit.png").write_bytes(b"a render the user made inside the folder")
+    return folder
+
+
+def _edit_with_a_subfolder(tmp_path):
+    folder = direct_edit().save(tmp_path / "out")
+    (folder / "preview.png").mkdir()  # a known name, but a folder
+    (folder / "preview.png" / "keep.txt").write_text("precious")
+    return folder
+
+
+def _other_safetensors(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    save_file({"w": torch.ones(2)}, str(folder / EDIT_FILE), metadata={"format": "pt"})
+    return folder
+
+
+def _garbage_safetensors(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / EDIT_FILE).write_bytes(b"\x00" * 40)
+    return folder
+
+
+def _empty(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    return folder
+
+
+def _link_to_an_edit(tmp_path):
+    target = direct_edit().save(tmp_path / "real")
+    link = tmp_path / "out"
+    link.symlink_to(target, target_is_directory=True)
+    return link
+
+
+NOT_EDITS = {
+    "photos": (_photos, "holds files an edit does not write (holiday.png, notes.txt)"),
+    "plain file": (_plain_file, "is not a folder"),
+    "edit plus a render": (_edit_with_a_render, "(edit.png)"),
+    "edit plus a subfolder": (_edit_with_a_subfolder, "(preview.png)"),
+    "other safetensors": (_other_safetensors, "without a peftedit header"),
+    "garbage safetensors": (_garbage_safetensors, f"unreadable {EDIT_FILE}"),
+    "empty folder": (_empty, f"has no {EDIT_FILE}"),
+    "symbolic link": (_link_to_an_edit, "is a symbolic link"),
+}
+
+
+@pytest.mark.parametrize("case", NOT_EDITS)
+def test_overwrite_replaces_only_an_earlier_edit(case, tmp_path):
+    make, fragment = NOT_EDITS[case]
+    path = make(tmp_path)
+    before = _snapshot(tmp_path)
+    with pytest.raises(ArtifactError, match="already exists"):
+        check_replaceable(path, overwrite=False)
+    with pytest.raises(ArtifactError) as caught:
+        imagic_edit().save(path, overwrite=True)
+    message = str(caught.value)
+    assert "exists and is not a peftedit edit folder" in message and fragment in message, message
+    assert _snapshot(tmp_path) == before  # nothing removed, nothing left behind
+
+
+def test_overwrite_replaces_an_earlier_edit(tmp_path):
+    folder = imagic_edit("a red square").save(tmp_path / "edit")
+    with pytest.raises(ArtifactError, match="already exists"):
+        imagic_edit("a blue square").save(folder)
+    imagic_edit("a blue square").save(folder, overwrite=True)
+    assert Artifact.load(folder).meta["prompts"]["target"] == "a blue square"
+    direct_edit().save(folder, overwrite=True)  # an inversion replaces an Imagic edit: the LoRA file goes too
+    assert Artifact.load(folder).method == "direct" and not (folder / LORA_FILE).exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["edit"]
+
+
+@pytest.mark.parametrize("case", ["photos", "plain file", "edit plus a render"])
+def test_cli_refuses_to_overwrite_before_any_work(case, photo, tmp_path, capsys, monkeypatch):
+    import peftedit.models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output path was checked")
+
+    monkeypatch.setattr(peftedit.models, "load_model", no_model)
+    make, fragment = NOT_EDITS[case]
+    path = make(tmp_path)
+    before = _snapshot(tmp_path)
+    for command in ("invert", "imagic"):
+        code, _, err = _run(capsys, command, photo, "a red circle", "-o", path, "--overwrite")
+        _one_line_error(code, err, "is not a peftedit edit folder")
+        assert fragment in err
+    assert _snapshot(tmp_path) == before
+
+
+def test_cli_overwrites_an_earlier_edit(eps_dir, photo, tmp_path, capsys):
+    folder = imagic_edit().save(tmp_path / "edit")
+    args = ["--model", eps_dir, "--method", "ddim", "--steps", 2, "--set", "runtime.device=cpu", "-o", folder]
+    code, _, err = _run(capsys, "invert", photo, "a red circle", *args, "--overwrite")
+    assert code == 0, err
+    assert Artifact.load(folder).method == "ddim"
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", EDIT_FILE, "preview.png"]
+
+
+def test_method_lists_agree():
+    from peftedit.methods import nulltext
+
+    assert INVERSIONS == nulltext.METHODS == NULLTEXT_METHODS

@@ -380,3 +380,18 @@ def test_cli_invert_edit_and_errors(eps_dir, photo, tmp_path, capsys):
         code, out, err = _run(capsys, *argv)
         lines = [line for line in err.splitlines() if line.startswith("peftedit: error:")]
         assert code == 2 and len(lines) == 1 and fragment in lines[0], (argv, err)
+
+
+def test_a_pil_image_inverts_like_its_file(eps_model, tmp_path):
+    """``invert`` (and ``imagic.fit``, through the same ``prepare_image``) gives a PIL image the input policy a path
+    gets: here a transparent background must be composited on white, not dropped (red)."""
+    rgba = Image.new("RGBA", (48, 40), (255, 0, 0, 0))
+    rgba.paste((40, 90, 220, 255), (10, 8, 30, 32))
+    path = tmp_path / "rgba.png"
+    rgba.save(path)
+    config = NullTextConfig(method="ddim", steps=2, pivot_noise=0.0)
+    from_path = nulltext.invert(eps_model, path, SOURCE, config, RUNTIME, show_progress=False)
+    with Image.open(path) as opened:
+        from_pil = nulltext.invert(eps_model, opened, SOURCE, config, RUNTIME, show_progress=False)
+    assert torch.equal(from_pil.tensors["z_0"], from_path.tensors["z_0"])
+    assert from_pil.meta["image"] == {**from_path.meta["image"], "sha256": None, "name": None}

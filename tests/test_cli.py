@@ -114,7 +114,7 @@ def test_nan_loss_stops_naming_the_stage(eps_dir, photo, tmp_path, capsys, monke
     assert not out.exists() and not _leftovers(out.parent)
 
 
-def test_long_prompt_warns_with_the_dropped_words(eps_dir, photo, tmp_path, capsys):
+def test_long_prompt_warns_in_one_short_line(eps_dir, photo, tmp_path, capsys):
     text = "a photo of a red circle " + "on a bench " * 30 + "zebra"
     code, _, err = _run(
         capsys,
@@ -132,7 +132,25 @@ def test_long_prompt_warns_with_the_dropped_words(eps_dir, photo, tmp_path, caps
         *FAST,
     )
     assert code == 0
-    assert "dropped" in err and "zebra" in err
+    (line,) = [line for line in err.splitlines() if "dropped" in line]
+    assert "prompt is 101 tokens, the text encoder reads 75: the last 26 are dropped ('on a bench on a bench …')" in (
+        line
+    )
+
+
+def test_long_prompt_warning_stays_short(tokenizer_dir, caplog):
+    """The warning quoted every dropped word: 5,252 characters for a 500-word prompt."""
+    from transformers import CLIPTokenizer
+
+    from peftedit.diffusion import check_prompt
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    with caplog.at_level("WARNING", logger="peftedit"):
+        check_prompt(tokenizer, "a photo of a red circle " + "on a bench " * 165)
+        check_prompt(tokenizer, "a photo of a red circle " + "on a bench " * 23 + "dog")
+    long, one = [record.getMessage() for record in caplog.records]
+    assert len(long) < 120 and "\n" not in long and "the last 426 are dropped" in long, long
+    assert one.endswith("the last token is dropped ('dog')"), one
 
 
 def test_existing_output_is_not_overwritten(edit_dir, eps_dir, photo, capsys):

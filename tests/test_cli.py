@@ -89,6 +89,7 @@ def _one_line_error(code, err, *fragments):
         (["{photo}", "a dog", "--recipe", "nope"], ["recipe 'nope' not found"]),
         (["{photo}", "a dog", "--model", "{tmp}/weights.ckpt"], ["pickle checkpoints are not loaded"]),
         (["{photo}", "a dog", "--model", "{tmp}"], ["not a diffusers model folder"]),
+        (["{photo}", "a dog", "--seed", "99999999999999999999999"], ["runtime.seed = 99999999999999999999999 is out"]),
     ],
 )
 def test_bad_imagic_input_is_one_line_and_leaves_nothing(args, fragments, eps_dir, photo, tmp_path, capsys):
@@ -112,6 +113,17 @@ def test_nan_loss_stops_naming_the_stage(eps_dir, photo, tmp_path, capsys, monke
     code, _, err = _run(capsys, "imagic", photo, "a red circle", "--model", eps_dir, "-o", out, *FAST)
     _one_line_error(code, err, "stage 1/2 (embedding)", "nan", "embedding_lr")
     assert not out.exists() and not _leftovers(out.parent)
+
+
+def test_list_option_elements_are_checked_before_loading(eps_dir, photo, tmp_path, capsys):
+    """A list option with an element of the wrong type failed only after training, without naming the key."""
+    out = tmp_path / "adapters" / "x"
+    args = ["imagic", photo, "a dog", "--model", eps_dir, "-o", out, "--set", "runtime.device=cpu"]
+    code, _, err = _run(capsys, *args, "--set", 'imagic.preview_etas=["a"]')
+    _one_line_error(code, err, "imagic.preview_etas[0] = 'a' must be a number")
+    code, _, err = _run(capsys, *args, "--set", 'lora_targets=["conv", 2]')
+    _one_line_error(code, err, "imagic.lora_targets[1] = 2 must be a string")
+    assert not out.exists()
 
 
 def test_long_prompt_warns_in_one_short_line(eps_dir, photo, tmp_path, capsys):

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from ..artifacts import Artifact
-from ..config import RuntimeConfig, option, positive, to_dict
+from ..config import RuntimeConfig, check_fields, check_seed, option, positive, to_dict
 from ..diffusion import (
     check_finite,
     check_prompt,
@@ -72,7 +72,7 @@ class ImagicConfig:
     )
     lora_rank: int = option(8, "LoRA rank.")
     lora_alpha: float = option(8.0, "LoRA alpha; the update is scaled by alpha/rank (stored for diffusers).")
-    lora_targets: list = option(
+    lora_targets: list[str] = option(
         ["feedforward", "conv"],
         f"UNet layers to adapt, any of: {', '.join(LORA_TARGETS)}. Off the attention layers, the text keeps steering "
         "the picture (demo model, 200 steps at lr 1e-3: 5/10 edits, vs 2/10 on attention). The SD recipes adapt "
@@ -81,10 +81,12 @@ class ImagicConfig:
     eta: float = option(0.7, "Interpolation eta*e_tgt + (1-eta)*e_opt. Paper: 0.6-0.8 works best.")
     guidance: float = option(7.5, "Classifier-free guidance at render. SD / community pipeline default: 7.5.")
     render_steps: int = option(50, "DDIM steps at render. Community pipeline default: 50.")
-    preview_etas: list = option([0.5, 0.6, 0.7, 0.8, 0.9], "Etas rendered into the preview grid.")
+    preview_etas: list[float] = option([0.5, 0.6, 0.7, 0.8, 0.9], "Etas rendered into the preview grid.")
     preview_seed: int = option(0, "Seed of the preview renders.")
 
     def __post_init__(self) -> None:
+        check_fields(self, "imagic.{}".format)
+        check_seed("imagic.preview_seed", self.preview_seed)
         for name in ("embedding_steps", "finetune_steps"):
             positive(f"imagic.{name}", getattr(self, name), zero_ok=True)
         for name in (

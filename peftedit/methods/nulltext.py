@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..artifacts import Artifact
-from ..config import RuntimeConfig, option, positive, to_dict
+from ..config import RuntimeConfig, check_fields, check_seed, option, positive, to_dict
 from ..diffusion import (
     check_finite,
     check_prompt,
@@ -94,6 +94,8 @@ class NullTextConfig:
     seed: int = option(0, "Seed of the pivot_noise noise (drawn on the CPU, the same on every device).")
 
     def __post_init__(self) -> None:
+        check_fields(self, "nulltext.{}".format)
+        check_seed("nulltext.seed", self.seed)
         if self.method not in METHODS:
             raise PeftEditError(f"nulltext.method = {self.method!r}: choose one of {', '.join(METHODS)}")
         positive("nulltext.steps", self.steps)

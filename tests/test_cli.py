@@ -165,6 +165,24 @@ def test_long_prompt_warning_stays_short(tokenizer_dir, caplog):
     assert one.endswith("the last token is dropped ('dog')"), one
 
 
+def test_bad_edit_settings_are_one_line_and_write_nothing(edit_dir, tmp_path, capsys):
+    """--eta nan rendered an all-black PNG with exit 0; --seed overflowed inside torch."""
+    out = tmp_path / "edit.png"
+    for flags, fragment in (
+        (["--eta", "nan"], "--eta = nan must be a finite number"),
+        (["--eta=-inf"], "--eta = -inf must be a finite number"),
+        (["--guidance", "nan"], "--guidance = nan must be a finite number"),
+        (["--guidance", "-1"], "--guidance = -1.0 must be >= 0"),
+        (["--steps", "0"], "--steps = 0 must be > 0"),
+        (["--steps", "5000"], "--steps = 5000 is more than the model's 1000 training timesteps"),
+        (["--seed", "99999999999999999999999"], "--seed = 99999999999999999999999 is out of range"),
+        (["--seed", "-3"], "--seed = -3 is out of range"),
+    ):
+        code, _, err = _run(capsys, "edit", edit_dir, *flags, "-o", out)
+        _one_line_error(code, err, fragment)
+        assert not out.exists() and not _leftovers(tmp_path)
+
+
 def test_existing_output_is_not_overwritten(edit_dir, eps_dir, photo, capsys):
     before = (edit_dir / "edit.safetensors").read_bytes()
     code, _, err = _run(capsys, "imagic", photo, "a dog", "--model", eps_dir, "-o", edit_dir, *FAST)
@@ -270,3 +288,15 @@ def test_rerender_runtime_drops_compile_and_unknown_settings(caplog):
     assert "from_the_future" in caplog.text
     older = _runtime_from(SimpleNamespace(meta={"recipe": {"runtime": {"gradient_checkpointing": False}}}))
     assert not older.gradient_checkpointing and not older.channels_last  # edits made before a setting existed
+
+
+def test_bad_generate_settings_are_one_line(eps_dir, tmp_path, capsys):
+    out = tmp_path / "generated.png"
+    for flags, fragment in (
+        (["--seed", "99999999999999999999999"], "--seed = 99999999999999999999999 is out of range"),
+        (["--guidance", "nan"], "--guidance = nan must be a finite number"),
+        (["--steps", "-2"], "--steps = -2 must be > 0"),
+    ):
+        code, _, err = _run(capsys, "generate", "a dog", "--model", eps_dir, *flags, "-o", out)
+        _one_line_error(code, err, fragment)
+        assert not out.exists()

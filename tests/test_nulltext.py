@@ -389,6 +389,9 @@ def test_cli_invert_edit_and_errors(eps_dir, photo, tmp_path, capsys):
         (["invert", photo, SOURCE, *args, "--overwrite", "--set", "nulltext.method=fast"], "choose one of"),
         (["invert", photo, SOURCE, *args, "--overwrite", "--guidance", "nan"], "nulltext.guidance = nan must be a"),
         (["invert", photo, SOURCE, *args, "--overwrite", "--seed", 10**23], "nulltext.seed = 1"),
+        (["edit", folder, "--guidance", "nan", "-o", edited], "--guidance = nan must be a finite number"),
+        (["edit", folder, SOURCE, "--guidance", "inf", "-o", edited], "--guidance = inf must be a finite number"),
+        (["edit", folder, "--steps", 0, "-o", edited], "--steps = 0 must be > 0"),
         (["edit", folder, SOURCE, "--cross-replace", "nan", "-o", edited], "cross-replace = nan must be a finite"),
         (["edit", folder, SOURCE, "--reweight", "circle=inf", "-o", edited], "--reweight circle=inf: the factor"),
     ):

@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..artifacts import Artifact
-from ..config import RuntimeConfig, check_fields, check_seed, option, positive, to_dict
+from ..config import RuntimeConfig, check_fields, check_seed, count, option, positive, to_dict
 from ..diffusion import (
     check_finite,
     check_prompt,
@@ -279,6 +279,10 @@ def run_edit(
     pivots: list[torch.Tensor] | None = None,
 ) -> EditResult:
     """Sample from the inversion: the source branch alone (reconstruction) or [source, target] with P2P control."""
+    if steps is not None:
+        count("--steps", steps)
+    if guidance is not None:
+        positive("--guidance", guidance, zero_ok=True)
     check_inversion(model, artifact, steps, check)
     pipe, unet, meta = model.pipe, model.pipe.unet, artifact.meta
     made = meta["guidance"]

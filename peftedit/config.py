@@ -7,7 +7,11 @@ Recipes are TOML files whose tables map onto these dataclasses; an unknown table
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +70,8 @@ class RuntimeConfig:
     seed: int = option(0, "Seed for noise and timestep sampling during training.")
 
     def __post_init__(self) -> None:
+        check_fields(self, "runtime.{}".format)
+        check_seed("runtime.seed", self.seed)
         _choice(
             "runtime.device",
             self.device,
@@ -87,10 +93,108 @@ def _choice(name: str, value: str, allowed: tuple[str, ...], prefix_ok: tuple[st
         raise PeftEditError(f"{name} = {value!r} is not one of {', '.join(allowed)}")
 
 
+def finite(name: str, value: Any) -> float:
+    """``value`` as a float; raises unless it is a real number (not a bool) that is neither NaN nor infinite."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise PeftEditError(f"{name} = {value!r} must be a number")
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float
+        number = math.inf
+    if not math.isfinite(number):
+        raise PeftEditError(f"{name} = {value!r} must be a finite number")
+    return number
+
+
 def positive(name: str, value: float, zero_ok: bool = False) -> None:
-    """Raise when a numeric config value is negative (or zero unless allowed)."""
+    """Raise when a numeric config value is not a finite number, or negative (or zero unless allowed)."""
+    finite(name, value)
     if value < 0 or (value == 0 and not zero_ok):
         raise PeftEditError(f"{name} = {value!r} must be {'>= 0' if zero_ok else '> 0'}")
+
+
+def count(name: str, value: Any, zero_ok: bool = False) -> int:
+    """``value`` as an int; raises unless it is an integer (not a bool) > 0 (>= 0 when ``zero_ok``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise PeftEditError(f"{name} = {value!r} must be an integer")
+    positive(name, value, zero_ok)
+    return int(value)
+
+
+# torch.Generator.manual_seed takes any 64-bit value; seeds are kept to the non-negative int64 range so that every
+# seed also fits the signed 64-bit integers other tools store them in.
+SEED_LIMIT = 2**63
+
+
+def check_seed(name: str, value: Any) -> int:
+    """``value`` as an int; raises unless it is an integer with 0 <= value < 2**63."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise PeftEditError(f"{name} = {value!r} must be an integer")
+    if not 0 <= value < SEED_LIMIT:
+        raise PeftEditError(f"{name} = {value} is out of range (a seed is between 0 and 2**63 - 1)")
+    return int(value)
+
+
+# How a type is named in an error: "must be <this>".
+_KIND_WORDS = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "a list",
+    dict: "a table",
+}
+
+
+def check_type(name: str, kind: Any, value: Any) -> Any:
+    """``value`` checked against the annotation ``kind``: bool, int, float, str, ``list[X]``, ``dict[K, V]`` or
+    ``X | None``; an int where a float is wanted becomes a float, and a float must be finite. Returns the value."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (kind,) = [a for a in args if a is not type(None)]  # only ``X | None`` is used
+        return check_type(name, kind, value)
+    base = origin or kind
+    if base is float:
+        return finite(name, value)
+    if base is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if base in (bool, str) and isinstance(value, base):
+        return value
+    if base is list and isinstance(value, list):
+        return [check_type(f"{name}[{i}]", args[0], v) for i, v in enumerate(value)] if args else list(value)
+    if base is dict and isinstance(value, dict):
+        if not args:
+            return dict(value)
+        return {
+            check_type(f"{name} key", args[0], k): check_type(f"{name}[{k!r}]", args[1], v) for k, v in value.items()
+        }
+    if base not in _KIND_WORDS:
+        return value
+    raise PeftEditError(f"{name} = {value!r} must be {_KIND_WORDS[base]}")
+
+
+def field_kinds(cls: type) -> dict[str, Any]:
+    """Each field's annotation, resolved; a bare ``list`` whose default's elements share one type is read as a list of
+    that type (so ``[1, 2]`` defaults make a list of ints)."""
+    hints = typing.get_type_hints(cls)
+    kinds = {}
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if kind is list and f.default_factory is not dataclasses.MISSING:
+            elements = {type(v) for v in f.default_factory()}
+            if len(elements) == 1:
+                kind = list[elements.pop()]
+        kinds[f.name] = kind
+    return kinds
+
+
+def check_fields(config: Any, name: typing.Callable[[str], str]) -> None:
+    """Check every field of a dataclass config against its annotation (``check_type``), in place; ``name`` maps a
+    field's name to the one errors show (e.g. ``"imagic.{}".format``)."""
+    for key, kind in field_kinds(type(config)).items():
+        setattr(config, key, check_type(name(key), kind, getattr(config, key)))
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -103,17 +207,6 @@ def _parse_value(text: str) -> Any:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
-
-
-def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
-    kind = type(f.default) if f.default is not dataclasses.MISSING else type(f.default_factory())
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind is bool and not isinstance(value, bool) or kind is not bool and isinstance(value, bool):
-        raise PeftEditError(f"{section}.{f.name} = {value!r} must be a {kind.__name__}")
-    if not isinstance(value, kind):
-        raise PeftEditError(f"{section}.{f.name} = {value!r} must be a {kind.__name__}")
-    return value
 
 
 def build(
@@ -145,11 +238,11 @@ def build(
         raw[table][key] = _parse_value(text.strip())
     out = {}
     for table, cls in sections.items():
-        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kinds = field_kinds(cls)
         for key in raw[table]:
-            if key not in fields:
-                raise PeftEditError(f"unknown key {table}.{key} (known: {', '.join(fields)})")
-        values = {k: _coerce(table, fields[k], v) for k, v in raw[table].items()}
+            if key not in kinds:
+                raise PeftEditError(f"unknown key {table}.{key} (known: {', '.join(kinds)})")
+        values = {k: check_type(f"{table}.{k}", kinds[k], v) for k, v in raw[table].items()}
         out[table] = cls(**values)
     return out
 

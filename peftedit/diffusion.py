@@ -18,20 +18,30 @@ log = logging.getLogger("peftedit")
 CondSource = torch.Tensor | Callable[[int], torch.Tensor]
 
 
+# A too-long prompt's warning quotes the start of what is dropped: at most this many tokens, and characters.
+DROPPED_QUOTE_TOKENS = 6
+DROPPED_QUOTE_CHARS = 40
+
+
 def check_prompt(tokenizer, text: str) -> str:
-    """Strip a prompt; raise on an empty one and warn (naming the dropped words) when it is too long."""
+    """Strip a prompt; raise on an empty one and warn (in one short line: how many tokens are dropped, and the first
+    few of them) when it is too long."""
     text = " ".join(str(text).split())
     if not text:
         raise PeftEditError("the prompt is empty: describe the picture you want")
     limit = tokenizer.model_max_length - 2
     ids = tokenizer(text, add_special_tokens=False, truncation=False).input_ids
     if len(ids) > limit:
-        dropped = tokenizer.decode(ids[limit:]).strip()
+        dropped = ids[limit:]
+        quote = tokenizer.decode(dropped[:DROPPED_QUOTE_TOKENS]).strip()
+        if len(dropped) > DROPPED_QUOTE_TOKENS or len(quote) > DROPPED_QUOTE_CHARS:
+            quote = quote[:DROPPED_QUOTE_CHARS].rstrip() + " …"
         log.warning(
-            "prompt is %d tokens, the text encoder reads %d; dropped: %r",
+            "prompt is %d tokens, the text encoder reads %d: %s dropped (%r)",
             len(ids),
             limit,
-            dropped,
+            "the last token is" if len(dropped) == 1 else f"the last {len(dropped)} are",
+            quote,
         )
     return text
 

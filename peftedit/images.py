@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,7 @@ def file_sha256(path: str | Path) -> str:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if image.mode.startswith("I") or image.mode == "F":
         array = np.asarray(image, dtype=np.float64)
         top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
         if image.mode == "F":
@@ -51,6 +52,34 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def normalise(image: Image.Image, where: str) -> Image.Image:
+    """The input policy for an opened image (a file's or one made in memory): refused over ``MAX_PIXELS`` before
+    decoding, decoded fully, turned by its EXIF orientation, refused under ``MIN_SIDE``, converted to 8-bit RGB.
+
+    ``where`` names the image in errors (its path). The caller's image is not changed, apart from being decoded.
+    """
+    if image.width * image.height > MAX_PIXELS:
+        raise PeftEditError(f"{where}: {image.width}x{image.height} is too large (max {MAX_PIXELS} pixels)")
+    try:
+        image.load()
+        upright = ImageOps.exif_transpose(image)
+        upright.load()
+    except (OSError, SyntaxError, Image.DecompressionBombError) as err:
+        raise PeftEditError(f"{where}: corrupt or truncated image ({err})") from None
+    except (ValueError, AssertionError):  # Pillow's answer to decoding an image whose file was closed
+        raise PeftEditError(
+            f"{where}: the image cannot be read (was its file closed before it was decoded?)"
+        ) from None
+    if min(upright.size) < MIN_SIDE:
+        raise PeftEditError(
+            f"{where}: {upright.width}x{upright.height} is too small (each side must be >= {MIN_SIDE} px)"
+        )
+    try:
+        return _to_rgb(upright)
+    except ValueError as err:
+        raise PeftEditError(f"{where}: mode {upright.mode} cannot be converted to RGB ({err})") from None
+
+
 def open_image(path: str | Path) -> tuple[Image.Image, str]:
     """Decode an image file fully, apply its EXIF orientation; returns it as 8-bit RGB and its original mode."""
     path = Path(path)
@@ -58,19 +87,11 @@ def open_image(path: str | Path) -> tuple[Image.Image, str]:
         raise FileNotFoundError(f"image not found: {path}")
     try:
         with Image.open(path) as raw:
-            if raw.width * raw.height > MAX_PIXELS:
-                raise PeftEditError(f"{path}: {raw.width}x{raw.height} is too large (max {MAX_PIXELS} pixels)")
-            raw.load()
-            mode = raw.mode
-            image = ImageOps.exif_transpose(raw)
-            image.load()
+            return normalise(raw, str(path)), raw.mode
     except UnidentifiedImageError:
         raise PeftEditError(f"{path}: not an image file (or a format Pillow cannot read)") from None
     except (OSError, SyntaxError, Image.DecompressionBombError) as err:
         raise PeftEditError(f"{path}: corrupt or truncated image ({err})") from None
-    if min(image.size) < MIN_SIDE:
-        raise PeftEditError(f"{path}: {image.width}x{image.height} is too small (each side must be >= {MIN_SIDE} px)")
-    return _to_rgb(image), mode
 
 
 def fit_square(image: Image.Image, side: int) -> Image.Image:
@@ -99,19 +120,26 @@ def fit_square(image: Image.Image, side: int) -> Image.Image:
     return resized.crop((left, top, left + side, top + side))
 
 
-def load_image(path: str | Path, side: int) -> tuple[Image.Image, dict]:
-    """Open, normalise and crop an input photo for a model of ``side`` pixels.
+# How an image passed as a PIL object is named in errors, unless Pillow opened it from a file (then: that path).
+IN_MEMORY = "input image"
 
-    Returns the square RGB image and facts for the artifact (sha256, original size and mode, path name).
+
+def load_image(source: str | Path | Image.Image, side: int) -> tuple[Image.Image, dict]:
+    """Open (a path) or take (a PIL image), normalise and crop an input photo for a model of ``side`` pixels.
+
+    Both go through ``normalise``, so a PIL image gets what its file would. Returns the square RGB image and facts
+    for the artifact: sha256 and name of the file (None for a PIL image), size after the EXIF turn, original mode.
     """
-    path = Path(path)
-    image, mode = open_image(path)
-    info = {
-        "sha256": file_sha256(path),
-        "name": path.name,
-        "size": list(image.size),
-        "mode": mode,
-    }
+    if isinstance(source, Image.Image):
+        image, sha256, name = normalise(source, getattr(source, "filename", "") or IN_MEMORY), None, None
+        mode = source.mode
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        image, mode = open_image(path)
+        sha256, name = file_sha256(path), path.name
+    else:
+        raise PeftEditError(f"the image must be a file path or a PIL image, not {type(source).__name__}")
+    info = {"sha256": sha256, "name": name, "size": list(image.size), "mode": mode}
     return fit_square(image, side), info
 
 

@@ -91,6 +91,7 @@ def _one_line_error(code, err, *fragments):
         (["{photo}", "a dog", "--recipe", "nope"], ["recipe 'nope' not found"]),
         (["{photo}", "a dog", "--model", "{tmp}/weights.ckpt"], ["pickle checkpoints are not loaded"]),
         (["{photo}", "a dog", "--model", "{tmp}"], ["not a diffusers model folder"]),
+        (["{photo}", "a dog", "--seed", "99999999999999999999999"], ["runtime.seed = 99999999999999999999999 is out"]),
     ],
 )
 def test_bad_imagic_input_is_one_line_and_leaves_nothing(args, fragments, eps_dir, photo, tmp_path, capsys):
@@ -116,7 +117,18 @@ def test_nan_loss_stops_naming_the_stage(eps_dir, photo, tmp_path, capsys, monke
     assert not out.exists() and not _leftovers(out.parent)
 
 
-def test_long_prompt_warns_with_the_dropped_words(eps_dir, photo, tmp_path, capsys):
+def test_list_option_elements_are_checked_before_loading(eps_dir, photo, tmp_path, capsys):
+    """A list option with an element of the wrong type failed only after training, without naming the key."""
+    out = tmp_path / "adapters" / "x"
+    args = ["imagic", photo, "a dog", "--model", eps_dir, "-o", out, "--set", "runtime.device=cpu"]
+    code, _, err = _run(capsys, *args, "--set", 'imagic.preview_etas=["a"]')
+    _one_line_error(code, err, "imagic.preview_etas[0] = 'a' must be a number")
+    code, _, err = _run(capsys, *args, "--set", 'lora_targets=["conv", 2]')
+    _one_line_error(code, err, "imagic.lora_targets[1] = 2 must be a string")
+    assert not out.exists()
+
+
+def test_long_prompt_warns_in_one_short_line(eps_dir, photo, tmp_path, capsys):
     text = "a photo of a red circle " + "on a bench " * 30 + "zebra"
     code, _, err = _run(
         capsys,
@@ -134,7 +146,43 @@ def test_long_prompt_warns_with_the_dropped_words(eps_dir, photo, tmp_path, caps
         *FAST,
     )
     assert code == 0
-    assert "dropped" in err and "zebra" in err
+    (line,) = [line for line in err.splitlines() if "dropped" in line]
+    assert "prompt is 101 tokens, the text encoder reads 75: the last 26 are dropped ('on a bench on a bench …')" in (
+        line
+    )
+
+
+def test_long_prompt_warning_stays_short(tokenizer_dir, caplog):
+    """The warning quoted every dropped word: 5,252 characters for a 500-word prompt."""
+    from transformers import CLIPTokenizer
+
+    from peftedit.diffusion import check_prompt
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    with caplog.at_level("WARNING", logger="peftedit"):
+        check_prompt(tokenizer, "a photo of a red circle " + "on a bench " * 165)
+        check_prompt(tokenizer, "a photo of a red circle " + "on a bench " * 23 + "dog")
+    long, one = [record.getMessage() for record in caplog.records]
+    assert len(long) < 120 and "\n" not in long and "the last 426 are dropped" in long, long
+    assert one.endswith("the last token is dropped ('dog')"), one
+
+
+def test_bad_edit_settings_are_one_line_and_write_nothing(edit_dir, tmp_path, capsys):
+    """--eta nan rendered an all-black PNG with exit 0; --seed overflowed inside torch."""
+    out = tmp_path / "edit.png"
+    for flags, fragment in (
+        (["--eta", "nan"], "--eta = nan must be a finite number"),
+        (["--eta=-inf"], "--eta = -inf must be a finite number"),
+        (["--guidance", "nan"], "--guidance = nan must be a finite number"),
+        (["--guidance", "-1"], "--guidance = -1.0 must be >= 0"),
+        (["--steps", "0"], "--steps = 0 must be > 0"),
+        (["--steps", "5000"], "--steps = 5000 is more than the model's 1000 training timesteps"),
+        (["--seed", "99999999999999999999999"], "--seed = 99999999999999999999999 is out of range"),
+        (["--seed", "-3"], "--seed = -3 is out of range"),
+    ):
+        code, _, err = _run(capsys, "edit", edit_dir, *flags, "-o", out)
+        _one_line_error(code, err, fragment)
+        assert not out.exists() and not _leftovers(tmp_path)
 
 
 def test_existing_output_is_not_overwritten(edit_dir, eps_dir, photo, capsys):
@@ -322,3 +370,15 @@ def test_broken_model_folders_and_missing_devices_are_one_line(tmp_path, capsys)
     if not torch.backends.mps.is_available():
         with pytest.raises(PeftEditError, match="MPS is not available"):
             resolve_device(RuntimeConfig(device="mps"))
+
+
+def test_bad_generate_settings_are_one_line(eps_dir, tmp_path, capsys):
+    out = tmp_path / "generated.png"
+    for flags, fragment in (
+        (["--seed", "99999999999999999999999"], "--seed = 99999999999999999999999 is out of range"),
+        (["--guidance", "nan"], "--guidance = nan must be a finite number"),
+        (["--steps", "-2"], "--steps = -2 must be > 0"),
+    ):
+        code, _, err = _run(capsys, "generate", "a dog", "--model", eps_dir, *flags, "-o", out)
+        _one_line_error(code, err, fragment)
+        assert not out.exists()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 
 import pytest
 
 from peftedit import ImagicConfig, PeftEditError, RuntimeConfig, build
 from peftedit.cli import recipe_sections
-from peftedit.config import RECIPES_DIR
+from peftedit.config import RECIPES_DIR, field_kinds
 
 SECTIONS = {"runtime": RuntimeConfig, "imagic": ImagicConfig}
 
@@ -26,11 +27,20 @@ def test_overrides_reach_the_right_table_and_type():
         ("imagic.lora_rnak=4", "unknown key imagic.lora_rnak"),
         ("nosuch=1", "not a known key"),
         ("seed", "expected key=value"),
-        ("imagic.lora_rank=big", "must be a int"),
+        ("imagic.lora_rank=big", "imagic.lora_rank = 'big' must be an integer"),
+        ("imagic.lora_rank=2.5", "must be an integer"),
         ("imagic.lora_rank=0", "must be > 0"),
         ("imagic.lora_targets=['attention','mlp']", "lora_targets"),
         ("runtime.dtype=fp8", "not one of"),
-        ("gradient_checkpointing=1", "must be a bool"),
+        ("gradient_checkpointing=1", "must be true or false"),
+        ("imagic.eta=nan", r"imagic.eta = nan must be a finite number"),
+        ('imagic.preview_etas=["a"]', r"imagic.preview_etas\[0\] = 'a' must be a number"),
+        ("imagic.preview_etas=[0.5, inf]", r"imagic.preview_etas\[1\] = inf must be a finite number"),
+        ("imagic.preview_etas=0.5", "imagic.preview_etas = 0.5 must be a list"),
+        ("imagic.lora_targets=[1]", r"imagic.lora_targets\[0\] = 1 must be a string"),
+        ("runtime.seed=99999999999999999999999", "runtime.seed = 99999999999999999999999 is out of range"),
+        ("runtime.seed=-1", "runtime.seed = -1 is out of range"),
+        ("imagic.preview_seed=18446744073709551616", "imagic.preview_seed = .* is out of range"),
     ],
 )
 def test_bad_overrides_raise_naming_the_key(override, message):
@@ -116,3 +126,59 @@ def test_a_wheel_carries_the_recipes_and_the_demo_model(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert Path(out.stdout.strip()) == target / "peftedit" / "recipes" / "sd15-8gb.toml"
+
+
+def _float_fields():
+    for table, cls in recipe_sections().items():
+        for f in dataclasses.fields(cls):
+            if field_kinds(cls)[f.name] is float:
+                yield table, f.name
+
+
+FLOAT_FIELDS = list(_float_fields())
+
+
+def test_the_float_fields_are_found():
+    assert {("imagic", "eta"), ("imagic", "guidance"), ("nulltext", "guidance"), ("nulltext", "pivot_noise")} <= set(
+        FLOAT_FIELDS
+    )
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("table, key", FLOAT_FIELDS)
+def test_every_float_option_refuses_nan_and_infinities(table, key, value):
+    """NaN passed every range check (all comparisons are false) and produced garbage edits with exit 0."""
+    with pytest.raises(PeftEditError, match=rf"^{table}\.{key} = -?(nan|inf) must be a finite number$"):
+        build(recipe_sections(), None, [f"{table}.{key}={value}"])
+    with pytest.raises(PeftEditError, match=rf"^{table}\.{key} = "):
+        recipe_sections()[table](**{key: float(value)})
+
+
+def test_list_elements_are_checked_in_the_python_api_too():
+    with pytest.raises(PeftEditError, match=r"imagic.preview_etas\[1\] = 'a' must be a number"):
+        ImagicConfig(preview_etas=[0.5, "a"])
+    with pytest.raises(PeftEditError, match=r"imagic.preview_etas\[0\] = nan must be a finite number"):
+        ImagicConfig(preview_etas=[float("nan")])
+    config = ImagicConfig(preview_etas=[1, 0.5], lora_alpha=16)
+    assert config.preview_etas == [1.0, 0.5] and isinstance(config.preview_etas[0], float)
+    assert isinstance(config.lora_alpha, float)
+
+
+def test_bare_list_fields_take_their_element_type_from_the_default():
+    from peftedit.demo.train import SECTIONS as TRAIN_SECTIONS
+
+    assert build(TRAIN_SECTIONS, None, ["model.vae_channels=[8, 16]"])["model"].vae_channels == [8, 16]
+    with pytest.raises(PeftEditError, match=r"model.vae_channels\[1\] = 1.5 must be an integer"):
+        build(TRAIN_SECTIONS, None, ["model.vae_channels=[8, 1.5]"])
+
+
+@pytest.mark.parametrize("key", ["runtime.seed", "imagic.preview_seed", "nulltext.seed"])
+def test_seeds_must_fit_the_generator(key):
+    """torch's manual_seed overflowed on a huge --seed ("Overflow when unpacking long long"), after loading."""
+    assert build(recipe_sections(), None, [f"{key}={2**63 - 1}"])
+    for bad in (2**63, 99999999999999999999999, -1):
+        with pytest.raises(PeftEditError, match=rf"^{key} = {bad} is out of range"):
+            build(recipe_sections(), None, [f"{key}={bad}"])
+    table, name = key.split(".")
+    with pytest.raises(PeftEditError, match="out of range"):
+        recipe_sections()[table](**{name: 2**64})

@@ -111,3 +111,72 @@ def test_grid_lays_images_out_in_a_row():
     sheet = grid([Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue")], ["a", "b"])
     assert sheet.size == (256, 128 + 14)
     assert sheet.getpixel((10, 10)) == (255, 0, 0) and sheet.getpixel((200, 10)) == (0, 0, 255)
+
+
+def _rotated_strip():
+    image = Image.new("RGB", (60, 40), "white")
+    image.paste((255, 0, 0), (0, 0, 10, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return image, {"exif": exif, "quality": 95}
+
+
+def _sixteen_bit_gray():
+    return Image.fromarray(np.full((40, 50), 32768, dtype=np.uint16)), {}
+
+
+def _transparent():
+    rgba = Image.new("RGBA", (40, 40), (255, 0, 0, 0))
+    rgba.paste((0, 0, 255, 255), (10, 10, 30, 30))
+    return rgba, {}
+
+
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (_sixteen_bit_gray, "gray16.png"),
+        (_transparent, "rgba.png"),
+        (_rotated_strip, "rot.jpg"),
+        (None, "dog2_standing.png"),  # TEdBench: RGBA with EXIF
+    ],
+)
+def test_a_pil_image_gets_what_its_file_gets(tmp_path, make, name):
+    """The Python API takes PIL images too: they must go through the same policy as paths (16-bit scaling, alpha on
+    white, EXIF turn), not a bare convert("RGB")."""
+    from peftedit.methods.common import prepare_image
+
+    if make is None:
+        path = DATA / name
+    else:
+        image, kw = make()
+        path = _save(tmp_path, image, name, **kw)
+    from_path, path_info = prepare_image(path, 32)
+    with Image.open(path) as opened:
+        from_pil, pil_info = prepare_image(opened, 32)
+    assert np.array_equal(np.asarray(from_pil), np.asarray(from_path))
+    assert pil_info == {**path_info, "sha256": None, "name": None}
+
+
+def test_pil_images_follow_the_policy():
+    out, info = load_image(_sixteen_bit_gray()[0], 32)
+    assert abs(int(np.asarray(out)[0, 0, 0]) - 128) <= 1 and info["mode"] == "I;16"
+    out, _ = load_image(_transparent()[0], 40)
+    assert tuple(np.asarray(out)[0, 0]) == (255, 255, 255) and tuple(np.asarray(out)[20, 20]) == (0, 0, 255)
+
+
+def test_bad_pil_images_are_one_line_errors(tmp_path, monkeypatch):
+    with pytest.raises(PeftEditError, match="input image: 8x8 is too small"):
+        load_image(Image.new("RGB", (8, 8)), 64)
+    path = _save(tmp_path, Image.new("RGB", (8, 8)), "small.png")
+    with pytest.raises(PeftEditError, match="small.png: 8x8 is too small"):
+        load_image(Image.open(path), 64)
+    monkeypatch.setattr(images_mod, "MAX_PIXELS", 1000)
+    with pytest.raises(PeftEditError, match="too large"):
+        load_image(Image.new("RGB", (100, 100)), 64)
+    monkeypatch.undo()
+    with Image.open(_save(tmp_path, Image.new("RGB", (40, 40)), "closed.png")) as closed:
+        pass
+    with pytest.raises(PeftEditError, match="cannot be read"):
+        load_image(closed, 32)
+    with pytest.raises(PeftEditError, match="a file path or a PIL image"):
+        load_image(np.zeros((40, 40, 3), dtype=np.uint8), 32)

@@ -328,6 +328,17 @@ def test_bad_control_and_input_are_refused(eps_model, photo, tmp_path):
         p2p.Control(cross_replace=1.5)
     with pytest.raises(PeftEditError, match="needs --reweight"):
         p2p.Control(mode="reweight")
+    for name in ("cross_replace", "self_replace", "blend_threshold", "blend_start"):
+        for value in (float("nan"), float("inf")):
+            with pytest.raises(PeftEditError, match=f"{name.replace('_', '-')} = .* must be a finite number"):
+                p2p.Control(**{name: value})
+    for factor in (float("nan"), float("inf"), -1.0, "2", True):
+        with pytest.raises(PeftEditError, match="--reweight cat=.*: the factor must be a finite number >= 0"):
+            p2p.Control(reweight={"cat": factor})
+    with pytest.raises(PeftEditError, match="map-divisor = 0 must be > 0"):
+        p2p.Control(map_divisor=0)
+    with pytest.raises(PeftEditError, match="blend = 'cat' must be a list"):
+        p2p.Control(blend="cat")
     with pytest.raises(PeftEditError, match="WORD=FACTOR"):
         p2p.parse_reweight(["cat:2"])
     assert p2p.parse_reweight(["cat=2", "red=0.5,blue=1"]) == {"cat": 2.0, "red": 0.5, "blue": 1.0}
@@ -377,8 +388,30 @@ def test_cli_invert_edit_and_errors(eps_dir, photo, tmp_path, capsys):
         (["edit", folder, SOURCE, "--blend", "circle", "--blend-mask", "difference", "-o", edited], "drop the"),
         (["invert", photo, SOURCE, *args], "already exists"),
         (["invert", photo, SOURCE, *args, "--overwrite", "--set", "nulltext.method=fast"], "choose one of"),
+        (["invert", photo, SOURCE, *args, "--overwrite", "--guidance", "nan"], "nulltext.guidance = nan must be a"),
+        (["invert", photo, SOURCE, *args, "--overwrite", "--seed", 10**23], "nulltext.seed = 1"),
+        (["edit", folder, "--guidance", "nan", "-o", edited], "--guidance = nan must be a finite number"),
+        (["edit", folder, SOURCE, "--guidance", "inf", "-o", edited], "--guidance = inf must be a finite number"),
+        (["edit", folder, "--steps", 0, "-o", edited], "--steps = 0 must be > 0"),
+        (["edit", folder, SOURCE, "--cross-replace", "nan", "-o", edited], "cross-replace = nan must be a finite"),
+        (["edit", folder, SOURCE, "--reweight", "circle=inf", "-o", edited], "--reweight circle=inf: the factor"),
     ):
         code, out, err = _run(capsys, *argv)
         lines = [line for line in err.splitlines() if line.startswith("peftedit: error:")]
         assert code == 2 and len(lines) == 1 and fragment in lines[0], (argv, err)
     assert not edited.exists()
+
+
+def test_a_pil_image_inverts_like_its_file(eps_model, tmp_path):
+    """``invert`` (and ``imagic.fit``, through the same ``prepare_image``) gives a PIL image the input policy a path
+    gets: here a transparent background must be composited on white, not dropped (red)."""
+    rgba = Image.new("RGBA", (48, 40), (255, 0, 0, 0))
+    rgba.paste((40, 90, 220, 255), (10, 8, 30, 32))
+    path = tmp_path / "rgba.png"
+    rgba.save(path)
+    config = NullTextConfig(method="ddim", steps=2, pivot_noise=0.0)
+    from_path = nulltext.invert(eps_model, path, SOURCE, config, RUNTIME, show_progress=False)
+    with Image.open(path) as opened:
+        from_pil = nulltext.invert(eps_model, opened, SOURCE, config, RUNTIME, show_progress=False)
+    assert torch.equal(from_pil.tensors["z_0"], from_path.tensors["z_0"])
+    assert from_pil.meta["image"] == {**from_path.meta["image"], "sha256": None, "name": None}

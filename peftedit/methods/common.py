@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from ..artifacts import Artifact, now_utc, package_versions
 from ..config import LOAD_TIME_SETTINGS, RuntimeConfig
 from ..diffusion import decode_latents, encode_image
-from ..images import fit_square, load_image
+from ..images import load_image
 from ..models import Model, architecture_hash, check_same_base, fingerprint
 
 log = logging.getLogger("peftedit")
@@ -42,15 +42,8 @@ def call_runtime(model: Model, runtime: RuntimeConfig | None) -> RuntimeConfig:
 
 
 def prepare_image(image: str | Path | Image.Image, side: int) -> tuple[Image.Image, dict]:
-    """A square RGB input at the model's resolution and facts about it, from a path or a PIL image."""
-    if isinstance(image, Image.Image):
-        square = fit_square(image.convert("RGB"), side)
-        return square, {
-            "sha256": None,
-            "name": None,
-            "size": list(image.size),
-            "mode": image.mode,
-        }
+    """A square RGB input at the model's resolution and facts about it, from a path or a PIL image (one policy for
+    both: ``images.load_image``)."""
     return load_image(image, side)
 
 

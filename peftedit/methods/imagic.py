@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from ..artifacts import Artifact
-from ..config import RuntimeConfig, option, positive, to_dict
+from ..config import RuntimeConfig, check_fields, check_seed, count, finite, option, positive, to_dict
 from ..diffusion import (
     check_finite,
     check_prompt,
@@ -73,7 +73,7 @@ class ImagicConfig:
     )
     lora_rank: int = option(8, "LoRA rank.")
     lora_alpha: float = option(8.0, "LoRA alpha; the update is scaled by alpha/rank (stored for diffusers).")
-    lora_targets: list = option(
+    lora_targets: list[str] = option(
         ["feedforward", "conv"],
         f"UNet layers to adapt, any of: {', '.join(LORA_TARGETS)}. Off the attention layers, the text keeps steering "
         "the picture (demo model, 200 steps at lr 1e-3: 5/10 edits, vs 2/10 on attention). The SD recipes adapt "
@@ -82,10 +82,12 @@ class ImagicConfig:
     eta: float = option(0.7, "Interpolation eta*e_tgt + (1-eta)*e_opt. Paper: 0.6-0.8 works best.")
     guidance: float = option(7.5, "Classifier-free guidance at render. SD / community pipeline default: 7.5.")
     render_steps: int = option(50, "DDIM steps at render. Community pipeline default: 50.")
-    preview_etas: list = option([0.5, 0.6, 0.7, 0.8, 0.9], "Etas rendered into the preview grid.")
+    preview_etas: list[float] = option([0.5, 0.6, 0.7, 0.8, 0.9], "Etas rendered into the preview grid.")
     preview_seed: int = option(0, "Seed of the preview renders.")
 
     def __post_init__(self) -> None:
+        check_fields(self, "imagic.{}".format)
+        check_seed("imagic.preview_seed", self.preview_seed)
         for name in ("embedding_steps", "finetune_steps"):
             positive(f"imagic.{name}", getattr(self, name), zero_ok=True)
         for name in (
@@ -291,10 +293,14 @@ def render(
         check_base(model, artifact)
     recipe = artifact.meta["recipe"][METHOD]
     etas = [eta] if not isinstance(eta, list) else eta
-    etas = [recipe["eta"] if e is None else float(e) for e in etas]
+    etas = [finite("--eta", recipe["eta"] if e is None else e) for e in etas]
+    seed = check_seed("--seed", seed)
     guidance = recipe["guidance"] if guidance is None else guidance
-    steps = recipe["render_steps"] if steps is None else steps
-    positive("--steps", steps)
+    positive("--guidance", guidance, zero_ok=True)
+    steps = count("--steps", recipe["render_steps"] if steps is None else steps)
+    most = model.pipe.scheduler.config.num_train_timesteps
+    if steps > most:
+        raise PeftEditError(f"--steps = {steps} is more than the model's {most} training timesteps")
     pipe = model.pipe
     device = pipe.unet.device
     e_tgt, e_opt = (

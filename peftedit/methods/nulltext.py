@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..artifacts import Artifact
-from ..config import RuntimeConfig, option, positive, to_dict
+from ..config import RuntimeConfig, check_fields, check_seed, count, option, positive, to_dict
 from ..diffusion import (
     check_finite,
     check_prompt,
@@ -95,6 +95,8 @@ class NullTextConfig:
     seed: int = option(0, "Seed of the pivot_noise noise (drawn on the CPU, the same on every device).")
 
     def __post_init__(self) -> None:
+        check_fields(self, "nulltext.{}".format)
+        check_seed("nulltext.seed", self.seed)
         if self.method not in METHODS:
             raise PeftEditError(f"nulltext.method = {self.method!r}: choose one of {', '.join(METHODS)}")
         positive("nulltext.steps", self.steps)
@@ -279,6 +281,10 @@ def run_edit(
     show_progress: bool = False,
 ) -> EditResult:
     """Sample from the inversion: the source branch alone (reconstruction) or [source, target] with P2P control."""
+    if steps is not None:
+        count("--steps", steps)
+    if guidance is not None:
+        positive("--guidance", guidance, zero_ok=True)
     check_inversion(model, artifact, steps, check)
     pipe, unet, meta = model.pipe, model.pipe.unet, artifact.meta
     made = meta["guidance"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import math
+import numbers
 import re
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..config import option
+from ..config import check_fields, count, option
 from ..errors import PeftEditError
 from ..images import grid
 
@@ -47,10 +48,10 @@ class Control:
     self_replace: float = option(
         0.4, "Share of steps whose target self-attention comes from the source. P2P reference: 0.4."
     )
-    reweight: dict = option(
+    reweight: dict[str, float] = option(
         {}, "Word -> factor on its cross-attention in the target, e.g. {'cat': 2.0}. P2P reference: equalizer."
     )
-    blend: list = option(
+    blend: list[str] = option(
         [],
         "Words whose attention marks where the picture may change (local blend); elsewhere the "
         "target keeps the source's latents. P2P reference: LocalBlend.",
@@ -74,15 +75,20 @@ class Control:
     )
 
     def __post_init__(self) -> None:
+        if not isinstance(self.reweight, dict):
+            raise PeftEditError(f"reweight = {self.reweight!r} must be a table of WORD: FACTOR")
+        for word, factor in self.reweight.items():
+            if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not 0 <= factor < math.inf:
+                raise PeftEditError(f"--reweight {word}={factor!r}: the factor must be a finite number >= 0")
+        check_fields(self, lambda name: name.replace("_", "-"))
         if self.mode is not None and self.mode not in MODES:
             raise PeftEditError(f"--p2p {self.mode!r}: choose one of {', '.join(MODES)}")
         for name in ("cross_replace", "self_replace", "blend_threshold", "blend_start"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise PeftEditError(f"{name.replace('_', '-')} = {value!r} must be between 0 and 1")
-        for word, factor in self.reweight.items():
-            if not isinstance(factor, (int, float)) or factor < 0:
-                raise PeftEditError(f"--reweight {word}={factor!r}: the factor must be a number >= 0")
+        count("self-replace-max-side", self.self_replace_max_side, zero_ok=True)
+        count("map-divisor", self.map_divisor)
         if self.blend_mask not in BLEND_MASKS:
             raise PeftEditError(f"--blend-mask {self.blend_mask!r}: choose one of {', '.join(BLEND_MASKS)}")
         if self.blend_mask == "difference" and self.blend:

@@ -221,11 +221,15 @@ def build(
     """
     raw: dict[str, dict[str, Any]] = {name: {} for name in sections}
     if recipe is not None:
-        path = resolve_recipe(recipe)
+        path = resolve_recipe(recipe, tuple(sections))
         try:
-            data = tomllib.loads(path.read_text())
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as err:
             raise PeftEditError(f"recipe {path} is not valid TOML: {err}") from None
+        except UnicodeDecodeError:
+            raise PeftEditError(
+                f"recipe {path} is not a text file (a recipe is TOML, e.g. recipes/sd15-8gb.toml)"
+            ) from None
         for table, values in data.items():
             if table not in sections or not isinstance(values, dict):
                 raise PeftEditError(f"recipe {path}: unknown table [{table}] (known: {', '.join(sections)})")
@@ -260,13 +264,15 @@ def _locate(sections: dict[str, type], key: str) -> tuple[str, str]:
     return owners[0], key
 
 
-def resolve_recipe(recipe: str | Path) -> Path:
-    """A recipe path, or the name of one shipped in ``recipes/`` (with or without ``.toml``)."""
+def resolve_recipe(recipe: str | Path, tables: tuple[str, ...] | None = None) -> Path:
+    """A recipe path, or the name of one shipped in ``recipes/`` (with or without ``.toml``); the error for an unknown
+    name lists the shipped recipes, only those made of ``tables`` when given (the ones this command can use)."""
     path = Path(recipe)
     if path.is_file():
         return path
     for candidate in (RECIPES_DIR / f"{recipe}", RECIPES_DIR / f"{recipe}.toml"):
         if candidate.is_file():
             return candidate
-    known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.toml")))
-    raise PeftEditError(f"recipe {recipe!r} not found (a file path, or one of: {known})")
+    shipped = sorted(RECIPES_DIR.glob("*.toml"))
+    usable = [p.stem for p in shipped if tables is None or set(tomllib.loads(p.read_text())) <= set(tables)]
+    raise PeftEditError(f"recipe {recipe!r} not found (a file path, or one of: {', '.join(usable)})")

@@ -83,6 +83,8 @@ def normalise(image: Image.Image, where: str) -> Image.Image:
 def open_image(path: str | Path) -> tuple[Image.Image, str]:
     """Decode an image file fully, apply its EXIF orientation; returns it as 8-bit RGB and its original mode."""
     path = Path(path)
+    if path.is_dir():
+        raise PeftEditError(f"{path} is a folder, not an image file")
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
     try:

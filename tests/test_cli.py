@@ -382,3 +382,16 @@ def test_bad_generate_settings_are_one_line(eps_dir, tmp_path, capsys):
         code, _, err = _run(capsys, "generate", "a dog", "--model", eps_dir, *flags, "-o", out)
         _one_line_error(code, err, fragment)
         assert not out.exists()
+
+
+def test_recipe_and_image_paths_of_the_wrong_kind_are_one_line(eps_dir, photo, tmp_path, capsys):
+    not_text = tmp_path / "recipe.png"
+    not_text.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    out = tmp_path / "x"
+    code, _, err = _run(capsys, "imagic", photo, "a dog", "--model", eps_dir, "--recipe", not_text, "-o", out)
+    _one_line_error(code, err, "recipe.png is not a text file")
+    code, _, err = _run(capsys, "invert", photo, "a dog", "--model", eps_dir, "--recipe", "nope", "-o", out)
+    _one_line_error(code, err, "recipe 'nope' not found", "nulltext-sd15-8gb")
+    assert "demo-train" not in err  # its [run] table is no use to invert
+    code, _, err = _run(capsys, "imagic", tmp_path, "a dog", "--model", eps_dir, "-o", out)
+    _one_line_error(code, err, "is a folder, not an image file")

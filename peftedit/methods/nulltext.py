@@ -339,13 +339,14 @@ def edit(
     control: p2p.Control | None = None,
     steps: int | None = None,
     guidance: float | None = None,
+    show_progress: bool = False,
 ) -> Image.Image:
     """The edited picture (PIL); with no target prompt and no control, the reconstruction of the input.
 
     DDIM with eta 0 is deterministic, so there is no seed. Raises :class:`ArtifactError` for another base model,
     scheduler or step count than the inversion was made with.
     """
-    return run_edit(model, artifact, target_prompt, control, steps, guidance).image
+    return run_edit(model, artifact, target_prompt, control, steps, guidance, show_progress=show_progress).image
 
 
 def reconstruct(model: Model, artifact: Artifact) -> Image.Image:

@@ -13,11 +13,12 @@ import json
 import math
 import re
 from collections.abc import Callable
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import ArtifactError
+
+if TYPE_CHECKING:  # annotations only
+    import torch
 
 HEADER_CHECKSUM = "peftedit.header_sha256"
 IMAGIC = "imagic"

@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 from . import __version__
+from .artifact_checks import INVERSIONS as NULLTEXT_METHODS
 
 EPILOG = """examples:
   peftedit imagic photo.png "a photo of a sitting dog" -o adapters/dog-sitting
@@ -426,7 +427,6 @@ COMMANDS = {
     "inspect": cmd_inspect,
     "generate": cmd_generate,
 }
-NULLTEXT_METHODS = ("null-text", "negative-prompt", "direct", "ddim")
 
 
 class _OneLine(logging.Formatter):

@@ -12,9 +12,9 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from peftedit.artifact_checks import HEADER_CHECKSUM, INVERSIONS
+from peftedit.artifact_checks import HEADER_CHECKSUM
 from peftedit.artifacts import EDIT_FILE, LORA_FILE, Artifact, check_replaceable
-from peftedit.cli import NULLTEXT_METHODS, main
+from peftedit.cli import main
 from peftedit.errors import ArtifactError
 
 RANK = 8
@@ -348,9 +348,3 @@ def test_cli_overwrites_an_earlier_edit(eps_dir, photo, tmp_path, capsys):
     assert code == 0, err
     assert Artifact.load(folder).method == "ddim"
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", EDIT_FILE, "preview.png"]
-
-
-def test_method_lists_agree():
-    from peftedit.methods import nulltext
-
-    assert INVERSIONS == nulltext.METHODS == NULLTEXT_METHODS

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..artifact_checks import INVERSIONS
 from ..artifacts import Artifact
 from ..config import RuntimeConfig, check_fields, check_seed, count, option, positive, to_dict
 from ..diffusion import (
@@ -55,7 +56,7 @@ from .common import (
 
 log = logging.getLogger("peftedit")
 
-METHODS = ("null-text", "negative-prompt", "direct", "ddim")
+METHODS = INVERSIONS  # one list: artifact checks, the CLI and the config read the same
 TABLE = "nulltext"
 # Scheduler settings an edit must share with its inversion (the timesteps and the noise schedule).
 SCHEDULER_KEYS = (

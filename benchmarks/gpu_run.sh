@@ -7,12 +7,13 @@
 #   bash benchmarks/gpu_run.sh smoke      # tiny model on CUDA + the -m gpu tests (~1-2 min): run first
 #   bash benchmarks/gpu_run.sh sd15       # issue 5's table: SD 1.5 at 512 px, ours and the baselines
 #   bash benchmarks/gpu_run.sh sd21       # SD 2.1 at 768 px
-#   bash benchmarks/gpu_run.sh savers     # what each saver buys (all variants but the compiled UNet)
+#   bash benchmarks/gpu_run.sh savers     # what each memory saver buys (switched off one at a time)
+#   bash benchmarks/gpu_run.sh options    # the options the recipes leave off: offload_idle, channels-last
 #   bash benchmarks/gpu_run.sh compiled   # the compiled-UNet variant alone (inductor compiles every stage)
 #   bash benchmarks/gpu_run.sh tracked    # the live-tensor estimate beside max_memory_allocated (timings void)
 #   bash benchmarks/gpu_run.sh checkpointing   # if the Imagic time ratio misses 0.5
 set -u
-step=${1:?"usage: bash benchmarks/gpu_run.sh smoke|sd15|sd21|savers|compiled|tracked|checkpointing"}
+step=${1:?"usage: bash benchmarks/gpu_run.sh smoke|sd15|sd21|savers|options|compiled|tracked|checkpointing"}
 out=${OUT:-benchmarks/results/gpu}
 mkdir -p "$out"
 if [ -d .whl ]; then
@@ -29,9 +30,11 @@ case $step in
       && run pytest -m gpu -q -p no:cacheprovider tests ;;
   sd15 | sd21)
     run benchmarks.memory --model "$step" --device cuda --out "$out/memory-$step.json" ;;
-  savers)
+  savers)  # each variant is a whole memory run (plus the recipe's): split in two to stay inside one call
     run benchmarks.savers --model sd15 --device cuda --out "$out/savers-sd15.json" --variants "fp32 weights" \
-      "no gradient checkpointing" "fp32 AdamW states" "encoders stay on the GPU" "batched VAE decode" \
+      "no gradient checkpointing" "fp32 AdamW states" "encoders stay on the GPU" "batched VAE decode" ;;
+  options)
+    run benchmarks.savers --model sd15 --device cuda --out "$out/options-sd15.json" --variants \
       "idle parts off the GPU" "channels-last UNet" ;;
   compiled)
     run benchmarks.savers --model sd15 --device cuda --out "$out/savers-compiled-sd15.json" --variants "compiled UNet" ;;

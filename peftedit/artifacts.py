@@ -247,7 +247,18 @@ def _not_an_edit(path: Path) -> str | None:
     others = [p.name for p in entries if p.name not in EDIT_FOLDER_FILES or not p.is_file()]
     if others:
         more = f" and {len(others) - 5} more" if len(others) > 5 else ""
-        return f"holds files an edit does not write ({', '.join(others[:5])}{more})"
+        listed = f"{', '.join(others[:5])}{more}"
+        if _edit_file_problem(path) is None:  # an edit the user saved other things into (renders, notes)
+            raise ArtifactError(
+                f"{path} is a peftedit edit folder that also holds other files ({listed}): replacing it would delete "
+                "them; move them out first or choose another -o"
+            )
+        return f"holds files an edit does not write ({listed})"
+    return _edit_file_problem(path)
+
+
+def _edit_file_problem(path: Path) -> str | None:
+    """What keeps ``path``'s edit file from being a peftedit one, or None."""
     if not (path / EDIT_FILE).is_file():
         return f"has no {EDIT_FILE}"
     try:

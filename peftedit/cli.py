@@ -82,6 +82,31 @@ def check_picture_output(path: str | Path, overwrite: bool) -> Path:
     return path
 
 
+def free_name(path: Path) -> Path:
+    """``path``, or the first of ``<stem>-2<suffix>``, ``-3``… that does not exist (for default picture names, so
+    rendering an edit again with other settings does not stop at the first picture)."""
+    number = 1
+    candidate = path
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
+    return candidate
+
+
+def check_sampling_args(args) -> None:
+    """The numbers a render takes (--eta, --seed, --guidance, --steps), checked before the model loads."""
+    from .config import check_seed, count, finite, positive
+
+    if getattr(args, "eta", None) is not None:
+        finite("--eta", args.eta)
+    if args.seed is not None:
+        check_seed("--seed", args.seed)
+    if args.guidance is not None:
+        positive("--guidance", args.guidance, zero_ok=True)
+    if args.steps is not None:
+        count("--steps", args.steps)
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="hub id, diffusers folder or .safetensors file (default: the demo model)")
     p.add_argument("--single-file-config", help="diffusers config folder/id for a single .safetensors checkpoint")
@@ -144,7 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="sampling seed of an Imagic edit (default 0; inversions have none)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance (default: the edit's recipe)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the edit's recipe)")
-    p.add_argument("-o", "--output", help="PNG to write (default: <folder>-<settings>.png)")
+    p.add_argument(
+        "-o",
+        "--output",
+        help="picture to write, .png/.jpg/.webp… (default <folder>-<settings>.png, -2, -3… when taken)",
+    )
     p.add_argument("--p2p", choices=("replace", "refine", "reweight"), help="Prompt-to-Prompt edit (inversions)")
     p.add_argument("--blend", nargs="+", metavar="WORD", help="local blend: only where these words attend may change")
     p.add_argument(
@@ -160,17 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing output pictures")
 
     p = _command(sub, "inspect", "show what an edit folder holds")
-    p.add_argument("folder")
+    p.add_argument("folder", help="edit folder written by 'imagic' or 'invert'")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = _command(sub, "generate", "plain text-to-image with any model")
-    p.add_argument("prompt")
+    p.add_argument("prompt", help="what to draw")
     p.add_argument("--model", help="hub id, diffusers folder or .safetensors file (default: the demo model)")
     p.add_argument("--single-file-config", help=argparse.SUPPRESS)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's recommendation)")
     p.add_argument("--guidance", type=float, default=None, help="guidance (default: the model's recommendation)")
-    p.add_argument("-o", "--output", default="generated.png", help="picture to write (default generated.png)")
+    p.add_argument("-o", "--output", help="picture to write (default generated.png, or -2, -3… when taken)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output picture")
     return parser
 
@@ -202,6 +231,8 @@ def _prepare(args, table: str, flags: dict[str, str], prompt: str):
     overrides += [f"{key}={getattr(args, flag)}" for flag, key in flags.items() if getattr(args, flag) is not None]
     configs = build(_sections("runtime", table), args.recipe, overrides)
     output = Path(args.output or Path("adapters") / slug(Path(args.image).stem, prompt))
+    if output.name in ("", ".", ".."):  # "-o ." inside an edit folder: it is replaced by its real path
+        output = output.resolve()
     check_replaceable(output, args.overwrite)
     check_creatable(output)
     # The photo and the prompt are checked before the model loads (minutes for Stable Diffusion).
@@ -262,9 +293,15 @@ def cmd_edit(args) -> int:
         default = f"{name}-{slug(args.target)}.png" if args.target else f"{name}-reconstruction.png"
     else:
         raise ValueError(f"{args.folder}: unknown method {artifact.method!r}")
-    output = check_picture_output(args.output or default, args.overwrite)
+    check_sampling_args(args)
+    if args.target is not None and not args.target.strip():
+        raise ValueError("the target prompt is empty: describe the picture you want (or leave it out)")
+    control = _control(args) if artifact.method != "imagic" else None
+    output = check_picture_output(args.output or free_name(Path(default)), args.overwrite)
     if args.save_attention:
-        check_picture_output(args.save_attention, args.overwrite)
+        maps_to = check_picture_output(args.save_attention, args.overwrite)
+        if maps_to.resolve() == output.resolve():
+            raise ValueError(f"--save-attention and -o both name {output}; give the attention maps their own file")
     base = args.model or artifact.meta["base_model"]
     # The edit records its base model: no "using the demo model" notice when that is where the edit came from.
     model = load_model(base, _runtime_from(artifact), args.single_file_config, announce_demo=args.model is not None)
@@ -276,7 +313,7 @@ def cmd_edit(args) -> int:
             model, artifact, eta=args.eta, seed=seed, guidance=args.guidance, steps=args.steps, show_progress=show
         )
     else:
-        image = _edit_inversion(args, model, artifact)
+        image = _edit_inversion(args, model, artifact, control)
     print(f"wrote {save_image_atomic(image, output)}")
     return 0
 
@@ -307,11 +344,9 @@ def cmd_invert(args) -> int:
     return 0
 
 
-def _edit_inversion(args, model, artifact):
-    """A Prompt-to-Prompt edit (or, with no target, input | reconstruction)."""
-    from .diffusion import decode_latents
-    from .images import grid
-    from .methods import nulltext, p2p
+def _control(args):
+    """The Prompt-to-Prompt control the edit flags ask for (checked), or None for the defaults."""
+    from .methods import p2p
 
     chosen = {
         "mode": args.p2p,
@@ -322,7 +357,15 @@ def _edit_inversion(args, model, artifact):
         "self_replace": args.self_replace,
     }
     chosen = {k: v for k, v in chosen.items() if v is not None}
-    control = p2p.Control(**chosen) if chosen else None
+    return p2p.Control(**chosen) if chosen else None
+
+
+def _edit_inversion(args, model, artifact, control):
+    """A Prompt-to-Prompt edit (or, with no target, input | reconstruction)."""
+    from .diffusion import decode_latents
+    from .images import grid
+    from .methods import nulltext, p2p
+
     result = nulltext.run_edit(
         model,
         artifact,
@@ -410,7 +453,8 @@ def cmd_generate(args) -> int:
     from .generate import generate
     from .models import load_model
 
-    output = check_picture_output(args.output, args.overwrite)
+    output = check_picture_output(args.output or free_name(Path("generated.png")), args.overwrite)
+    check_sampling_args(args)
     if not args.prompt.strip():
         raise ValueError("the prompt is empty: describe the picture you want")
     model = load_model(args.model, single_file_config=args.single_file_config)

@@ -395,3 +395,40 @@ def test_recipe_and_image_paths_of_the_wrong_kind_are_one_line(eps_dir, photo, t
     assert "demo-train" not in err  # its [run] table is no use to invert
     code, _, err = _run(capsys, "imagic", tmp_path, "a dog", "--model", eps_dir, "-o", out)
     _one_line_error(code, err, "is a folder, not an image file")
+
+
+def test_default_picture_names_do_not_stop_a_second_render(edit_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for guidance in (3, 4):
+        code, out, err = _run(capsys, "edit", edit_dir, "--steps", 3, "--guidance", guidance)
+        assert code == 0, err
+    stem = f"{edit_dir.name}-eta"
+    assert sorted(p.name for p in tmp_path.glob(f"{stem}*")) == [f"{stem}0.7-seed0-2.png", f"{stem}0.7-seed0.png"]
+    code, _, err = _run(capsys, "edit", edit_dir, "--steps", 3, "-o", f"{stem}0.7-seed0.png")
+    _one_line_error(code, err, "already exists")  # a name given with -o is never renumbered
+
+
+def test_edit_numbers_and_attention_file_are_checked_before_the_model_loads(edit_dir, tmp_path, capsys):
+    nowhere = ["--model", tmp_path / "no-model", "-o", tmp_path / "x.png"]
+    for flags, fragment in (
+        (["--eta", "nan"], "--eta = nan must be a finite number"),
+        (["--seed", "-1"], "--seed = -1 is out of range"),
+        (["--steps", "0"], "--steps = 0 must be > 0"),
+        (["--guidance", "inf"], "--guidance = inf must be a finite number"),
+    ):
+        code, _, err = _run(capsys, "edit", edit_dir, *flags, *nowhere)
+        _one_line_error(code, err, fragment)
+    code, _, err = _run(capsys, "generate", "a dog", "--steps", "0", *nowhere)
+    _one_line_error(code, err, "--steps = 0 must be > 0")
+
+
+def test_an_inversion_redone_in_place_from_inside_its_folder(eps_dir, photo, tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "inv"
+    argv = ["invert", photo, "a red circle", "--model", eps_dir, "--method", "ddim", "--steps", 2]
+    code, _, err = _run(capsys, *argv, "-o", folder)
+    assert code == 0, err
+    monkeypatch.chdir(folder)
+    code, out, err = _run(capsys, *argv, "-o", ".", "--overwrite")
+    assert code == 0, err
+    assert not _leftovers(tmp_path)
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "edit.safetensors", "preview.png"]

@@ -400,6 +400,12 @@ def test_cli_invert_edit_and_errors(eps_dir, photo, tmp_path, capsys):
         lines = [line for line in err.splitlines() if line.startswith("peftedit: error:")]
         assert code == 2 and len(lines) == 1 and fragment in lines[0], (argv, err)
     assert not edited.exists()
+    same = tmp_path / "same.png"
+    code, _, err = _run(capsys, "edit", folder, "a photo of a blue circle", "--save-attention", same, "-o", same)
+    assert code == 2 and "give the attention maps their own file" in err and not same.exists()
+    for bad, fragment in ((["  "], "target prompt is empty"), (["x", "--cross-replace", "1.5"], "between 0 and 1")):
+        code, _, err = _run(capsys, "edit", folder, *bad, "--model", tmp_path / "no-model", "-o", same)
+        assert code == 2 and fragment in err, err  # before the (missing) model is loaded
 
 
 def test_a_pil_image_inverts_like_its_file(eps_model, tmp_path):

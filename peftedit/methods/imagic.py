@@ -337,7 +337,9 @@ def model_card(artifact: Artifact) -> str:
 
 Render again (no re-training):
 
-    peftedit edit . --eta {recipe["eta"]} --seed 0 -o edit.png
+    peftedit edit . --eta {recipe["eta"]} --seed 0 -o ../edit.png
+
+(pictures go outside the folder: `--overwrite` replaces an edit folder only while it holds nothing else)
 
 The LoRA alone loads in vanilla diffusers with `pipe.load_lora_weights(folder)`; Imagic also needs the optimized
 embedding: `e = eta * e_tgt + (1 - eta) * e_opt` from `edit.safetensors`, passed as `prompt_embeds` with

@@ -369,7 +369,10 @@ def model_card(artifact: Artifact) -> str:
 
 ![preview](preview.png)
 
-Edit (Prompt-to-Prompt, no re-inversion):
+Edit (Prompt-to-Prompt, no re-inversion): the source prompt with words swapped, added or reweighted, e.g.
 
-    peftedit edit . "{meta["prompts"]["source"]}" --p2p replace -o edit.png
+    peftedit edit . "TARGET PROMPT" -o ../edit.png
+    peftedit edit . -o ../reconstruction.png          # no target: input | reconstruction
+
+(pictures go outside the folder: `--overwrite` replaces an edit folder only while it holds nothing else)
 """

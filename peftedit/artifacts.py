@@ -228,7 +228,7 @@ def check_replaceable(path: str | Path, overwrite: bool) -> None:
     if not os.path.lexists(path):
         return
     if not overwrite:
-        raise ArtifactError(f"{path} already exists; choose another -o or pass --overwrite")
+        raise ArtifactError(f"{path} already exists; choose another path or pass --overwrite (overwrite=True)")
     reason = _not_an_edit(path)
     if reason:
         raise ArtifactError(

@@ -38,11 +38,11 @@ def generate(
 ):
     """One image for ``prompt`` (PIL); steps and guidance default to the model's recommendation."""
     pipe = model.pipe
-    seed = check_seed("--seed", seed)
+    seed = check_seed("seed", seed)
     if steps is not None:
-        count("--steps", steps)
+        count("steps", steps)
     if guidance is not None:
-        positive("--guidance", guidance, zero_ok=True)
+        positive("guidance", guidance, zero_ok=True)
     prompt = check_prompt(pipe.tokenizer, prompt)
     rec_steps, rec_guidance = recommended_sampling(model)
     scheduler = fresh_scheduler(pipe, steps or rec_steps)

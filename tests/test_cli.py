@@ -176,7 +176,7 @@ def test_bad_edit_settings_are_one_line_and_write_nothing(edit_dir, tmp_path, ca
         (["--guidance", "nan"], "--guidance = nan must be a finite number"),
         (["--guidance", "-1"], "--guidance = -1.0 must be >= 0"),
         (["--steps", "0"], "--steps = 0 must be > 0"),
-        (["--steps", "5000"], "--steps = 5000 is more than the model's 1000 training timesteps"),
+        (["--steps", "5000"], "steps = 5000 is more than the model's 1000 training timesteps"),
         (["--seed", "99999999999999999999999"], "--seed = 99999999999999999999999 is out of range"),
         (["--seed", "-3"], "--seed = -3 is out of range"),
     ):

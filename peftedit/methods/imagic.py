@@ -293,14 +293,14 @@ def render(
         check_base(model, artifact)
     recipe = artifact.meta["recipe"][METHOD]
     etas = [eta] if not isinstance(eta, list) else eta
-    etas = [finite("--eta", recipe["eta"] if e is None else e) for e in etas]
-    seed = check_seed("--seed", seed)
+    etas = [finite("eta", recipe["eta"] if e is None else e) for e in etas]
+    seed = check_seed("seed", seed)
     guidance = recipe["guidance"] if guidance is None else guidance
-    positive("--guidance", guidance, zero_ok=True)
-    steps = count("--steps", recipe["render_steps"] if steps is None else steps)
+    positive("guidance", guidance, zero_ok=True)
+    steps = count("steps", recipe["render_steps"] if steps is None else steps)
     most = model.pipe.scheduler.config.num_train_timesteps
     if steps > most:
-        raise PeftEditError(f"--steps = {steps} is more than the model's {most} training timesteps")
+        raise PeftEditError(f"steps = {steps} is more than the model's {most} training timesteps")
     pipe = model.pipe
     device = pipe.unet.device
     e_tgt, e_opt = (

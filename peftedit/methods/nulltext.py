@@ -283,9 +283,9 @@ def run_edit(
 ) -> EditResult:
     """Sample from the inversion: the source branch alone (reconstruction) or [source, target] with P2P control."""
     if steps is not None:
-        count("--steps", steps)
+        count("steps", steps)
     if guidance is not None:
-        positive("--guidance", guidance, zero_ok=True)
+        positive("guidance", guidance, zero_ok=True)
     check_inversion(model, artifact, steps, check)
     pipe, unet, meta = model.pipe, model.pipe.unet, artifact.meta
     made = meta["guidance"]

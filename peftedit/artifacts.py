@@ -150,6 +150,8 @@ class Artifact:
     def load(cls, folder: str | Path) -> Artifact:
         """Read and verify an edit folder; raises :class:`ArtifactError` for anything incomplete or tampered."""
         folder = Path(folder)
+        if folder.exists() and not folder.is_dir():
+            raise ArtifactError(f"{folder} is a file; give the edit folder written by 'imagic' or 'invert'")
         if not folder.is_dir():
             raise ArtifactError(f"edit folder not found: {folder}")
         path = folder / EDIT_FILE

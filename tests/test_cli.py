@@ -432,3 +432,8 @@ def test_an_inversion_redone_in_place_from_inside_its_folder(eps_dir, photo, tmp
     assert code == 0, err
     assert not _leftovers(tmp_path)
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "edit.safetensors", "preview.png"]
+
+
+def test_inspect_of_a_file_says_it_is_not_a_folder(photo, capsys):
+    code, _, err = _run(capsys, "inspect", photo)
+    _one_line_error(code, err, "is a file; give the edit folder")

@@ -421,3 +421,11 @@ def test_a_pil_image_inverts_like_its_file(eps_model, tmp_path):
         from_pil = nulltext.invert(eps_model, opened, SOURCE, config, RUNTIME, show_progress=False)
     assert torch.equal(from_pil.tensors["z_0"], from_path.tensors["z_0"])
     assert from_pil.meta["image"] == {**from_path.meta["image"], "sha256": None, "name": None}
+
+
+def test_a_p2p_mode_without_a_target_says_it_changes_nothing(eps_model, eps_inverted, caplog):
+    nulltext.edit(eps_model, eps_inverted, control=p2p.Control(mode="refine"))
+    assert "without a target prompt edits the source into itself" in caplog.text
+    caplog.clear()
+    nulltext.edit(eps_model, eps_inverted, control=p2p.Control(reweight={"circle": 2.0}))
+    assert "edits the source into itself" not in caplog.text  # reweighting the source's own words is an edit

@@ -299,6 +299,8 @@ def run_edit(
         prompts.append(check_prompt(pipe.tokenizer, target_prompt))
     elif control is not None and (control.mode or control.reweight):
         prompts.append(prompts[0])
+        if not control.reweight:
+            log.warning("--p2p %s without a target prompt edits the source into itself: nothing changes", control.mode)
     elif control is not None and control.blends:
         log.warning("the local blend is ignored without a target prompt")
     branches = len(prompts)

@@ -95,16 +95,9 @@ def free_name(path: Path) -> Path:
 
 def check_sampling_args(args) -> None:
     """The numbers a render takes (--eta, --seed, --guidance, --steps), checked before the model loads."""
-    from .config import check_seed, count, finite, positive
+    from .config import check_sampling
 
-    if getattr(args, "eta", None) is not None:
-        finite("--eta", args.eta)
-    if args.seed is not None:
-        check_seed("--seed", args.seed)
-    if args.guidance is not None:
-        positive("--guidance", args.guidance, zero_ok=True)
-    if args.steps is not None:
-        count("--steps", args.steps)
+    check_sampling("--", getattr(args, "eta", None), args.seed, args.guidance, args.steps)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

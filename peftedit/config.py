@@ -135,6 +135,19 @@ def check_seed(name: str, value: Any) -> int:
     return int(value)
 
 
+def check_sampling(prefix: str = "", eta=None, seed=None, guidance=None, steps=None) -> None:
+    """The arguments a render takes, each checked when given: ``eta`` finite, ``seed`` in range, ``guidance`` finite
+    and >= 0, ``steps`` a positive integer. ``prefix`` names them as the caller knows them (``--`` for CLI flags)."""
+    if eta is not None:
+        finite(f"{prefix}eta", eta)
+    if seed is not None:
+        check_seed(f"{prefix}seed", seed)
+    if guidance is not None:
+        positive(f"{prefix}guidance", guidance, zero_ok=True)
+    if steps is not None:
+        count(f"{prefix}steps", steps)
+
+
 # How a type is named in an error: "must be <this>".
 _KIND_WORDS = {
     bool: "true or false",

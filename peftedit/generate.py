@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .config import check_seed, count, positive
+from .config import check_sampling
 from .diffusion import check_prompt, encode_text, fresh_scheduler, initial_noise, sample
 from .methods.common import decode_pictures, sampling, sampling_bar
 from .models import Model
@@ -38,11 +38,7 @@ def generate(
 ):
     """One image for ``prompt`` (PIL); steps and guidance default to the model's recommendation."""
     pipe = model.pipe
-    seed = check_seed("seed", seed)
-    if steps is not None:
-        count("steps", steps)
-    if guidance is not None:
-        positive("guidance", guidance, zero_ok=True)
+    check_sampling(seed=seed, guidance=guidance, steps=steps)
     prompt = check_prompt(pipe.tokenizer, prompt)
     rec_steps, rec_guidance = recommended_sampling(model)
     scheduler = fresh_scheduler(pipe, steps or rec_steps)

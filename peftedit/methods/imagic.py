@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from ..artifacts import Artifact
-from ..config import RuntimeConfig, check_fields, check_seed, count, finite, option, positive, to_dict
+from ..config import RuntimeConfig, check_fields, check_sampling, check_seed, option, positive, to_dict
 from ..diffusion import (
     check_finite,
     check_prompt,
@@ -293,11 +293,13 @@ def render(
         check_base(model, artifact)
     recipe = artifact.meta["recipe"][METHOD]
     etas = [eta] if not isinstance(eta, list) else eta
-    etas = [finite("eta", recipe["eta"] if e is None else e) for e in etas]
-    seed = check_seed("seed", seed)
+    etas = [recipe["eta"] if e is None else e for e in etas]
     guidance = recipe["guidance"] if guidance is None else guidance
-    positive("guidance", guidance, zero_ok=True)
-    steps = count("steps", recipe["render_steps"] if steps is None else steps)
+    steps = recipe["render_steps"] if steps is None else steps
+    for value in etas:
+        check_sampling(eta=value)
+    check_sampling(seed=seed, guidance=guidance, steps=steps)
+    etas, steps = [float(e) for e in etas], int(steps)
     most = model.pipe.scheduler.config.num_train_timesteps
     if steps > most:
         raise PeftEditError(f"steps = {steps} is more than the model's {most} training timesteps")

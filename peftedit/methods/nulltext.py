@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..artifact_checks import INVERSIONS
 from ..artifacts import Artifact
-from ..config import RuntimeConfig, check_fields, check_seed, count, option, positive, to_dict
+from ..config import RuntimeConfig, check_fields, check_sampling, check_seed, option, positive, to_dict
 from ..diffusion import (
     check_finite,
     check_prompt,
@@ -282,10 +282,7 @@ def run_edit(
     show_progress: bool = False,
 ) -> EditResult:
     """Sample from the inversion: the source branch alone (reconstruction) or [source, target] with P2P control."""
-    if steps is not None:
-        count("steps", steps)
-    if guidance is not None:
-        positive("guidance", guidance, zero_ok=True)
+    check_sampling(guidance=guidance, steps=steps)
     check_inversion(model, artifact, steps, check)
     pipe, unet, meta = model.pipe, model.pipe.unet, artifact.meta
     made = meta["guidance"]

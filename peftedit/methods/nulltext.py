@@ -14,6 +14,7 @@ the methods differ in how they pull it back:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from functools import partial
@@ -322,12 +323,10 @@ def run_edit(
 
     start = tensors["z_T"].expand(branches, -1, -1, -1)
     bar = sampling_bar("reconstruction" if pivots is not None else "edit", show_progress)
-    with sampling(model):
-        if branches == 2 or maps:
-            with p2p.installed(unet, controller):
-                latents = sample(unet, scheduler, start, cond, uncond, guidance, after_step, bar)
-        else:
-            latents = sample(unet, scheduler, start, cond, uncond, guidance, after_step, bar)
+    # The controller's processors only where something reads or edits the attention; else the fast processors.
+    attention = p2p.installed(unet, controller) if branches == 2 or maps else contextlib.nullcontext()
+    with sampling(model), attention:
+        latents = sample(unet, scheduler, start, cond, uncond, guidance, after_step, bar)
     images = decode_pictures(model, latents)
     return EditResult(images, latents, prompts, controller.mean_maps(), errors)
 

@@ -143,16 +143,14 @@ def _transparent():
 def test_a_pil_image_gets_what_its_file_gets(tmp_path, make, name):
     """The Python API takes PIL images too: they must go through the same policy as paths (16-bit scaling, alpha on
     white, EXIF turn), not a bare convert("RGB")."""
-    from peftedit.methods.common import prepare_image
-
     if make is None:
         path = DATA / name
     else:
         image, kw = make()
         path = _save(tmp_path, image, name, **kw)
-    from_path, path_info = prepare_image(path, 32)
+    from_path, path_info = load_image(path, 32)
     with Image.open(path) as opened:
-        from_pil, pil_info = prepare_image(opened, 32)
+        from_pil, pil_info = load_image(opened, 32)
     assert np.array_equal(np.asarray(from_pil), np.asarray(from_path))
     assert pil_info == {**path_info, "sha256": None, "name": None}
 

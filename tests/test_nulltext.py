@@ -409,7 +409,7 @@ def test_cli_invert_edit_and_errors(eps_dir, photo, tmp_path, capsys):
 
 
 def test_a_pil_image_inverts_like_its_file(eps_model, tmp_path):
-    """``invert`` (and ``imagic.fit``, through the same ``prepare_image``) gives a PIL image the input policy a path
+    """``invert`` (and ``imagic.fit``, through the same ``load_image``) gives a PIL image the input policy a path
     gets: here a transparent background must be composited on white, not dropped (red)."""
     rgba = Image.new("RGBA", (48, 40), (255, 0, 0, 0))
     rgba.paste((40, 90, 220, 255), (10, 8, 30, 32))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from pathlib import Path
 
 import torch
 from PIL import Image
@@ -14,7 +13,6 @@ from tqdm.auto import tqdm
 from ..artifacts import Artifact, now_utc, package_versions
 from ..config import LOAD_TIME_SETTINGS, RuntimeConfig
 from ..diffusion import decode_latents, encode_image
-from ..images import load_image
 from ..models import Model, architecture_hash, check_same_base, fingerprint
 
 log = logging.getLogger("peftedit")
@@ -39,12 +37,6 @@ def call_runtime(model: Model, runtime: RuntimeConfig | None) -> RuntimeConfig:
             ", ".join(f"{name}={loaded[name.removeprefix('runtime.')]!r}" for name in differ),
         )
     return dataclasses.replace(runtime, **loaded)
-
-
-def prepare_image(image: str | Path | Image.Image, side: int) -> tuple[Image.Image, dict]:
-    """A square RGB input at the model's resolution and facts about it, from a path or a PIL image (one policy for
-    both: ``images.load_image``)."""
-    return load_image(image, side)
 
 
 # The pipeline parts ``encoders_offloaded`` moves off the GPU.

@@ -26,7 +26,7 @@ from ..diffusion import (
     sample,
 )
 from ..errors import ArtifactError, PeftEditError
-from ..images import grid
+from ..images import grid, load_image
 from ..models import Model
 from ..optim import descend, loss_scaler, make_optimizer
 from .common import (
@@ -37,7 +37,6 @@ from .common import (
     decode_pictures,
     encode_photo,
     encoders_offloaded,
-    prepare_image,
     progress,
     sampling,
     sampling_bar,
@@ -216,7 +215,7 @@ def fit(
     runtime = call_runtime(model, runtime)
     pipe, unet = model.pipe, model.pipe.unet
     target_text = check_prompt(pipe.tokenizer, target_text)
-    picture, image_info = prepare_image(image, model.resolution)
+    picture, image_info = load_image(image, model.resolution)
     latent = encode_photo(model, picture)
     e_tgt = encode_text(pipe, target_text)
     e_uncond = encode_text(pipe, "")

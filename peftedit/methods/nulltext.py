@@ -37,7 +37,7 @@ from ..diffusion import (
     sample,
 )
 from ..errors import ArtifactError, PeftEditError
-from ..images import grid, psnr
+from ..images import grid, load_image, psnr
 from ..models import Model
 from ..optim import descend, loss_scaler, make_optimizer
 from . import p2p
@@ -49,7 +49,6 @@ from .common import (
     decode_pictures,
     encode_photo,
     encoders_offloaded,
-    prepare_image,
     progress,
     sampling,
     sampling_bar,
@@ -179,7 +178,7 @@ def invert(
     runtime = call_runtime(model, runtime)
     pipe, unet = model.pipe, model.pipe.unet
     source_prompt = check_prompt(pipe.tokenizer, source_prompt)
-    picture, image_info = prepare_image(image, model.resolution)
+    picture, image_info = load_image(image, model.resolution)
     z0 = encode_photo(model, picture)
     e_src, e_uncond = encode_text(pipe, source_prompt), encode_text(pipe, "")
     meta, probe = base_meta(model, {"runtime": to_dict(runtime), TABLE: to_dict(config)}, image_info)

@@ -216,7 +216,7 @@ def _prepare(args, table: str, flags: dict[str, str], prompt: str):
     model. The photo, the prompt and the output are checked before the model loads."""
     from .artifacts import check_replaceable
     from .config import build
-    from .errors import PeftEditError
+    from .diffusion import require_text
     from .images import open_image
     from .models import load_model
 
@@ -230,8 +230,7 @@ def _prepare(args, table: str, flags: dict[str, str], prompt: str):
     check_creatable(output)
     # The photo and the prompt are checked before the model loads (minutes for Stable Diffusion).
     open_image(args.image)
-    if not prompt.strip():
-        raise PeftEditError("the prompt is empty: describe the picture you want")
+    require_text(prompt)
     model = load_model(args.model, configs["runtime"], args.single_file_config)
     return configs, output, model
 
@@ -263,6 +262,7 @@ P2P_FLAGS = ("p2p", "blend", "blend_mask", "reweight", "cross_replace", "self_re
 
 def cmd_edit(args) -> int:
     from .artifacts import Artifact
+    from .diffusion import require_text
     from .models import load_model
 
     artifact = Artifact.load(args.folder)
@@ -287,8 +287,8 @@ def cmd_edit(args) -> int:
     else:
         raise ValueError(f"{args.folder}: unknown method {artifact.method!r}")
     check_sampling_args(args)
-    if args.target is not None and not args.target.strip():
-        raise ValueError("the target prompt is empty: describe the picture you want (or leave it out)")
+    if args.target is not None:
+        require_text(args.target, "the target prompt", " (or leave it out)")
     control = _control(args) if artifact.method != "imagic" else None
     output = check_picture_output(args.output or free_name(Path(default)), args.overwrite)
     if args.save_attention:
@@ -443,13 +443,13 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from .diffusion import require_text
     from .generate import generate
     from .models import load_model
 
     output = check_picture_output(args.output or free_name(Path("generated.png")), args.overwrite)
     check_sampling_args(args)
-    if not args.prompt.strip():
-        raise ValueError("the prompt is empty: describe the picture you want")
+    require_text(args.prompt)
     model = load_model(args.model, single_file_config=args.single_file_config)
     show = not args.quiet
     image = generate(model, args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance, show_progress=show)

@@ -23,12 +23,19 @@ DROPPED_QUOTE_TOKENS = 6
 DROPPED_QUOTE_CHARS = 40
 
 
+def require_text(text: str, what: str = "the prompt", hint: str = "") -> str:
+    """``text`` with its whitespace collapsed; raises when nothing is left (needs no tokenizer, so the CLI checks
+    prompts with it before the model loads)."""
+    text = " ".join(str(text).split())
+    if not text:
+        raise PeftEditError(f"{what} is empty: describe the picture you want{hint}")
+    return text
+
+
 def check_prompt(tokenizer, text: str) -> str:
     """Strip a prompt; raise on an empty one and warn (in one short line: how many tokens are dropped, and the first
     few of them) when it is too long."""
-    text = " ".join(str(text).split())
-    if not text:
-        raise PeftEditError("the prompt is empty: describe the picture you want")
+    text = require_text(text)
     limit = tokenizer.model_max_length - 2
     ids = tokenizer(text, add_special_tokens=False, truncation=False).input_ids
     if len(ids) > limit:

@@ -8,26 +8,38 @@ import logging
 import os
 import re
 import sys
+import traceback
 import uuid
 from pathlib import Path
 
 from . import __version__
 from .artifact_checks import INVERSIONS as NULLTEXT_METHODS
 
-EPILOG = """examples:
+EXAMPLES = {
+    "imagic": """\
   peftedit imagic photo.png "a photo of a sitting dog" -o adapters/dog-sitting
   peftedit imagic photo.png "a photo of a sitting dog" --model stable-diffusion-v1-5/stable-diffusion-v1-5 \\
       --recipe sd15-8gb
-  peftedit edit adapters/dog-sitting --eta 0.7 --seed 3 -o sitting.png
-  peftedit inspect adapters/dog-sitting --json
+  peftedit imagic photo.png "a photo of a sitting dog" --set imagic.lora_rank=16 --finetune-steps 400""",
+    "invert": """\
   peftedit invert cat.png "a photo of a cat" -o adapters/cat              # null-text inversion
+  peftedit invert cat.png "a photo of a cat" --method negative-prompt    # no optimisation: seconds, not minutes
+  peftedit invert cat.png "a photo of a cat" --model model.safetensors --single-file-config ./sd15-config""",
+    "edit": """\
+  peftedit edit adapters/dog-sitting --eta 0.7 --seed 3 -o sitting.png   # Imagic: vary eta and seed
+  peftedit edit adapters/cat                                             # inversion: input | reconstruction
   peftedit edit adapters/cat "a photo of a tiger" --blend cat tiger -o tiger.png
   peftedit edit adapters/cat "a photo of a cat" --p2p reweight --reweight cat=2.0 -o more-cat.png
-  peftedit edit adapters/circle "a large red circle on the right" --cross-replace 0 --self-replace 0  # move
+  peftedit edit adapters/circle "a large red circle on the right" --cross-replace 0 --self-replace 0  # move""",
+    "inspect": """\
+  peftedit inspect adapters/dog-sitting
+  peftedit inspect adapters/dog-sitting --json""",
+    "generate": """\
   peftedit generate "a large red circle on the left" --seed 1 -o circle.png
-
-With no --model, commands use the built-in demo model (a tiny world of coloured shapes). --debug shows tracebacks.
-"""
+  peftedit generate "a photo of a dog" --model stable-diffusion-v1-5/stable-diffusion-v1-5 --steps 30""",
+}
+FOOTER = "With no --model, commands use the built-in demo model (coloured shapes). --debug shows tracebacks."
+EPILOG = "examples:\n{}\n\n{}".format("\n".join(EXAMPLES[n] for n in ("imagic", "invert", "edit", "generate")), FOOTER)
 
 
 def slug(*parts: str, limit: int = 60) -> str:
@@ -108,7 +120,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _command(sub, name: str, help: str) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    epilog = f"examples:\n{EXAMPLES[name]}\n\n{FOOTER}"
+    p = sub.add_parser(name, help=help, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     # also after the command (peftedit edit F --quiet); SUPPRESS keeps a value given before it
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
@@ -161,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, help="Imagic interpolation (default: the edit's recipe)")
     p.add_argument("--seed", type=int, help="sampling seed of an Imagic edit (default 0; inversions have none)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance (default: the edit's recipe)")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the edit's recipe)")
+    p.add_argument(
+        "--steps", type=int, help="sampling steps of an Imagic edit (default: its recipe); an inversion's are fixed"
+    )
     p.add_argument(
         "-o",
         "--output",
@@ -297,7 +312,8 @@ def cmd_edit(args) -> int:
             raise ValueError(f"--save-attention and -o both name {output}; give the attention maps their own file")
     base = args.model or artifact.meta["base_model"]
     # The edit records its base model: no "using the demo model" notice when that is where the edit came from.
-    model = load_model(base, _runtime_from(artifact), args.single_file_config, announce_demo=args.model is not None)
+    runtime = _runtime_from(artifact, args.folder)
+    model = load_model(base, runtime, args.single_file_config, announce_demo=args.model is not None)
     show = not args.quiet
     if artifact.method == "imagic":
         from .methods import imagic
@@ -379,13 +395,14 @@ def _edit_inversion(args, model, artifact, control):
     return image
 
 
-def _runtime_from(artifact):
+def _runtime_from(artifact, folder: str | Path):
     """The runtime config an artifact was made with, for re-rendering on this machine: device and precision picked
     afresh, no compilation (one render is too few UNet calls to win back the compile time), and settings this version
     does not know (an edit made by a newer peftedit) left out with a warning."""
     import dataclasses
 
     from .config import RuntimeConfig
+    from .errors import ArtifactError
 
     saved = dict(artifact.meta.get("recipe", {}).get("runtime", {}))
     known = {f.name for f in dataclasses.fields(RuntimeConfig)}
@@ -396,7 +413,10 @@ def _runtime_from(artifact):
         )
     saved = {k: v for k, v in saved.items() if k in known}
     saved.update(device="auto", dtype="auto", compile=False)
-    return RuntimeConfig(**saved)
+    try:
+        return RuntimeConfig(**saved)
+    except (TypeError, ValueError) as err:  # only a format-1 edit (no header checksum) can carry a changed value
+        raise ArtifactError(f"{folder}: damaged metadata: recorded runtime settings: {err}") from None
 
 
 def describe(artifact, folder: str | Path) -> dict:
@@ -504,7 +524,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ValueError, OSError) as err:
         if args.debug:
-            raise
+            traceback.print_exc()
+            return 2
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"peftedit: error: {message}", file=sys.stderr)
         return 2

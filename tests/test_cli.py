@@ -255,6 +255,22 @@ def test_help_has_examples(capsys):
     assert "examples:" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command", ["imagic", "invert", "edit", "inspect", "generate"])
+def test_each_command_shows_its_own_examples(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    examples = capsys.readouterr().out.split("examples:")[1]
+    commands = {line.split()[1] for line in examples.splitlines() if line.strip().startswith("peftedit ")}
+    assert commands == {command}
+
+
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(tmp_path, capsys):
+    code = main(["--debug", "inspect", str(tmp_path / "missing")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" in err and "edit folder not found" in err
+
+
 def test_model_sources_dispatch_to_the_right_loader(tmp_path, monkeypatch, capsys):
     from diffusers import StableDiffusionPipeline
 
@@ -286,11 +302,23 @@ def test_rerender_runtime_drops_compile_and_unknown_settings(caplog):
     from peftedit.cli import _runtime_from
 
     made = {"device": "cuda", "dtype": "fp16", "channels_last": True, "compile": True, "from_the_future": 1}
-    runtime = _runtime_from(SimpleNamespace(meta={"recipe": {"runtime": made}}))
+    runtime = _runtime_from(SimpleNamespace(meta={"recipe": {"runtime": made}}), "e")
     assert (runtime.device, runtime.dtype, runtime.channels_last, runtime.compile) == ("auto", "auto", True, False)
     assert "from_the_future" in caplog.text
-    older = _runtime_from(SimpleNamespace(meta={"recipe": {"runtime": {"gradient_checkpointing": False}}}))
+    older = _runtime_from(SimpleNamespace(meta={"recipe": {"runtime": {"gradient_checkpointing": False}}}), "e")
     assert not older.gradient_checkpointing and not older.channels_last  # edits made before a setting existed
+
+
+def test_a_bad_recorded_runtime_names_the_edit_folder():
+    """Only a format-1 edit (no header checksum) can carry a hand-changed setting; the error names the folder."""
+    from types import SimpleNamespace
+
+    from peftedit.cli import _runtime_from
+    from peftedit.errors import ArtifactError
+
+    for bad in ({"attention": "warp-drive"}, {"gradient_checkpointing": "often"}):
+        with pytest.raises(ArtifactError, match=r"^adapters/old: damaged metadata: recorded runtime settings"):
+            _runtime_from(SimpleNamespace(meta={"recipe": {"runtime": bad}}), "adapters/old")
 
 
 def test_edit_pictures_are_checked_before_any_work(edit_dir, tmp_path, capsys):

@@ -100,7 +100,7 @@ def _stage(model, stage, latent, e_tgt, config, runtime, warmup: int, offloaded)
     generator = torch.Generator("cpu").manual_seed(runtime.seed)
     release(device)  # the previous stage's garbage must not count as resident (measure() would free it after)
     held = torch.cuda.memory_allocated(device) / GIB if device.type == "cuda" else None
-    with measure(device, "optimizer", warmup=warmup, track=track, exclude=offloaded) as result:
+    with measure(device, "train", pipe.unet, warmup, track, offloaded) as result:
         fn(pipe.unet, fresh_scheduler(pipe), latent, e_tgt, config, runtime, generator, False)
     if track:
         peak, resident = result.tensor_peak_gib, result.tensor_resident_gib
@@ -113,6 +113,8 @@ def _stage(model, stage, latent, e_tgt, config, runtime, warmup: int, offloaded)
         "above_weights_gib": peak - resident if resident is not None else None,
         "tflop_per_step": result.tflop_per_step,
         "seconds_per_step": result.seconds_per_step,
+        "steps_timed": result.steps_timed,
+        "optimizer_steps": result.optimizer_steps,
     }
 
 

@@ -71,14 +71,14 @@ def ours(
         def stage1() -> torch.Tensor:
             return imagic.optimize_embedding(unet, scheduler, latent, e_tgt, config, runtime, generator, False)[0]
 
-        e_opt = bench.run(METHOD, "embedding", stage1, "optimizer", "imagic.optimize_embedding")
+        e_opt = bench.run(METHOD, "embedding", stage1, "train", "imagic.optimize_embedding")
         e_opt = e_tgt if e_opt is None else e_opt
 
         def stage2() -> dict:
             return imagic.finetune_lora(unet, scheduler, latent, e_opt, config, runtime, generator, False)[0]
 
         note = f"imagic.finetune_lora (rank {config.lora_rank}, targets {', '.join(config.lora_targets)})"
-        bench.run(METHOD, "lora", stage2, "optimizer", note)
+        bench.run(METHOD, "lora", stage2, "train", note)
     if artifact is None:
         bench.skip(METHOD, ["render"], "skipped: the pipeline run failed, so there is no artifact to render")
         return bench.results
@@ -109,7 +109,7 @@ def baseline(model: Model, picture: Image.Image, steps: int, warmup: int, track:
         optimizer = torch.optim.Adam([embedding], lr=COMMUNITY_EMBEDDING_LR)
         _train(unet, scheduler, latent, embedding, optimizer, steps, generator)
 
-    bench.run(METHOD, "embedding", stage1, "optimizer", "fp32, torch Adam on the embedding, no checkpointing")
+    bench.run(METHOD, "embedding", stage1, "train", "fp32, torch Adam on the embedding, no checkpointing")
     e_opt = embedding.detach()
 
     def stage2() -> None:
@@ -123,7 +123,7 @@ def baseline(model: Model, picture: Image.Image, steps: int, warmup: int, track:
             unet.eval()
             unet.zero_grad(set_to_none=True)
 
-    bench.run(METHOD, "lora", stage2, "optimizer", "full UNet fine-tune: fp32, torch Adam, no checkpointing")
+    bench.run(METHOD, "lora", stage2, "train", "full UNet fine-tune: fp32, torch Adam, no checkpointing")
 
     def render() -> list[Image.Image]:
         sampler = fresh_scheduler(pipe, steps)

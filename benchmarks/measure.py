@@ -1,8 +1,11 @@
 """Measuring one stage: peak CUDA memory and seconds per step, without touching the code being measured.
 
-Steps are counted by hooks on official extension points: a global optimizer step-post hook for training stages (it
-also sees the optimizer the library builds inside its own loop, so its state can be inspected) and a forward hook on
-the UNet for sampling stages (one guided UNet call per denoising step). The first ``warmup`` steps are not timed.
+Steps are counted by hooks on official extension points: a forward pre-hook on the UNet for training stages that
+make one UNet call per step (``"train"``: every call with gradients on starts a step, so a step that float16 loss
+scaling skips is still one), a global optimizer step-post hook for the others (``"optimizer"``; it also sees the
+optimizer the library builds inside its own loop, so its state can be inspected, and counts the steps taken) and a
+forward hook on the UNet for sampling stages (one guided UNet call per denoising step). The first ``warmup`` steps are
+not timed.
 With ``track``, the peak of live tensor bytes is also counted at the dispatch level (:mod:`benchmarks.tensor_memory`):
 on a CPU that is the estimate of what the GPU's ``max_memory_allocated`` would be; on a GPU it checks the estimate.
 ``track`` also counts floating-point operations per step (:mod:`benchmarks.flops`), over the same steps as the timing:
@@ -30,6 +33,7 @@ from .tensor_memory import TensorMemory
 log = logging.getLogger("benchmarks")
 
 GIB = 2**30
+COUNTS = ("train", "optimizer", "unet")  # what a step is: see measure()
 
 
 @dataclass
@@ -44,6 +48,7 @@ class Measurement:
     seconds_per_step: float | None = None
     tflop_per_step: float | None = None
     steps_timed: int = 0
+    optimizer_steps: int = 0
     seconds_total: float = 0.0
     optimizer_state: dict | None = None
     stamps: list[float] = field(default_factory=list, repr=False)
@@ -59,6 +64,7 @@ class Measurement:
             "seconds_per_step": self.seconds_per_step,
             "tflop_per_step": self.tflop_per_step,
             "steps_timed": self.steps_timed,
+            "optimizer_steps": self.optimizer_steps,
             "seconds_total": self.seconds_total,
         }
         if self.optimizer_state is not None:
@@ -110,13 +116,16 @@ def optimizer_state_summary(optimizer: torch.optim.Optimizer) -> dict:
 def measure(device: torch.device, count: str, unet=None, warmup: int = 1, track: bool = False, exclude=(), hooks=None):
     """Measure the block; yields a :class:`Measurement` filled in when the block ends.
 
-    ``count`` says what a step is: ``"optimizer"`` (every optimizer step anywhere) or ``"unet"`` (every forward call
-    of ``unet``). Peak memory counters are reset at the start, after releasing cached blocks. ``track`` also counts
-    live tensor bytes on ``device`` and the floating-point operations per step (slower: every operator goes through
-    Python; do not compare its timings); ``exclude`` are tensors that count never (see :class:`TensorMemory`).
+    ``count`` says what a step is: ``"train"`` (from one call of ``unet`` with gradients on to the next, the last
+    ending with the block; for loops of one UNet call per step, where float16 loss scaling may skip an optimizer
+    step), ``"optimizer"`` (every optimizer step anywhere) or ``"unet"`` (every forward call of ``unet``). Optimizer
+    steps are counted in every mode (``optimizer_steps``). Peak memory counters are reset at the start, after
+    releasing cached blocks. ``track`` also counts live tensor bytes on ``device`` and the floating-point operations
+    per step (slower: every operator goes through Python; do not compare its timings); ``exclude`` are tensors that
+    count never (see :class:`TensorMemory`).
     """
-    if count not in ("optimizer", "unet"):
-        raise ValueError(f"count = {count!r}: use 'optimizer' or 'unet'")
+    if count not in COUNTS:
+        raise ValueError(f"count = {count!r}: use one of {', '.join(COUNTS)}")
     result = Measurement()
     flops = FlopCount() if track else None
 
@@ -127,18 +136,25 @@ def measure(device: torch.device, count: str, unet=None, warmup: int = 1, track:
             result.flop_stamps.append(flops.total)
 
     def on_step(optimizer, args, kwargs) -> None:
-        stamp()
-        if len(result.stamps) == warmup + 1:
+        result.optimizer_steps += 1
+        if count == "optimizer":
+            stamp()
+        if result.optimizer_steps == warmup + 1:
             result.optimizer_state = optimizer_state_summary(optimizer)
+
+    def on_training_call(module, args) -> None:
+        if torch.is_grad_enabled():
+            stamp()
 
     release(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    if count == "optimizer":
-        handle = register_optimizer_step_post_hook(on_step)
-    else:
-        # Kept out of a compiled UNet's graph (runtime.compile): the clock must be read when the call ends.
-        handle = unet.register_forward_hook(torch.compiler.disable(lambda module, args, output: stamp()))
+    handles = [register_optimizer_step_post_hook(on_step)]
+    # Kept out of a compiled UNet's graph (runtime.compile): the clock must be read when the call starts or ends.
+    if count == "train":
+        handles.append(unet.register_forward_pre_hook(torch.compiler.disable(on_training_call)))
+    elif count == "unet":
+        handles.append(unet.register_forward_hook(torch.compiler.disable(lambda module, args, output: stamp())))
     tracker = TensorMemory(device.type, exclude, hooks) if track else contextlib.nullcontext()
     synchronize(device)
     start = time.perf_counter()
@@ -146,16 +162,21 @@ def measure(device: torch.device, count: str, unet=None, warmup: int = 1, track:
         with tracker, flops or contextlib.nullcontext():
             yield result
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         synchronize(device)
         result.seconds_total = time.perf_counter() - start
+    origin, flop_origin = start, 0
+    if count == "train" and result.stamps:  # step k runs from call k to call k + 1; the last one to the block's end
+        stamp()
+        origin, flop_origin = result.stamps.pop(0), result.flop_stamps.pop(0) if flops is not None else 0
     if track:
         result.tensor_peak_gib, result.tensor_resident_gib = tracker.peak / GIB, tracker.resident / GIB
     if device.type == "cuda":
         result.peak_allocated_gib = torch.cuda.max_memory_allocated(device) / GIB
         result.peak_reserved_gib = torch.cuda.max_memory_reserved(device) / GIB
-    result.steps_timed, result.seconds_per_step = _per_step(result.stamps, start, warmup)
-    flop_per_step = _per_step(result.flop_stamps, 0, warmup)[1]
+    result.steps_timed, result.seconds_per_step = _per_step(result.stamps, origin, warmup)
+    flop_per_step = _per_step(result.flop_stamps, flop_origin, warmup)[1]
     result.tflop_per_step = flop_per_step / 1e12 if flop_per_step is not None else None
 
 

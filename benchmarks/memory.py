@@ -225,6 +225,7 @@ def make_rows(
             "seconds_per_step": measured.get("seconds_per_step"),
             "tflop_per_step": measured.get("tflop_per_step"),
             "steps_timed": measured.get("steps_timed", 0),
+            "optimizer_steps": measured.get("optimizer_steps", 0),
             "seconds_total": measured.get("seconds_total"),
             "optimizer_state": measured.get("optimizer_state"),
             "baseline": f"{base_method}/{base_stage}" if base is not None else None,

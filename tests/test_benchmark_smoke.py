@@ -100,6 +100,8 @@ def test_training_stages_report_the_optimizer_state(bench):
     assert embedding["optimizer_state"]["class"] in ("AdamW8bit", "AdamW")
     assert embedding["optimizer_state"]["largest_param_shape"] == [1, 77, 32]
     assert embedding["baseline_optimizer_state"]["class"] == "Adam"
+    # two steps, one of them warm-up; fp32 scales no loss, so none is skipped
+    assert (embedding["optimizer_steps"], embedding["steps_timed"]) == (2, 1)
     lora = by_stage[("imagic", "lora")]
     # the baseline fine-tunes the whole UNet: far more optimizer state than the LoRA, and more memory in all
     assert lora["baseline_optimizer_state"]["state_mib"] > 10 * lora["optimizer_state"]["state_mib"]

@@ -11,10 +11,15 @@ Python API::
     from peftedit import nulltext, p2p               # null-text inversion + Prompt-to-Prompt
     inversion = nulltext.invert(model, "cat.png", "a photo of a cat")
     tiger = nulltext.edit(model, inversion, "a photo of a tiger", p2p.Control(blend=["cat", "tiger"]))
+
+    from peftedit import batch                       # many edits, the model loaded once; resumable
+    items = batch.read_list("tedbench/input_list.json", images="tedbench/originals")
+    batch.run(model, items, ImagicConfig(), out="adapters/tedbench")
 """
 
 __version__ = "0.1.0"
 
+from . import batch  # noqa: E402
 from .artifacts import Artifact  # noqa: E402
 from .config import RuntimeConfig, build  # noqa: E402
 from .errors import ArtifactError, NumericalError, PeftEditError  # noqa: E402
@@ -34,6 +39,7 @@ __all__ = [
     "NumericalError",
     "PeftEditError",
     "RuntimeConfig",
+    "batch",
     "build",
     "imagic",
     "load",

@@ -6,14 +6,13 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
 import traceback
-import uuid
 from pathlib import Path
 
 from . import __version__
 from .artifact_checks import INVERSIONS as NULLTEXT_METHODS
+from .files import save_image_atomic, slug
 
 EXAMPLES = {
     "imagic": """\
@@ -31,6 +30,10 @@ EXAMPLES = {
   peftedit edit adapters/cat "a photo of a tiger" --blend cat tiger -o tiger.png
   peftedit edit adapters/cat "a photo of a cat" --p2p reweight --reweight cat=2.0 -o more-cat.png
   peftedit edit adapters/circle "a large red circle on the right" --cross-replace 0 --self-replace 0  # move""",
+    "batch": """\
+  peftedit batch tedbench/input_list.json --images tedbench/originals --recipe sd15-8gb --model <SD 1.5>
+  peftedit batch pairs.json --method null-text -o adapters/pairs   # entries with "source" (and "target")
+  peftedit batch pairs.json --limit 3                                # try the first three""",
     "inspect": """\
   peftedit inspect adapters/dog-sitting
   peftedit inspect adapters/dog-sitting --json""",
@@ -39,26 +42,7 @@ EXAMPLES = {
   peftedit generate "a photo of a dog" --model stable-diffusion-v1-5/stable-diffusion-v1-5 --steps 30""",
 }
 FOOTER = "With no --model, commands use the built-in demo model (coloured shapes). --debug shows tracebacks."
-EPILOG = "examples:\n{}\n\n{}".format("\n".join(EXAMPLES[n] for n in ("imagic", "invert", "edit", "generate")), FOOTER)
-
-
-def slug(*parts: str, limit: int = 60) -> str:
-    """A folder-friendly name from words."""
-    text = "-".join(re.sub(r"[^a-z0-9]+", "-", p.lower()).strip("-") for p in parts if p)
-    return text[:limit].strip("-") or "edit"
-
-
-def save_image_atomic(image, path: str | Path) -> Path:
-    """Save a PIL image via a temporary file and a rename, so no half-written picture is left behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}{path.suffix}"
-    try:
-        image.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+EPILOG = "examples:\n{}\n\n{}".format("\n".join(EXAMPLES[n] for n in ("imagic", "invert", "edit", "batch")), FOOTER)
 
 
 # Picture formats -o may name (Pillow writes each from the RGB pictures peftedit makes).
@@ -196,6 +180,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-attention", metavar="PNG", help="write the per-word cross-attention maps as a grid")
     p.add_argument("--overwrite", action="store_true", help="replace existing output pictures")
 
+    p = _command(sub, "batch", "make the edits of a JSON list (TEdBench's input_list.json reads as it is)")
+    p.add_argument("list", help='JSON array of {"image", "target", "source"} (or img_name, target_text, source_text)')
+    p.add_argument("--images", help="folder the image names are relative to (default: the list's folder)")
+    p.add_argument("--method", choices=("imagic", *NULLTEXT_METHODS), default="imagic", help="default imagic")
+    _add_model_args(p)
+    p.add_argument("-o", "--output", help="folder of the edits and batch.json (default: adapters/<list>-<method>)")
+    p.add_argument("--limit", type=int, help="only the first N entries")
+    p.add_argument("--overwrite", action="store_true", help="redo entries whose edits exist (default: keep them)")
+    p.epilog += "\nExit status 1 when any entry failed (batch.json says why); the others are kept."
+
     p = _command(sub, "inspect", "show what an edit folder holds")
     p.add_argument("folder", help="edit folder written by 'imagic' or 'invert'")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -325,6 +319,31 @@ def cmd_edit(args) -> int:
         image = _edit_inversion(args, model, artifact, control)
     print(f"wrote {save_image_atomic(image, output)}")
     return 0
+
+
+def cmd_batch(args) -> int:
+    from . import batch
+    from .config import build, count
+    from .models import load_model
+
+    if args.limit is not None:
+        count("--limit", args.limit)
+    table = "imagic" if args.method == "imagic" else "nulltext"
+    overrides = [*args.set] + ([f"nulltext.method={args.method}"] if table == "nulltext" else [])
+    configs = build(_sections("runtime", table), args.recipe, overrides)
+    items = batch.read_list(args.list, args.images, args.method)[: args.limit]
+    output = Path(args.output or Path("adapters") / slug(Path(args.list).stem, args.method))
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"{output} is a file; -o names the folder the edits go to")
+    check_creatable(output / batch.SUMMARY_FILE)
+    model = load_model(args.model, configs["runtime"], args.single_file_config)
+    records = batch.run(model, items, configs[table], configs["runtime"], output, args.overwrite, not args.quiet)
+    counts = json.loads((output / batch.SUMMARY_FILE).read_text())["counts"]
+    print(
+        f"{output}: {counts[batch.DONE]} done, {counts[batch.EARLIER]} done earlier, {counts[batch.FAILED]} failed "
+        f"of {len(records)}; summary: {output / batch.SUMMARY_FILE}"
+    )
+    return 1 if counts[batch.FAILED] else 0
 
 
 def cmd_invert(args) -> int:
@@ -481,6 +500,7 @@ COMMANDS = {
     "imagic": cmd_imagic,
     "invert": cmd_invert,
     "edit": cmd_edit,
+    "batch": cmd_batch,
     "inspect": cmd_inspect,
     "generate": cmd_generate,
 }
@@ -520,7 +540,8 @@ def main(argv: list[str] | None = None) -> int:
         _setup_logging(args.debug)
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        print("peftedit: interrupted; nothing was saved", file=sys.stderr)
+        kept = "finished entries are kept (see batch.json)" if args.command == "batch" else "nothing was saved"
+        print(f"peftedit: interrupted; {kept}", file=sys.stderr)
         return 130
     except (ValueError, OSError) as err:
         if args.debug:

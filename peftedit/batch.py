@@ -32,6 +32,7 @@ from .errors import ArtifactError, PeftEditError
 from .files import save_image_atomic, slug, write_atomic
 from .images import open_image
 from .methods import imagic, nulltext
+from .methods.common import check_base
 from .methods.imagic import ImagicConfig
 from .methods.nulltext import NullTextConfig
 from .models import Model
@@ -172,7 +173,7 @@ def _one(model, item: Item, method: str, config, runtime, out: Path, overwrite: 
     start = time.perf_counter()
     try:
         if os.path.lexists(folder) and not overwrite:
-            artifact = _earlier(folder, item, method)
+            artifact = _earlier(model, folder, item, method)
             record["status"] = EARLIER
         else:
             if picture is not None and picture.exists() and not overwrite:
@@ -197,9 +198,10 @@ def _make(model, item: Item, method: str, config, runtime, show: bool) -> Artifa
     return nulltext.invert(model, item.image, item.source, config, runtime, show_progress=show)
 
 
-def _earlier(folder: Path, item: Item, method: str) -> Artifact:
-    """The edit an earlier run left in ``folder``, if it is this item's; raises otherwise."""
+def _earlier(model: Model, folder: Path, item: Item, method: str) -> Artifact:
+    """The edit an earlier run left in ``folder``, if it is this item's on this model; raises otherwise."""
     artifact = Artifact.load(folder)
+    check_base(model, artifact)
     prompt = item.target if method == "imagic" else item.source
     made = artifact.meta["prompts"].get("target" if method == "imagic" else "source")
     if artifact.method != method or made != prompt:

@@ -126,7 +126,7 @@ def test_imagic_batch_resumes_and_goes_on_past_a_failed_entry(eps_dir, photos, t
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # nothing half-written
 
 
-def test_inversion_batch_renders_each_edit_and_a_missing_picture_again(eps_dir, photos, tmp_path, capsys):
+def test_inversion_batch_renders_each_edit_and_a_missing_picture_again(eps_dir, other_dir, photos, tmp_path, capsys):
     entries = [
         {"image": "shapes.png", "source": "a red circle", "target": "a blue circle"},
         {"image": "dog.png", "source": "a dog"},  # no target: the inversion only
@@ -145,3 +145,8 @@ def test_inversion_batch_renders_each_edit_and_a_missing_picture_again(eps_dir, 
     assert code == 0, err
     assert picture.is_file()
     assert json.loads((out / "batch.json").read_text())["counts"]["done earlier"] == 2
+    # resumed on another base model: the earlier edits are not this run's
+    code, stdout, _ = _run(capsys, *[other_dir if a == eps_dir else a for a in argv])
+    assert code == 1 and "2 failed of 2" in stdout
+    statuses = [i["status"] for i in json.loads((out / "batch.json").read_text())["items"]]
+    assert all("base model mismatch" in s for s in statuses), statuses

@@ -9,9 +9,10 @@ target text or the prompt an inversion is edited to (optional there); ``source``
 shows (inversions need it; Imagic does not use it). Entry ``i`` is saved as ``<out>/<iii>-<image>-<prompt>/``; an
 inversion with a target also renders its Prompt-to-Prompt edit beside it as ``<iii>-<image>-<prompt>.png``.
 
-Runs resume: an entry whose folder already holds its edit is not redone (``--overwrite`` redoes it). An entry that
-fails (a NaN loss, a bad photo) is recorded and the run goes on. ``<out>/batch.json`` says what became of every entry
-and is rewritten after each one.
+Runs resume: an entry whose folder already holds its edit (same method, prompt, photo and base model) is not redone,
+even when the settings changed (a warning names them; ``--overwrite`` redoes it). An entry that fails (a NaN loss, a
+folder holding another edit) is recorded and the run goes on. ``<out>/batch.json`` lists every entry of the run
+(``pending`` until it is reached) and those of earlier runs into the same folder, and is rewritten after each one.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from .artifact_checks import INVERSIONS
-from .artifacts import Artifact, check_replaceable
+from .artifacts import EDIT_FILE, Artifact, check_replaceable
+from .config import to_dict
 from .diffusion import require_text
 from .errors import ArtifactError, PeftEditError
 from .files import save_image_atomic, slug, write_atomic
-from .images import open_image
+from .images import file_sha256, open_image
 from .methods import imagic, nulltext
 from .methods.common import check_base
 from .methods.imagic import ImagicConfig
@@ -48,7 +50,8 @@ KEYS = {
     "source_text": "source",
 }
 SUMMARY_FILE = "batch.json"
-DONE, EARLIER, FAILED = "done", "done earlier", "failed"
+DONE, EARLIER, FAILED, PENDING = "done", "done earlier", "failed", "pending"
+REPORTED_MISTAKES = 3  # a list with more bad entries names this many in its one-line error
 
 
 @dataclass(frozen=True)
@@ -75,61 +78,97 @@ def method_of(config: ImagicConfig | NullTextConfig) -> str:
     raise TypeError(f"config must be an ImagicConfig or a NullTextConfig, not {type(config).__name__}")
 
 
-def read_list(path: str | Path, images: str | Path | None = None, method: str = "imagic") -> list[Item]:
+def needed_prompt(method: str) -> str:
+    """The prompt an entry must have: Imagic's target, an inversion's source."""
+    if method == "imagic":
+        return "target"
+    if method in INVERSIONS:
+        return "source"
+    raise PeftEditError(f"unknown method {method!r} (known: imagic, {', '.join(INVERSIONS)})")
+
+
+def read_list(
+    path: str | Path, images: str | Path | None = None, method: str = "imagic", limit: int | None = None
+) -> list[Item]:
     """The entries of a JSON list file, checked (see :func:`items_from`); ``images`` defaults to the list's folder."""
     path = Path(path)
+    if path.is_dir():
+        raise PeftEditError(f"{path} is a folder; give the JSON list file")
     if not path.is_file():
         raise FileNotFoundError(f"list not found: {path}")
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    try:  # utf-8-sig: lists saved with a byte-order mark read too
+        entries = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_no_repeated_keys)
+    except (json.JSONDecodeError, UnicodeDecodeError, PeftEditError) as err:
         raise PeftEditError(f"{path} is not a JSON list of edits ({err})") from None
-    return items_from(entries, path.parent if images is None else images, method, where=str(path))
+    return items_from(entries, path.parent if images is None else images, method, str(path), limit)
 
 
-def items_from(entries: Any, images: str | Path = ".", method: str = "imagic", where: str = "list") -> list[Item]:
-    """Items from parsed entries (see the module's docstring), every photo opened and every prompt checked, so a
-    mistake in entry 90 stops the run before the model loads rather than after 89 edits."""
-    if method != "imagic" and method not in INVERSIONS:
-        raise PeftEditError(f"unknown method {method!r} (known: imagic, {', '.join(INVERSIONS)})")
+def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict:
+    keys = [k for k, _ in pairs]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise PeftEditError(f"an object gives {', '.join(map(repr, repeated))} twice")
+    return dict(pairs)
+
+
+def items_from(
+    entries: Any,
+    images: str | Path | None = None,
+    method: str = "imagic",
+    where: str = "list",
+    limit: int | None = None,
+) -> list[Item]:
+    """Items from parsed entries (see the module's docstring; the first ``limit`` only), every photo opened and every
+    prompt checked, so a mistake in entry 90 stops the run before the model loads rather than after 89 edits. Every
+    bad entry is found: the error counts them and names the first few."""
+    needed_prompt(method)
+    folder = Path("." if images is None else images)
+    if not folder.is_dir():
+        raise PeftEditError(f"images folder not found: {folder}")
     if not isinstance(entries, list) or not entries:
         raise PeftEditError(f"{where}: expected a non-empty JSON array of objects")
-    items, sources_unused = [], False
-    for index, entry in enumerate(entries, start=1):
-        item = _item(entry, index, Path(images), method, f"{where}, entry {index}")
-        sources_unused |= method == "imagic" and item.source is not None
-        items.append(item)
-    if sources_unused:
+    items, mistakes = [], []
+    for index, entry in enumerate(entries[:limit], start=1):
+        try:
+            items.append(_item(entry, index, folder, method))
+        except (PeftEditError, OSError) as err:
+            mistakes.append(f"entry {index}: {' '.join(str(err).split())}")
+    if mistakes:
+        more = f" (and {len(mistakes) - REPORTED_MISTAKES} more)" if len(mistakes) > REPORTED_MISTAKES else ""
+        count = f"{len(mistakes)} bad entries: " if len(mistakes) > 1 else ""
+        raise PeftEditError(f"{where}: {count}{'; '.join(mistakes[:REPORTED_MISTAKES])}{more}")
+    if method == "imagic" and any(item.source for item in items):
         log.warning("%s: Imagic does not use the source prompts; they are left out", where)
+        items = [Item(item.index, item.image, item.target) for item in items]
     return items
 
 
-def _item(entry: Any, index: int, images: Path, method: str, where: str) -> Item:
+def _item(entry: Any, index: int, images: Path, method: str) -> Item:
     if not isinstance(entry, dict):
-        raise PeftEditError(f'{where}: expected an object such as {{"image": ..., "target": ...}}')
+        raise PeftEditError('expected an object such as {"image": ..., "target": ...}')
     values: dict[str, str] = {}
     for key, value in entry.items():
         if key not in KEYS:
-            raise PeftEditError(f"{where}: unknown key {key!r} (known: {', '.join(KEYS)})")
+            raise PeftEditError(f"unknown key {key!r} (known: {', '.join(KEYS)})")
         if KEYS[key] in values:
-            raise PeftEditError(f"{where}: {KEYS[key]} is given twice")
+            raise PeftEditError(f"{KEYS[key]} is given twice")
         if not isinstance(value, str):
-            raise PeftEditError(f"{where}: {key} must be a string, not {type(value).__name__}")
+            raise PeftEditError(f"{key} must be a string, not {type(value).__name__}")
         values[KEYS[key]] = value
     if "image" not in values:
-        raise PeftEditError(f"{where}: no image")
-    needed = "target" if method == "imagic" else "source"
-    if needed not in values:
-        raise PeftEditError(f"{where}: no {needed} prompt (a {method} edit needs one)")
-    try:
-        prompts = {k: require_text(values[k], f"the {k} prompt") for k in ("target", "source") if k in values}
-        image = images / values["image"]
-        open_image(image)
-    except (PeftEditError, OSError) as err:
-        raise PeftEditError(f"{where}: {' '.join(str(err).split())}") from None
-    if method == "imagic":
-        prompts.pop("source", None)
+        raise PeftEditError("no image")
+    _require(values, method)
+    prompts = {k: require_text(values[k], f"the {k} prompt") for k in ("target", "source") if k in values}
+    image = images / values["image"]
+    open_image(image)
     return Item(index, image, prompts.get("target"), prompts.get("source"))
+
+
+def _require(prompts: dict, method: str) -> None:
+    needed = needed_prompt(method)
+    if prompts.get(needed) is None:
+        what = "an Imagic edit" if method == "imagic" else f"a {method} inversion"
+        raise PeftEditError(f"no {needed} prompt ({what} needs one)")
 
 
 def run(
@@ -145,35 +184,77 @@ def run(
     :class:`NullTextConfig` names otherwise); returns what became of each, as written to ``out/batch.json``."""
     config = config or ImagicConfig()
     method = method_of(config)
+    for item in items:  # items read for another method lack the prompt this one needs
+        try:
+            _require({"target": item.target, "source": item.source}, method)
+        except PeftEditError as err:
+            raise PeftEditError(f"entry {item.index}: {err} (read the list with method={method!r})") from None
     out = Path(out)
+    check_batch_folder(out)
     out.mkdir(parents=True, exist_ok=True)
-    records: list[dict] = []
+    records = [_record(item, method) for item in items]
+    earlier = _earlier_records(out, {r["folder"] for r in records})
     started = datetime.now(UTC).isoformat(timespec="seconds")
+    _write_summary(out, method, model.name, started, records, earlier)
     for number, item in enumerate(items, start=1):
-        log.info("[%d/%d] %s: %s", number, len(items), item.image.name, item.target or item.source)
-        records.append(_one(model, item, method, config, runtime, out, overwrite, show_progress))
-        _write_summary(out, method, model.name, started, records)
+        prompt = item.target if method == "imagic" else item.source
+        log.info("[%d/%d] %s: %s", number, len(items), item.image.name, _short(prompt))
+        records[number - 1] = _one(model, item, method, config, runtime, out, overwrite, show_progress)
+        _write_summary(out, method, model.name, started, records, earlier)
     return records
 
 
-def _one(model, item: Item, method: str, config, runtime, out: Path, overwrite: bool, show: bool) -> dict:
-    folder = out / item.name
-    picture = out / f"{item.name}.png" if method != "imagic" and item.target else None
-    record = {
+def check_batch_folder(out: Path) -> None:
+    """Raise unless ``out`` can hold a batch: not a file, not an edit folder, ``batch.json`` not a folder."""
+    if out.exists() and not out.is_dir():
+        raise PeftEditError(f"{out} is a file; the batch's edits go into a folder")
+    if (out / EDIT_FILE).exists():
+        raise PeftEditError(f"{out} is an edit folder; give the batch a folder of its own")
+    if (out / SUMMARY_FILE).exists() and not (out / SUMMARY_FILE).is_file():
+        raise PeftEditError(f"{out / SUMMARY_FILE} is not a file; the batch writes its summary there")
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _record(item: Item, method: str) -> dict:
+    picture = f"{item.name}.png" if method != "imagic" and item.target else None
+    return {
         "index": item.index,
         "image": str(item.image),
         "source": item.source,
         "target": item.target,
-        "folder": folder.name,
-        "picture": picture.name if picture else None,
-        "status": DONE,
+        "folder": item.name,
+        "picture": picture,
+        "status": PENDING,
         "seconds": None,
         "losses": None,
     }
+
+
+def _earlier_records(out: Path, now: set[str]) -> list[dict]:
+    """Records of an earlier run into ``out`` for entries this run leaves alone (a shorter --limit, another list)."""
+    path = out / SUMMARY_FILE
+    if not path.is_file():
+        return []
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+        records = [*summary["items"], *summary.get("earlier_items", [])]
+        return [r for r in records if isinstance(r, dict) and r["folder"] not in now]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        log.warning("%s is not a batch summary (%s); it is replaced", path, err)
+        return []
+
+
+def _one(model, item: Item, method: str, config, runtime, out: Path, overwrite: bool, show: bool) -> dict:
+    record = {**_record(item, method), "status": DONE}
+    folder = out / item.name
+    picture = out / record["picture"] if record["picture"] else None
     start = time.perf_counter()
     try:
         if os.path.lexists(folder) and not overwrite:
-            artifact = _earlier(model, folder, item, method)
+            artifact = _earlier(model, folder, item, method, config)
             record["status"] = EARLIER
         else:
             if picture is not None and picture.exists() and not overwrite:
@@ -198,30 +279,52 @@ def _make(model, item: Item, method: str, config, runtime, show: bool) -> Artifa
     return nulltext.invert(model, item.image, item.source, config, runtime, show_progress=show)
 
 
-def _earlier(model: Model, folder: Path, item: Item, method: str) -> Artifact:
-    """The edit an earlier run left in ``folder``, if it is this item's on this model; raises otherwise."""
+def _earlier(model: Model, folder: Path, item: Item, method: str, config) -> Artifact:
+    """The edit an earlier run left in ``folder``, if it is this item's (method, prompt, photo) on this model; raises
+    otherwise. Other settings only warn: the edit is kept."""
     artifact = Artifact.load(folder)
     check_base(model, artifact)
-    prompt = item.target if method == "imagic" else item.source
-    made = artifact.meta["prompts"].get("target" if method == "imagic" else "source")
-    if artifact.method != method or made != prompt:
+    key = needed_prompt(method)
+    prompt, made = getattr(item, key), artifact.meta["prompts"].get(key)
+    photo = artifact.meta["image"].get("sha256")
+    differs = []
+    if artifact.method != method:
+        differs.append(f"it is {artifact.method}, this entry {method}")
+    if made != prompt:
+        differs.append(f"its {key} prompt is {_short(str(made), 40)!r}")
+    if photo != file_sha256(item.image):
+        differs.append(f"it was made from another photo ({artifact.meta['image'].get('name')})")
+    if differs:
         raise ArtifactError(
-            f"{folder} holds another edit ({artifact.method}, {made!r}); pass --overwrite (overwrite=True) to redo it"
+            f"{folder} holds another edit: {'; '.join(differs)}; --overwrite (overwrite=True) redoes it"
         )
+    table = "imagic" if method == "imagic" else "nulltext"
+    made_with = artifact.meta["recipe"].get(table, {})
+    changed = sorted(k for k, v in to_dict(config).items() if k in made_with and made_with[k] != v)
+    if changed:
+        log.warning("%s was made with other settings (%s); kept (--overwrite redoes it)", folder, ", ".join(changed))
     return artifact
 
 
-def _write_summary(out: Path, method: str, base_model: str, started: str, records: list[dict]) -> None:
-    counts: dict[str, int] = {DONE: 0, EARLIER: 0, FAILED: 0}
+def tally(records: list[dict]) -> dict[str, int]:
+    """How many records are done, done earlier, failed and pending."""
+    counts = dict.fromkeys((DONE, EARLIER, FAILED, PENDING), 0)
     for record in records:
         counts[record["status"].split(":")[0]] += 1
+    return counts
+
+
+def _write_summary(
+    out: Path, method: str, base_model: str, started: str, records: list[dict], earlier: list[dict]
+) -> None:
     summary = {
         "method": method,
         "base_model": base_model,
         "started": started,
         "updated": datetime.now(UTC).isoformat(timespec="seconds"),
-        "counts": counts,
+        "counts": tally(records),
         "items": records,
+        "earlier_items": earlier,
     }
     text = json.dumps(summary, indent=2) + "\n"
     write_atomic(out / SUMMARY_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -186,8 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("imagic", *NULLTEXT_METHODS), default="imagic", help="default imagic")
     _add_model_args(p)
     p.add_argument("-o", "--output", help="folder of the edits and batch.json (default: adapters/<list>-<method>)")
-    p.add_argument("--limit", type=int, help="only the first N entries")
-    p.add_argument("--overwrite", action="store_true", help="redo entries whose edits exist (default: keep them)")
+    p.add_argument("--limit", type=int, help="only the first N entries (the others are not checked)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="redo entries whose edits exist (kept by default, even when made with other settings)",
+    )
     p.epilog += "\nExit status 1 when any entry failed (batch.json says why); the others are kept."
 
     p = _command(sub, "inspect", "show what an edit folder holds")
@@ -331,14 +335,13 @@ def cmd_batch(args) -> int:
     table = "imagic" if args.method == "imagic" else "nulltext"
     overrides = [*args.set] + ([f"nulltext.method={args.method}"] if table == "nulltext" else [])
     configs = build(_sections("runtime", table), args.recipe, overrides)
-    items = batch.read_list(args.list, args.images, args.method)[: args.limit]
+    items = batch.read_list(args.list, args.images, args.method, args.limit)
     output = Path(args.output or Path("adapters") / slug(Path(args.list).stem, args.method))
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"{output} is a file; -o names the folder the edits go to")
+    batch.check_batch_folder(output)
     check_creatable(output / batch.SUMMARY_FILE)
     model = load_model(args.model, configs["runtime"], args.single_file_config)
     records = batch.run(model, items, configs[table], configs["runtime"], output, args.overwrite, not args.quiet)
-    counts = json.loads((output / batch.SUMMARY_FILE).read_text())["counts"]
+    counts = batch.tally(records)
     print(
         f"{output}: {counts[batch.DONE]} done, {counts[batch.EARLIER]} done earlier, {counts[batch.FAILED]} failed "
         f"of {len(records)}; summary: {output / batch.SUMMARY_FILE}"

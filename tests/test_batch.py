@@ -78,19 +78,64 @@ def test_bad_lists_name_the_entry(photos, entries, method, fragment):
         batch.items_from(entries, photos, method)
 
 
+def test_list_files_read_with_a_bom_and_refuse_repeated_keys(photos):
+    path = photos / "bom.json"
+    path.write_text(json.dumps([{"image": "dog.png", "target": "a dog"}]), encoding="utf-8-sig")
+    assert batch.read_list(path)[0].target == "a dog"
+    path.write_text('[{"image": "dog.png", "target": "a dog", "target": "a cat"}]')
+    with pytest.raises(PeftEditError, match="gives 'target' twice"):
+        batch.read_list(path)
+
+
+def test_every_bad_entry_is_counted_and_limit_reads_only_its_entries(photos):
+    entries = [{"image": "dog.png", "target": "a"}, {"image": "x.png", "target": "b"}, {"image": "dog.png"}]
+    entries += [{"image": "dog.png", "target": ""}, {"image": "dog.png", "target": "c", "mask": "m"}]
+    with pytest.raises(PeftEditError) as caught:
+        batch.items_from(entries, photos)
+    message = str(caught.value)
+    assert message.startswith("list: 4 bad entries: entry 2: image not found")
+    assert "; entry 3: no target prompt (an Imagic edit needs one); entry 4: the target prompt is empty" in message
+    assert message.endswith("(and 1 more)")
+    assert [i.index for i in batch.items_from(entries, photos, limit=1)] == [1]
+
+
+def test_items_read_for_one_method_are_refused_by_another(photos):
+    from peftedit import ImagicConfig, NullTextConfig
+
+    items = batch.items_from([{"image": "dog.png", "target": "a dog"}], photos)
+    with pytest.raises(PeftEditError, match="entry 1: no source prompt .*read the list with method='null-text'"):
+        batch.run(None, items, NullTextConfig(), out=photos / "out")
+    inversions = batch.items_from([{"image": "dog.png", "source": "a dog"}], photos, "direct")
+    with pytest.raises(PeftEditError, match="entry 1: no target prompt"):
+        batch.run(None, inversions, ImagicConfig(), out=photos / "out")
+    assert not (photos / "out").exists()
+
+
 def test_cli_errors_come_before_the_model_loads(photos, tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text("[{")
+    edit_folder = tmp_path / "an-edit"
+    edit_folder.mkdir()
+    (edit_folder / "edit.safetensors").touch()
+    good = _list(photos, [{"image": "dog.png", "target": "a"}], "good.json")
     for argv, fragment in (
+        ([good, "-o", edit_folder], "is an edit folder; give the batch a folder of its own"),
+        ([photos], "is a folder; give the JSON list file"),
+        ([good, "--images", tmp_path / "nowhere"], "images folder not found"),
         ([bad], "is not a JSON list of edits"),
         ([tmp_path / "none.json"], "list not found"),
         ([_list(photos, [{"image": "x.png", "target": "a"}], "missing.json")], "entry 1: image not found"),
         ([_list(photos, [{"image": "dog.png", "target": "a"}]), "--limit", 0], "--limit = 0 must be > 0"),
     ):
-        code, _, err = _run(capsys, "batch", *argv, "--model", tmp_path / "no-model", "-o", tmp_path / "out")
+        output = [] if "-o" in argv else ["-o", tmp_path / "out"]
+        code, _, err = _run(capsys, "batch", *argv, "--model", tmp_path / "no-model", *output)
         assert code == 2 and fragment in err, err
         assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def _summary(out: Path) -> dict:
+    return json.loads((out / "batch.json").read_text())
 
 
 def test_imagic_batch_resumes_and_goes_on_past_a_failed_entry(eps_dir, photos, tmp_path, capsys):
@@ -104,25 +149,38 @@ def test_imagic_batch_resumes_and_goes_on_past_a_failed_entry(eps_dir, photos, t
     assert Artifact.load(first).meta["prompts"]["target"] == "a red circle"
     made = (first / "edit.safetensors").stat().st_mtime_ns
 
-    code, stdout, err = _run(capsys, *argv)  # resumed: the first is kept, the second made
+    # resumed with a changed setting: the first is kept (with a warning naming the setting), the second made
+    code, stdout, err = _run(capsys, *argv, "--set", "finetune_steps=3")
     assert code == 0, err
-    summary = json.loads((out / "batch.json").read_text())
+    assert "001-shapes-a-red-circle was made with other settings (finetune_steps); kept" in err
+    summary = _summary(out)
     assert [i["status"] for i in summary["items"]] == ["done earlier", "done"]
-    assert summary["counts"] == {"done": 1, "done earlier": 1, "failed": 0}
+    assert summary["counts"] == {"done": 1, "done earlier": 1, "failed": 0, "pending": 0}
     assert (first / "edit.safetensors").stat().st_mtime_ns == made
     assert summary["items"][1]["losses"]["finetune"] > 0
 
-    # A folder holding another entry's edit is not taken for this one: that entry fails, the other is kept.
+    # a shorter run keeps the other entries' records
+    code, _, err = _run(capsys, *argv, "--limit", 1)
+    assert code == 0, err
+    summary = _summary(out)
+    assert [i["folder"] for i in summary["items"]] == [first.name]
+    assert [(i["folder"], i["status"]) for i in summary["earlier_items"]] == [("002-dog-a-dog", "done")]
+
+    # A folder holding another entry's edit, or an edit of another photo, is not taken for the entry's own: those
+    # entries fail, and the run goes on.
     shutil.rmtree(out / "002-dog-a-dog")
     shutil.copytree(first, out / "002-dog-a-dog")
+    Image.open(photos / "shapes.png").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(photos / "shapes.png")
     code, stdout, err = _run(capsys, *argv)
-    assert code == 1 and "1 failed of 2" in stdout
-    statuses = [i["status"] for i in json.loads((out / "batch.json").read_text())["items"]]
-    assert statuses[0] == "done earlier" and statuses[1].startswith("failed: ") and "another edit" in statuses[1]
+    assert code == 1 and "2 failed of 2" in stdout
+    statuses = [i["status"] for i in _summary(out)["items"]]
+    assert statuses[0].startswith("failed: ") and "made from another photo (shapes.png)" in statuses[0]
+    assert "its target prompt is 'a red circle'" in statuses[1] and "made from another photo" in statuses[1]
 
     code, _, err = _run(capsys, *argv, "--overwrite")  # redone, the copied folder replaced
     assert code == 0, err
     assert Artifact.load(out / "002-dog-a-dog").meta["prompts"]["target"] == "a dog"
+    assert _summary(out)["earlier_items"] == []
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # nothing half-written
 
 

@@ -13,6 +13,7 @@ Runs resume: an entry whose folder already holds its edit (same method, prompt, 
 even when the settings changed (a warning names them; ``--overwrite`` redoes it). An entry that fails (a NaN loss, a
 folder holding another edit) is recorded and the run goes on. ``<out>/batch.json`` lists every entry of the run
 (``pending`` until it is reached) and those of earlier runs into the same folder, and is rewritten after each one.
+At the end ``<out>/batch.png`` shows the run: a row per entry with its preview grid (and P2P edit), or what failed.
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from .artifact_checks import INVERSIONS
-from .artifacts import EDIT_FILE, Artifact, check_replaceable
+from .artifacts import EDIT_FILE, PREVIEW_FILE, Artifact, check_replaceable
 from .config import to_dict
 from .diffusion import require_text
 from .errors import ArtifactError, PeftEditError
 from .files import save_image_atomic, slug, write_atomic
-from .images import file_sha256, open_image
+from .images import file_sha256, open_image, sheet
 from .methods import imagic, nulltext
 from .methods.common import check_base
 from .methods.imagic import ImagicConfig
@@ -50,6 +53,7 @@ KEYS = {
     "source_text": "source",
 }
 SUMMARY_FILE = "batch.json"
+SHEET_FILE = "batch.png"
 DONE, EARLIER, FAILED, PENDING = "done", "done earlier", "failed", "pending"
 REPORTED_MISTAKES = 3  # a list with more bad entries names this many in its one-line error
 
@@ -201,7 +205,35 @@ def run(
         log.info("[%d/%d] %s: %s", number, len(items), item.image.name, _short(prompt))
         records[number - 1] = _one(model, item, method, config, runtime, out, overwrite, show_progress)
         _write_summary(out, method, model.name, started, records, earlier)
+    overview = contact_sheet(out, records)
+    if overview is not None:
+        save_image_atomic(overview, out / SHEET_FILE)
     return records
+
+
+def contact_sheet(out: Path, records: list[dict]) -> Image.Image | None:
+    """One row per finished entry (its preview grid, then its edit picture where there is one) and a line per failed
+    one: the batch at a glance. None when no entry has finished or failed."""
+    rows = []
+    for record in records:
+        status = record["status"]
+        prompt = record["target"] or record["source"]
+        caption = f"{record['index']:03d}  {Path(record['image']).name}: {_short(prompt, 100)}"
+        if status.startswith(FAILED):
+            rows.append((f"{caption}  {_short(status, 140)}", []))
+        elif status in (DONE, EARLIER):
+            names = [f"{record['folder']}/{PREVIEW_FILE}", record["picture"]]
+            pictures = [p for p in (_picture(out / name) for name in names if name) if p is not None]
+            rows.append((caption, pictures) if pictures else (f"{caption}  (no preview to show)", []))
+    return sheet(rows) if rows else None
+
+
+def _picture(path: Path) -> Image.Image | None:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
 
 
 def check_batch_folder(out: Path) -> None:

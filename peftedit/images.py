@@ -179,3 +179,32 @@ def grid(images: list[Image.Image], labels: list[str] | None = None, min_cell: i
         if labels:
             draw.text((i * cell + 3, cell + 1), labels[i], fill="black")
     return sheet
+
+
+def sheet(rows: list[tuple[str, list[Image.Image]]], height: int = 160, failed: str = "firebrick") -> Image.Image:
+    """Rows of pictures under a caption each, every picture scaled to ``height`` (aspect kept): an overview of many
+    results. A row with no pictures is its caption alone, in colour ``failed`` (what went wrong, in place)."""
+    caption_h = 16
+    widths = [sum(round(im.width * height / im.height) for im in images) for _, images in rows]
+    tall = sum(caption_h + (height if images else 0) for _, images in rows)
+    page = Image.new("RGB", (max([640, *widths]), tall), "white")
+    draw = ImageDraw.Draw(page)
+    y = 0
+    for caption, images in rows:
+        _text(draw, (3, y + 2), caption, "black" if images else failed)
+        y += caption_h
+        x = 0
+        for im in images:
+            width = round(im.width * height / im.height)
+            page.paste(im.convert("RGB").resize((width, height), Image.LANCZOS), (x, y))
+            x += width
+        y += height if images else 0
+    return page
+
+
+def _text(draw: ImageDraw.ImageDraw, at: tuple[int, int], text: str, fill: str) -> None:
+    """Draw ``text``; characters Pillow's default font cannot encode become '?'."""
+    try:
+        draw.text(at, text, fill=fill)
+    except UnicodeEncodeError:
+        draw.text(at, text.encode("ascii", "replace").decode("ascii"), fill=fill)

@@ -17,6 +17,7 @@ from peftedit.errors import PeftEditError
 DATA = Path(__file__).parent / "data"
 IMAGIC_FAST = ["--set", "embedding_steps=2", "--set", "finetune_steps=2", "--set", "render_steps=3"]
 IMAGIC_FAST += ["--set", "preview_etas=[0.7]", "--set", "runtime.device=cpu"]
+CAPTION, ROW = 16, 16 + 160  # batch.png: a caption line, then the pictures 160 px high
 INVERSION_FAST = ["--set", "steps=4", "--set", "inner_steps=1", "--set", "runtime.device=cpu"]
 
 
@@ -99,6 +100,13 @@ def test_every_bad_entry_is_counted_and_limit_reads_only_its_entries(photos):
     assert [i.index for i in batch.items_from(entries, photos, limit=1)] == [1]
 
 
+def test_the_overview_takes_any_caption():
+    from peftedit.images import sheet
+
+    page = sheet([("001 猫.png: 日本語 🐱", [Image.new("RGB", (32, 16))]), ("002 failed: no", [])])
+    assert page.size == (640, ROW + CAPTION)
+
+
 def test_items_read_for_one_method_are_refused_by_another(photos):
     from peftedit import ImagicConfig, NullTextConfig
 
@@ -158,6 +166,7 @@ def test_imagic_batch_resumes_and_goes_on_past_a_failed_entry(eps_dir, photos, t
     assert summary["counts"] == {"done": 1, "done earlier": 1, "failed": 0, "pending": 0}
     assert (first / "edit.safetensors").stat().st_mtime_ns == made
     assert summary["items"][1]["losses"]["finetune"] > 0
+    assert Image.open(out / "batch.png").height == 2 * ROW  # the overview: each entry's preview under a caption
 
     # a shorter run keeps the other entries' records
     code, _, err = _run(capsys, *argv, "--limit", 1)
@@ -176,6 +185,7 @@ def test_imagic_batch_resumes_and_goes_on_past_a_failed_entry(eps_dir, photos, t
     statuses = [i["status"] for i in _summary(out)["items"]]
     assert statuses[0].startswith("failed: ") and "made from another photo (shapes.png)" in statuses[0]
     assert "its target prompt is 'a red circle'" in statuses[1] and "made from another photo" in statuses[1]
+    assert Image.open(out / "batch.png").height == 2 * CAPTION  # failed entries: their captions alone
 
     code, _, err = _run(capsys, *argv, "--overwrite")  # redone, the copied folder replaced
     assert code == 0, err
@@ -197,7 +207,11 @@ def test_inversion_batch_renders_each_edit_and_a_missing_picture_again(eps_dir, 
     inversion = Artifact.load(out / "001-shapes-a-blue-circle")
     assert inversion.method == "negative-prompt" and inversion.meta["prompts"]["source"] == "a red circle"
     assert Image.open(picture).size == (inversion.meta["resolution"],) * 2
-    assert sorted(p.name for p in out.glob("*.png")) == [picture.name]
+    assert sorted(p.name for p in out.glob("*.png")) == [picture.name, "batch.png"]
+    overview = Image.open(out / "batch.png")
+    preview = Image.open(out / "001-shapes-a-blue-circle" / "preview.png")
+    assert overview.height == 2 * ROW
+    assert overview.width == max(640, round(preview.width * 160 / preview.height) + 160)  # preview, then the edit
     picture.unlink()  # e.g. a run stopped between saving the inversion and rendering its edit
     code, _, err = _run(capsys, *argv)
     assert code == 0, err

@@ -117,34 +117,43 @@ def measure(device: torch.device, count: str, unet=None, warmup: int = 1, track:
     """Measure the block; yields a :class:`Measurement` filled in when the block ends.
 
     ``count`` says what a step is: ``"train"`` (from one call of ``unet`` with gradients on to the next, the last
-    ending with the block; for loops of one UNet call per step, where float16 loss scaling may skip an optimizer
-    step), ``"optimizer"`` (every optimizer step anywhere) or ``"unet"`` (every forward call of ``unet``). Optimizer
-    steps are counted in every mode (``optimizer_steps``). Peak memory counters are reset at the start, after
-    releasing cached blocks. ``track`` also counts live tensor bytes on ``device`` and the floating-point operations
-    per step (slower: every operator goes through Python; do not compare its timings); ``exclude`` are tensors that
-    count never (see :class:`TensorMemory`).
+    ending with its optimizer step, or with the block when that step was skipped; for loops of one UNet call per step,
+    where float16 loss scaling may skip an optimizer step), ``"optimizer"`` (every optimizer step anywhere) or
+    ``"unet"`` (every forward call of ``unet``). Optimizer steps are counted in every mode (``optimizer_steps``). Peak
+    memory counters are reset at the start, after releasing cached blocks. ``track`` also counts live tensor bytes on
+    ``device`` and the floating-point operations per step (slower: every operator goes through Python; do not compare
+    its timings); ``exclude`` are tensors that count never (see :class:`TensorMemory`).
     """
     if count not in COUNTS:
         raise ValueError(f"count = {count!r}: use one of {', '.join(COUNTS)}")
     result = Measurement()
     flops = FlopCount() if track else None
 
-    def stamp() -> None:
+    last_step_end: list[tuple[float, int]] = []  # "train": where the last step ends, if an optimizer step ended it
+
+    def now() -> tuple[float, int]:
         synchronize(device)
-        result.stamps.append(time.perf_counter())
+        return time.perf_counter(), flops.total if flops is not None else 0
+
+    def stamp(at: tuple[float, int] | None = None) -> None:
+        seconds, flop = at or now()
+        result.stamps.append(seconds)
         if flops is not None:
-            result.flop_stamps.append(flops.total)
+            result.flop_stamps.append(flop)
 
     def on_step(optimizer, args, kwargs) -> None:
         result.optimizer_steps += 1
         if count == "optimizer":
             stamp()
+        elif count == "train":
+            last_step_end[:] = [now()]
         if result.optimizer_steps == warmup + 1:
             result.optimizer_state = optimizer_state_summary(optimizer)
 
     def on_training_call(module, args) -> None:
         if torch.is_grad_enabled():
             stamp()
+            last_step_end.clear()
 
     release(device)
     if device.type == "cuda":
@@ -167,8 +176,10 @@ def measure(device: torch.device, count: str, unet=None, warmup: int = 1, track:
         synchronize(device)
         result.seconds_total = time.perf_counter() - start
     origin, flop_origin = start, 0
-    if count == "train" and result.stamps:  # step k runs from call k to call k + 1; the last one to the block's end
-        stamp()
+    if count == "train" and result.stamps:
+        # Step k runs from call k to call k + 1; the last one to its optimizer step (what the block does after the
+        # loop, like saving the LoRA, is no step's), or to the block's end when loss scaling skipped that step.
+        stamp(last_step_end[0] if last_step_end else None)
         origin, flop_origin = result.stamps.pop(0), result.flop_stamps.pop(0) if flops is not None else 0
     if track:
         result.tensor_peak_gib, result.tensor_resident_gib = tracker.peak / GIB, tracker.resident / GIB

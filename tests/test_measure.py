@@ -31,9 +31,10 @@ def _train(net: Net, steps: int, overflow_at: set[int]) -> torch.amp.GradScaler:
         loss = net(x).square().mean()
         if step in overflow_at:
             loss = loss * math.inf
-        descend(optimizer, scaler, loss, "test")
         with torch.no_grad():
-            net(x)  # a call without gradients (a preview, a check) starts no step
+            net(x)  # a call without gradients (a check) starts no step
+        descend(optimizer, scaler, loss, "test")
+    torch.ones(64, 64) @ torch.ones(64, 64)  # after the loop (saving the result): part of no step
     return scaler
 
 
@@ -53,3 +54,13 @@ def test_steps_skipped_by_loss_scaling_still_count():
     assert len(set(steps)) == 1 and steps[0] > 0
     assert train.tflop_per_step * 1e12 == pytest.approx(steps[0])
     assert optimizer.tflop_per_step > 1.4 * train.tflop_per_step
+
+
+def test_a_skipped_last_step_ends_with_the_block():
+    """With no optimizer step after the last UNet call, the last step runs to the block's end (its tail included)."""
+    net = Net()
+    with measure(torch.device("cpu"), "train", net, warmup=1, track=True) as result:
+        _train(net, 3, overflow_at={2})
+    steps = [b - a for a, b in zip(result.flop_stamps, result.flop_stamps[1:], strict=False)]
+    assert result.optimizer_steps == 2 and result.steps_timed == 2
+    assert steps[1] == steps[0] + 2 * 64**3  # the step, then the 64x64 product after the loop

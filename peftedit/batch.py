@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from .artifact_checks import INVERSIONS
 from .artifacts import EDIT_FILE, PREVIEW_FILE, Artifact, check_replaceable
@@ -54,6 +55,7 @@ KEYS = {
 }
 SUMMARY_FILE = "batch.json"
 SHEET_FILE = "batch.png"
+PICTURE_TAG = "peftedit.target"  # a P2P picture's PNG text: the target it was rendered for
 DONE, EARLIER, FAILED, PENDING = "done", "done earlier", "failed", "pending"
 REPORTED_MISTAKES = 3  # a list with more bad entries names this many in its one-line error
 
@@ -196,8 +198,9 @@ def run(
     out = Path(out)
     check_batch_folder(out)
     out.mkdir(parents=True, exist_ok=True)
-    records = [_record(item, method) for item in items]
-    earlier = _earlier_records(out, {r["folder"] for r in records})
+    previous = {r["folder"]: r for r in _previous_records(out)}
+    records = [_carried(_record(item, method), previous.get(item.name), out) for item in items]
+    earlier = [r for folder, r in previous.items() if folder not in {item.name for item in items}]
     started = datetime.now(UTC).isoformat(timespec="seconds")
     _write_summary(out, method, model.name, started, records, earlier)
     for number, item in enumerate(items, start=1):
@@ -220,11 +223,11 @@ def contact_sheet(out: Path, records: list[dict]) -> Image.Image | None:
         prompt = record["target"] or record["source"]
         caption = f"{record['index']:03d}  {Path(record['image']).name}: {_short(prompt, 100)}"
         if status.startswith(FAILED):
-            rows.append((f"{caption}  {_short(status, 140)}", []))
+            rows.append((f"{caption}  {_short(status, 140)}", [], "firebrick"))
         elif status in (DONE, EARLIER):
             names = [f"{record['folder']}/{PREVIEW_FILE}", record["picture"]]
             pictures = [p for p in (_picture(out / name) for name in names if name) if p is not None]
-            rows.append((caption, pictures) if pictures else (f"{caption}  (no preview to show)", []))
+            rows.append((caption if pictures else f"{caption}  (no preview to show)", pictures, "black"))
     return sheet(rows) if rows else None
 
 
@@ -265,18 +268,27 @@ def _record(item: Item, method: str) -> dict:
     }
 
 
-def _earlier_records(out: Path, now: set[str]) -> list[dict]:
-    """Records of an earlier run into ``out`` for entries this run leaves alone (a shorter --limit, another list)."""
+def _previous_records(out: Path) -> list[dict]:
+    """The records an earlier run into ``out`` left in its summary (none when there is no readable one)."""
     path = out / SUMMARY_FILE
     if not path.is_file():
         return []
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
         records = [*summary["items"], *summary.get("earlier_items", [])]
-        return [r for r in records if isinstance(r, dict) and r["folder"] not in now]
+        return [r for r in records if isinstance(r, dict) and isinstance(r["folder"], str)]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         log.warning("%s is not a batch summary (%s); it is replaced", path, err)
         return []
+
+
+def _carried(record: dict, previous: dict | None, out: Path) -> dict:
+    """``record`` before its entry is reached: finished, as an earlier run recorded, while its folder is there (so a
+    summary read after an interrupt does not understate what is done); pending otherwise."""
+    finished = previous is not None and str(previous.get("status")) in (DONE, EARLIER)
+    if not finished or not (out / record["folder"]).is_dir():
+        return record
+    return {**record, "status": EARLIER, "seconds": previous.get("seconds"), "losses": previous.get("losses")}
 
 
 def _one(model, item: Item, method: str, config, runtime, out: Path, overwrite: bool, show: bool) -> dict:
@@ -294,8 +306,11 @@ def _one(model, item: Item, method: str, config, runtime, out: Path, overwrite: 
             check_replaceable(folder, overwrite)
             artifact = _make(model, item, method, config, runtime, show)
             artifact.save(folder, overwrite=overwrite)
-        if picture is not None and (record["status"] == DONE or not picture.exists()):
-            save_image_atomic(nulltext.edit(model, artifact, item.target, show_progress=show), picture)
+        if picture is not None and (record["status"] == DONE or _rendered_for(picture) != item.target):
+            image = nulltext.edit(model, artifact, item.target, show_progress=show)
+            tag = PngInfo()
+            tag.add_text(PICTURE_TAG, item.target)
+            write_atomic(picture, lambda tmp: image.save(tmp, pnginfo=tag))
         record["losses"] = artifact.meta.get("losses")
     except (PeftEditError, ValueError, OSError) as err:
         message = " ".join(str(err).split()) or type(err).__name__
@@ -303,6 +318,21 @@ def _one(model, item: Item, method: str, config, runtime, out: Path, overwrite: 
         record["status"] = f"{FAILED}: {message}"
     record["seconds"] = round(time.perf_counter() - start, 3)
     return record
+
+
+def _rendered_for(picture: Path) -> str | None:
+    """The target prompt an earlier run rendered ``picture`` for (None when there is none); raises for a file that
+    peftedit batch did not write, which a resumed run must not replace."""
+    if not picture.exists():
+        return None
+    try:
+        with Image.open(picture) as image:
+            target = getattr(image, "text", {}).get(PICTURE_TAG)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        target = None
+    if target is None:
+        raise FileExistsError(f"{picture} exists and was not rendered by peftedit batch; move it or pass --overwrite")
+    return target
 
 
 def _make(model, item: Item, method: str, config, runtime, show: bool) -> Artifact:
@@ -318,14 +348,14 @@ def _earlier(model: Model, folder: Path, item: Item, method: str, config) -> Art
     check_base(model, artifact)
     key = needed_prompt(method)
     prompt, made = getattr(item, key), artifact.meta["prompts"].get(key)
-    photo = artifact.meta["image"].get("sha256")
+    made_from = artifact.meta.get("image") or {}
     differs = []
     if artifact.method != method:
         differs.append(f"it is {artifact.method}, this entry {method}")
     if made != prompt:
         differs.append(f"its {key} prompt is {_short(str(made), 40)!r}")
-    if photo != file_sha256(item.image):
-        differs.append(f"it was made from another photo ({artifact.meta['image'].get('name')})")
+    if made_from.get("sha256") != file_sha256(item.image):
+        differs.append(f"it was made from another photo ({made_from.get('name')})")
     if differs:
         raise ArtifactError(
             f"{folder} holds another edit: {'; '.join(differs)}; --overwrite (overwrite=True) redoes it"

@@ -181,17 +181,17 @@ def grid(images: list[Image.Image], labels: list[str] | None = None, min_cell: i
     return sheet
 
 
-def sheet(rows: list[tuple[str, list[Image.Image]]], height: int = 160, failed: str = "firebrick") -> Image.Image:
-    """Rows of pictures under a caption each, every picture scaled to ``height`` (aspect kept): an overview of many
-    results. A row with no pictures is its caption alone, in colour ``failed`` (what went wrong, in place)."""
+def sheet(rows: list[tuple[str, list[Image.Image], str]], height: int = 160) -> Image.Image:
+    """Rows of pictures under a caption each, as ``(caption, pictures, caption colour)``, every picture scaled to
+    ``height`` (aspect kept): an overview of many results. A row with no pictures is its caption alone."""
     caption_h = 16
-    widths = [sum(round(im.width * height / im.height) for im in images) for _, images in rows]
-    tall = sum(caption_h + (height if images else 0) for _, images in rows)
+    widths = [sum(round(im.width * height / im.height) for im in images) for _, images, _ in rows]
+    tall = sum(caption_h + (height if images else 0) for _, images, _ in rows)
     page = Image.new("RGB", (max([640, *widths]), tall), "white")
     draw = ImageDraw.Draw(page)
     y = 0
-    for caption, images in rows:
-        _text(draw, (3, y + 2), caption, "black" if images else failed)
+    for caption, images, colour in rows:
+        _text(draw, (3, y + 2), caption, colour)
         y += caption_h
         x = 0
         for im in images:
@@ -203,8 +203,9 @@ def sheet(rows: list[tuple[str, list[Image.Image]]], height: int = 160, failed: 
 
 
 def _text(draw: ImageDraw.ImageDraw, at: tuple[int, int], text: str, fill: str) -> None:
-    """Draw ``text``; characters Pillow's default font cannot encode become '?'."""
+    """Draw ``text``. Pillow's default font is FreeType's where Pillow has FreeType (glyphs it lacks are drawn as
+    boxes); its bitmap font otherwise, which encodes Latin-1 only: other characters become '?'."""
     try:
         draw.text(at, text, fill=fill)
     except UnicodeEncodeError:
-        draw.text(at, text.encode("ascii", "replace").decode("ascii"), fill=fill)
+        draw.text(at, text.encode("latin-1", "replace").decode("latin-1"), fill=fill)

@@ -100,11 +100,21 @@ def test_every_bad_entry_is_counted_and_limit_reads_only_its_entries(photos):
     assert [i.index for i in batch.items_from(entries, photos, limit=1)] == [1]
 
 
-def test_the_overview_takes_any_caption():
+@pytest.mark.parametrize("freetype", [True, False])
+def test_the_overview_takes_any_caption(freetype, monkeypatch):
+    """Pillow draws with FreeType's font where it has FreeType, else with its bitmap font, which takes Latin-1 only
+    and raises for other characters (they become '?')."""
+    from PIL import ImageFont
+
     from peftedit.images import sheet
 
-    page = sheet([("001 猫.png: 日本語 🐱", [Image.new("RGB", (32, 16))]), ("002 failed: no", [])])
+    if not freetype:
+        monkeypatch.setattr(ImageFont, "load_default", lambda size=None: ImageFont.load_default_imagefont())
+    rows = [("001 猫.png: 日本語 🐱 café", [Image.new("RGB", (32, 16))], "black"), ("002 failed: no", [], "red")]
+    page = sheet(rows)
     assert page.size == (640, ROW + CAPTION)
+    assert page.getpixel((0, CAPTION + 1)) == (0, 0, 0)  # the picture, scaled to the row's height
+    assert any(page.getpixel((x, ROW + 8)) != (255, 255, 255) for x in range(3, 200))  # the second caption
 
 
 def test_items_read_for_one_method_are_refused_by_another(photos):
@@ -194,7 +204,9 @@ def test_imagic_batch_resumes_and_goes_on_past_a_failed_entry(eps_dir, photos, t
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # nothing half-written
 
 
-def test_inversion_batch_renders_each_edit_and_a_missing_picture_again(eps_dir, other_dir, photos, tmp_path, capsys):
+def test_inversion_batch_renders_each_edit_and_a_missing_picture_again(
+    eps_dir, other_dir, photos, tmp_path, capsys, monkeypatch
+):
     entries = [
         {"image": "shapes.png", "source": "a red circle", "target": "a blue circle"},
         {"image": "dog.png", "source": "a dog"},  # no target: the inversion only
@@ -212,11 +224,39 @@ def test_inversion_batch_renders_each_edit_and_a_missing_picture_again(eps_dir, 
     preview = Image.open(out / "001-shapes-a-blue-circle" / "preview.png")
     assert overview.height == 2 * ROW
     assert overview.width == max(640, round(preview.width * 160 / preview.height) + 160)  # preview, then the edit
+    assert Image.open(picture).text["peftedit.target"] == "a blue circle"
     picture.unlink()  # e.g. a run stopped between saving the inversion and rendering its edit
     code, _, err = _run(capsys, *argv)
     assert code == 0, err
     assert picture.is_file()
     assert json.loads((out / "batch.json").read_text())["counts"]["done earlier"] == 2
+
+    # A target changed only in what the folder name drops (case, punctuation): the inversion is kept (its source is
+    # the same), the picture rendered again for the new target.
+    entries[0]["target"] = "A BLUE circle!"
+    _list(photos, entries)
+    code, _, err = _run(capsys, *argv)
+    assert code == 0, err
+    assert Image.open(picture).text["peftedit.target"] == "A BLUE circle!"
+
+    # A picture peftedit did not render is not replaced by a resumed run.
+    Image.new("RGB", (8, 8)).save(picture)
+    code, _, _ = _run(capsys, *argv)
+    status = json.loads((out / "batch.json").read_text())["items"][0]["status"]
+    assert code == 1 and "was not rendered by peftedit batch" in status
+    assert Image.open(picture).size == (8, 8)
+
+    # Interrupted before any entry is reached: the summary still says what earlier runs finished (the second entry;
+    # the first failed last time, so it is pending).
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(batch, "_one", interrupted)
+    code, _, err = _run(capsys, *argv)
+    assert code == 130 and "finished entries are kept" in err
+    assert [i["status"] for i in json.loads((out / "batch.json").read_text())["items"]] == ["pending", "done earlier"]
+    monkeypatch.undo()
+
     # resumed on another base model: the earlier edits are not this run's
     code, stdout, _ = _run(capsys, *[other_dir if a == eps_dir else a for a in argv])
     assert code == 1 and "2 failed of 2" in stdout

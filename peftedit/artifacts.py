@@ -31,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .artifact_checks import HEADER_CHECKSUM, check_contents, check_lora_rank, header_sha256
-from .errors import ArtifactError
+from .errors import ArtifactError, one_line
 
 FORMAT_VERSION = "2"  # 2: the header carries HEADER_CHECKSUM
 READABLE_VERSIONS = ("1", FORMAT_VERSION)  # 1: no header checksum; read with a warning
@@ -219,7 +219,7 @@ def _read_preview(path: Path) -> Image.Image | None:
         with Image.open(path) as image:
             return image.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        log.warning("ignoring %s: not a readable image (%s)", path, " ".join(str(err).split()))
+        log.warning("ignoring %s: not a readable image (%s)", path, one_line(err))
         return None
 
 

@@ -34,7 +34,7 @@ from .artifact_checks import INVERSIONS
 from .artifacts import EDIT_FILE, PREVIEW_FILE, Artifact, check_replaceable
 from .config import to_dict
 from .diffusion import require_text
-from .errors import ArtifactError, PeftEditError
+from .errors import ArtifactError, PeftEditError, one_line
 from .files import save_image_atomic, slug, write_atomic
 from .images import file_sha256, open_image, sheet
 from .methods import imagic, nulltext
@@ -138,7 +138,7 @@ def items_from(
         try:
             items.append(_item(entry, index, folder, method))
         except (PeftEditError, OSError) as err:
-            mistakes.append(f"entry {index}: {' '.join(str(err).split())}")
+            mistakes.append(f"entry {index}: {one_line(err)}")
     if mistakes:
         more = f" (and {len(mistakes) - REPORTED_MISTAKES} more)" if len(mistakes) > REPORTED_MISTAKES else ""
         count = f"{len(mistakes)} bad entries: " if len(mistakes) > 1 else ""
@@ -313,7 +313,7 @@ def _one(model, item: Item, method: str, config, runtime, out: Path, overwrite: 
             write_atomic(picture, lambda tmp: image.save(tmp, pnginfo=tag))
         record["losses"] = artifact.meta.get("losses")
     except (PeftEditError, ValueError, OSError) as err:
-        message = " ".join(str(err).split()) or type(err).__name__
+        message = one_line(err)
         log.warning("entry %d failed: %s", item.index, message)
         record["status"] = f"{FAILED}: {message}"
     record["seconds"] = round(time.perf_counter() - start, 3)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import __version__
 from .artifact_checks import INVERSIONS as NULLTEXT_METHODS
+from .errors import one_line
 from .files import save_image_atomic, slug
 
 EXAMPLES = {
@@ -550,8 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
             return 2
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"peftedit: error: {message}", file=sys.stderr)
+        print(f"peftedit: error: {one_line(err)}", file=sys.stderr)
         return 2
 
 

@@ -11,3 +11,15 @@ class ArtifactError(PeftEditError):
 
 class NumericalError(PeftEditError):
     """A loss became NaN or infinite; the message says which stage and what to try."""
+
+
+def one_line(err: BaseException) -> str:
+    """An error's message with its whitespace collapsed onto one line (its type's name when it has none)."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none): for third-party errors, whose
+    messages can run to many lines."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .config import RuntimeConfig
-from .errors import ArtifactError, PeftEditError
+from .errors import ArtifactError, PeftEditError, first_line
 
 log = logging.getLogger("peftedit")
 
@@ -119,7 +119,7 @@ def load_model(
     except PeftEditError:
         raise
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # a broken folder fails in many ways
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise PeftEditError(f"could not load model {name!r}: {type(err).__name__}: {first}") from err
     # DDIM is what both methods are defined with; keep the model's own betas and prediction_type.
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -150,7 +150,7 @@ def set_attention(unet, backend: str, device: torch.device) -> str:
             unet.enable_xformers_memory_efficient_attention()  # diffusers tries one xformers call first
             return "xformers"
         except Exception as err:  # an xformers built for another torch or CUDA fails in many ways
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            reason = first_line(err)
             if backend == "xformers":
                 raise PeftEditError(f"runtime.attention = 'xformers': xformers does not work here ({reason})") from err
             log.warning("xformers is installed but does not work here (%s); using PyTorch SDPA", reason)

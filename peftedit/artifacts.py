@@ -31,7 +31,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .artifact_checks import HEADER_CHECKSUM, check_contents, check_lora_rank, header_sha256
-from .errors import ArtifactError, one_line
+from .errors import ArtifactError
+from .images import read_picture
 
 FORMAT_VERSION = "2"  # 2: the header carries HEADER_CHECKSUM
 READABLE_VERSIONS = ("1", FORMAT_VERSION)  # 1: no header checksum; read with a warning
@@ -192,7 +193,8 @@ class Artifact:
             prefix = "unet."
             lora = {k[len(prefix) :]: v for k, v in load_file(str(folder / LORA_FILE)).items() if k.startswith(prefix)}
             check_lora_rank(str(folder / LORA_FILE), lora, lora_config["r"])
-        return cls(method, tensors, meta, lora, lora_config, _read_preview(folder / PREVIEW_FILE))
+        # rendering does not need the preview, so a broken one only warns
+        return cls(method, tensors, meta, lora, lora_config, read_picture(folder / PREVIEW_FILE))
 
     def require(self, *names: str) -> None:
         """Raise :class:`ArtifactError` when a tensor the method needs is absent."""
@@ -209,18 +211,6 @@ def _shareable(folder: Path) -> None:
     probe.unlink()
     for path in folder.iterdir():
         path.chmod(mode)
-
-
-def _read_preview(path: Path) -> Image.Image | None:
-    """The preview grid, or None: rendering does not need it, so a broken one only warns."""
-    if not path.is_file():
-        return None
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        log.warning("ignoring %s: not a readable image (%s)", path, one_line(err))
-        return None
 
 
 def check_replaceable(path: str | Path, overwrite: bool) -> None:

@@ -36,7 +36,7 @@ from .config import to_dict
 from .diffusion import require_text
 from .errors import ArtifactError, PeftEditError, one_line
 from .files import save_image_atomic, slug, write_atomic
-from .images import file_sha256, open_image, sheet
+from .images import file_sha256, open_image, read_picture, sheet
 from .methods import imagic, nulltext
 from .methods.common import check_base
 from .methods.imagic import ImagicConfig
@@ -226,17 +226,9 @@ def contact_sheet(out: Path, records: list[dict]) -> Image.Image | None:
             rows.append((f"{caption}  {_short(status, 140)}", [], "firebrick"))
         elif status in (DONE, EARLIER):
             names = [f"{record['folder']}/{PREVIEW_FILE}", record["picture"]]
-            pictures = [p for p in (_picture(out / name) for name in names if name) if p is not None]
+            pictures = [p for p in (read_picture(out / name) for name in names if name) if p is not None]
             rows.append((caption if pictures else f"{caption}  (no preview to show)", pictures, "black"))
     return sheet(rows) if rows else None
-
-
-def _picture(path: Path) -> Image.Image | None:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None
 
 
 def check_batch_folder(out: Path) -> None:

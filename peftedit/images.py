@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
-from .errors import PeftEditError
+from .errors import PeftEditError, one_line
 
 log = logging.getLogger("peftedit")
 
@@ -209,3 +209,16 @@ def _text(draw: ImageDraw.ImageDraw, at: tuple[int, int], text: str, fill: str) 
         draw.text(at, text, fill=fill)
     except UnicodeEncodeError:
         draw.text(at, text.encode("latin-1", "replace").decode("latin-1"), fill=fill)
+
+
+def read_picture(path: Path) -> Image.Image | None:
+    """A picture to show (a preview, a render) as RGB, or None: absent, or unreadable (with a warning). For pictures
+    nothing depends on; input photos go through :func:`open_image`."""
+    if not path.is_file():
+        return None
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        log.warning("ignoring %s: not a readable image (%s)", path, one_line(err))
+        return None

@@ -93,6 +93,12 @@ def needed_prompt(method: str) -> str:
     raise PeftEditError(f"unknown method {method!r} (known: imagic, {', '.join(INVERSIONS)})")
 
 
+def recipe_table(method: str) -> str:
+    """The recipe table a method's settings live in: ``imagic``, or ``nulltext`` for every inversion."""
+    needed_prompt(method)  # raises for an unknown method
+    return imagic.METHOD if method == imagic.METHOD else nulltext.TABLE
+
+
 def read_list(
     path: str | Path, images: str | Path | None = None, method: str = "imagic", limit: int | None = None
 ) -> list[Item]:
@@ -200,7 +206,8 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     previous = {r["folder"]: r for r in _previous_records(out)}
     records = [_carried(_record(item, method), previous.get(item.name), out) for item in items]
-    earlier = [r for folder, r in previous.items() if folder not in {item.name for item in items}]
+    names = {record["folder"] for record in records}
+    earlier = [r for folder, r in previous.items() if folder not in names]
     started = datetime.now(UTC).isoformat(timespec="seconds")
     _write_summary(out, method, model.name, started, records, earlier)
     for number, item in enumerate(items, start=1):
@@ -352,8 +359,7 @@ def _earlier(model: Model, folder: Path, item: Item, method: str, config) -> Art
         raise ArtifactError(
             f"{folder} holds another edit: {'; '.join(differs)}; --overwrite (overwrite=True) redoes it"
         )
-    table = "imagic" if method == "imagic" else "nulltext"
-    made_with = artifact.meta["recipe"].get(table, {})
+    made_with = artifact.meta["recipe"].get(recipe_table(method), {})
     changed = sorted(k for k, v in to_dict(config).items() if k in made_with and made_with[k] != v)
     if changed:
         log.warning("%s was made with other settings (%s); kept (--overwrite redoes it)", folder, ", ".join(changed))

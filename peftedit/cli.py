@@ -333,7 +333,7 @@ def cmd_batch(args) -> int:
 
     if args.limit is not None:
         count("--limit", args.limit)
-    table = "imagic" if args.method == "imagic" else "nulltext"
+    table = batch.recipe_table(args.method)
     overrides = [*args.set] + ([f"nulltext.method={args.method}"] if table == "nulltext" else [])
     configs = build(_sections("runtime", table), args.recipe, overrides)
     items = batch.read_list(args.list, args.images, args.method, args.limit)

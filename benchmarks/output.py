@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from peftedit.files import write_atomic
 
 
 def write_json(path: str | Path, data: Any) -> Path:
     """Write ``data`` as indented JSON (values JSON cannot hold, such as paths, as strings) through a temporary file
     and a rename; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
+    text = json.dumps(data, indent=2, default=str) + "\n"
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def publish(path: str | Path, rows: list[dict], table: str) -> list[dict]:

@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             out = Path(tmp) / f"{len(runs)}.json"
             runs[variant] = memory.main([*common, *extra, "--model-dir", str(folder), "--out", str(out)])
             write_json(path, rows())  # after each variant, so a run stopped part way keeps the variants done
-    return publish(path, rows(), markdown(rows()))
+    final = rows()
+    return publish(path, final, markdown(final))
 
 
 if __name__ == "__main__":

@@ -113,12 +113,22 @@ def positive(name: str, value: float, zero_ok: bool = False) -> None:
         raise PeftEditError(f"{name} = {value!r} must be {'>= 0' if zero_ok else '> 0'}")
 
 
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def integer(name: str, value: Any) -> int:
+    """``value`` as an int; raises unless it is an integer (a bool is not one)."""
+    if not _is_integer(value):
+        raise PeftEditError(f"{name} = {value!r} must be an integer")
+    return int(value)
+
+
 def count(name: str, value: Any, zero_ok: bool = False) -> int:
     """``value`` as an int; raises unless it is an integer (not a bool) > 0 (>= 0 when ``zero_ok``)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise PeftEditError(f"{name} = {value!r} must be an integer")
+    value = integer(name, value)
     positive(name, value, zero_ok)
-    return int(value)
+    return value
 
 
 # torch.Generator.manual_seed takes any 64-bit value; seeds are kept to the non-negative int64 range so that every
@@ -128,8 +138,7 @@ SEED_LIMIT = 2**63
 
 def check_seed(name: str, value: Any) -> int:
     """``value`` as an int; raises unless it is an integer with 0 <= value < 2**63."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise PeftEditError(f"{name} = {value!r} must be an integer")
+    value = integer(name, value)
     if not 0 <= value < SEED_LIMIT:
         raise PeftEditError(f"{name} = {value} is out of range (a seed is between 0 and 2**63 - 1)")
     return int(value)
@@ -171,7 +180,7 @@ def check_type(name: str, kind: Any, value: Any) -> Any:
     base = origin or kind
     if base is float:
         return finite(name, value)
-    if base is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+    if base is int and _is_integer(value):
         return int(value)
     if base in (bool, str) and isinstance(value, base):
         return value

@@ -500,6 +500,8 @@ def cmd_generate(args) -> int:
     return 0
 
 
+# What an interrupted command leaves, where it is more than nothing.
+INTERRUPTED = {"batch": "finished entries are kept (see batch.json)"}
 COMMANDS = {
     "imagic": cmd_imagic,
     "invert": cmd_invert,
@@ -544,8 +546,7 @@ def main(argv: list[str] | None = None) -> int:
         _setup_logging(args.debug)
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        kept = "finished entries are kept (see batch.json)" if args.command == "batch" else "nothing was saved"
-        print(f"peftedit: interrupted; {kept}", file=sys.stderr)
+        print(f"peftedit: interrupted; {INTERRUPTED.get(args.command, 'nothing was saved')}", file=sys.stderr)
         return 130
     except (ValueError, OSError) as err:
         if args.debug:

@@ -59,12 +59,28 @@ def loss_scaler(model_dtype: torch.dtype, device: torch.device) -> torch.amp.Gra
     return torch.amp.GradScaler(device.type, enabled=model_dtype == torch.float16)
 
 
-def descend(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: torch.Tensor, stage: str) -> None:
+def descend(
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    loss: torch.Tensor,
+    stage: str,
+    advice: str,
+) -> None:
     """One optimizer step on ``loss``. With scaling on, a step whose gradients overflowed is skipped and the scale
-    halved (GradScaler); a scale driven below 1 means the gradients overflow at any scale: that raises."""
+    halved (GradScaler); a scale driven below 1 means the gradients overflow at any scale: that raises.
+
+    ``advice`` ends the :class:`NumericalError` raised when the step itself cannot be taken: bitsandbytes' CPU
+    kernels refuse a learning rate whose step size overflows float32 (a RuntimeError saying "overflow")."""
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    scaler.step(optimizer)
+    try:
+        scaler.step(optimizer)
+    except RuntimeError as err:
+        if "overflow" not in str(err):
+            raise
+        lr = optimizer.param_groups[0]["lr"]
+        message = f"{stage}: the optimizer step overflows float32 at learning rate {lr:g}; {advice}"
+        raise NumericalError(message) from err
     scaler.update()
     if scaler.is_enabled() and scaler.get_scale() < 1.0:
         raise NumericalError(f"{stage}: gradients overflow float16 at every loss scale; try runtime.dtype=fp32")

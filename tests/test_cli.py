@@ -117,6 +117,46 @@ def test_nan_loss_stops_naming_the_stage(eps_dir, photo, tmp_path, capsys, monke
     assert not out.exists() and not _leftovers(out.parent)
 
 
+def test_a_last_update_that_breaks_the_trained_values_stops_saving(eps_dir, photo, tmp_path, capsys, monkeypatch):
+    """The loss is checked before each step, so the last step's update went unchecked into the saved edit."""
+    from peftedit.methods import imagic
+
+    real, calls = imagic.descend, []
+
+    def last_update_breaks(optimizer, *args):
+        real(optimizer, *args)
+        calls.append(1)
+        if len(calls) == 2:  # stage 1's second and last step
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    param.data.fill_(float("nan"))
+
+    monkeypatch.setattr(imagic, "descend", last_update_breaks)
+    out = tmp_path / "adapters" / "nan"
+    args = ["--embedding-steps", 2, "--finetune-steps", 2, *FAST]
+    code, _, err = _run(capsys, "imagic", photo, "a red circle", "--model", eps_dir, "-o", out, *args)
+    _one_line_error(code, err, "stage 1/2 (embedding): the trained values are not finite after step 1", "embedding_lr")
+    assert not out.exists() and not _leftovers(out.parent)
+
+
+def test_a_bad_loss_before_the_adapter_moves_blames_stage_1(eps_dir, photo, tmp_path, capsys, monkeypatch):
+    import torch
+
+    from peftedit.methods import imagic
+
+    real = imagic.denoising_loss
+
+    def stage_2_nan(unet, scheduler, latent, cond, generator):  # stage 2 trains the LoRA, not the embedding
+        loss = real(unet, scheduler, latent, cond, generator)
+        return loss if cond.requires_grad else loss * torch.tensor(float("nan"))
+
+    monkeypatch.setattr(imagic, "denoising_loss", stage_2_nan)
+    out = tmp_path / "adapters" / "nan"
+    code, _, err = _run(capsys, "imagic", photo, "a red circle", "--model", eps_dir, "-o", out, *FAST)
+    _one_line_error(code, err, "stage 2/2 (LoRA fine-tune): loss became nan at step 0", "lower imagic.embedding_lr")
+    assert not out.exists() and not _leftovers(out.parent)
+
+
 def test_list_option_elements_are_checked_before_loading(eps_dir, photo, tmp_path, capsys):
     """A list option with an element of the wrong type failed only after training, without naming the key."""
     out = tmp_path / "adapters" / "x"

@@ -33,7 +33,7 @@ def _train(net: Net, steps: int, overflow_at: set[int]) -> torch.amp.GradScaler:
             loss = loss * math.inf
         with torch.no_grad():
             net(x)  # a call without gradients (a check) starts no step
-        descend(optimizer, scaler, loss, "test")
+        descend(optimizer, scaler, loss, "test", "advice")
     torch.ones(64, 64) @ torch.ones(64, 64)  # after the loop (saving the result): part of no step
     return scaler
 

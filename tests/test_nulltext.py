@@ -15,6 +15,7 @@ from PIL import Image
 from peftedit import Artifact, ArtifactError, NullTextConfig, PeftEditError, RuntimeConfig, imagic, nulltext, p2p
 from peftedit.cli import main
 from peftedit.diffusion import ddim_invert, encode_image, encode_text
+from peftedit.errors import NumericalError
 from peftedit.images import load_image
 
 RUNTIME = RuntimeConfig(device="cpu", gradient_checkpointing=False)  # checkpointing: the bf16 test
@@ -300,6 +301,19 @@ def test_difference_blend_keeps_the_source_where_the_target_did_not_move(eps_mod
     late = p2p.Controller(pipe.unet, pipe.tokenizer, prompts, p2p.Control(blend_mask="difference"), steps=10)
     both = torch.cat([source, target])
     assert torch.equal(late.after_step(0, both), both)  # blend_start 0.2: the first two steps are left alone
+
+
+def test_a_last_inner_update_that_breaks_the_null_embedding_is_caught(eps_model, photo, monkeypatch):
+    """With one inner step per timestep, no loss sees the update: the broken null showed up only as a NaN PSNR."""
+    real = nulltext.descend
+
+    def breaks(optimizer, *args):
+        real(optimizer, *args)
+        optimizer.param_groups[0]["params"][0].data.fill_(float("inf"))
+
+    monkeypatch.setattr(nulltext, "descend", breaks)
+    with pytest.raises(NumericalError, match="null-text optimization: the sampled latents became nan at step 0; .*lr"):
+        _invert(eps_model, photo, steps=4, inner_steps=1, early_stop=0.0, early_stop_slope=0.0)
 
 
 @pytest.fixture

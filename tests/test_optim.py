@@ -47,7 +47,7 @@ def _step_on_small_loss(folder, dtype: str, scale: bool, device: str = "cpu") ->
     latent = torch.randn(1, 4, side, side, generator=generator).to(device)
     loss = denoising_loss(unet, fresh_scheduler(model.pipe), latent, embedding, generator)
     scaler = loss_scaler(unet.dtype if scale else torch.float32, latent.device)
-    descend(torch.optim.SGD([embedding], lr=1.0), scaler, loss * 1e-5 / loss.detach(), "test")
+    descend(torch.optim.SGD([embedding], lr=1.0), scaler, loss * 1e-5 / loss.detach(), "test", "advice")
     return (embedding.detach() - start).cpu()
 
 
@@ -68,8 +68,20 @@ def test_gradients_that_overflow_at_every_scale_raise():
     scaler = loss_scaler(torch.float16, torch.device("cpu"))
     with pytest.raises(NumericalError, match="overflow float16"):
         for _ in range(40):  # the scale starts at 2**16 and halves on each overflowed step
-            descend(optimizer, scaler, (param * float("inf")).sum(), "test")
+            descend(optimizer, scaler, (param * float("inf")).sum(), "test", "advice")
     assert torch.equal(param.detach(), torch.ones(4))  # no overflowed step was taken
+
+
+def test_a_learning_rate_whose_step_overflows_float32_is_a_numerical_error():
+    """bitsandbytes' CPU kernel raised a bare RuntimeError (a traceback through the CLI) for lr 1e38."""
+    param = torch.nn.Parameter(torch.ones(64, 64))  # 4096 values: 8-bit states
+    optimizer = make_optimizer([param], lr=1e38)
+    if type(optimizer).__name__ != "AdamW8bit":
+        pytest.skip("bitsandbytes is not loadable here")
+    scaler = loss_scaler(torch.float32, torch.device("cpu"))
+    message = r"^test: the optimizer step overflows float32 at learning rate 1e\+38; lower"
+    with pytest.raises(NumericalError, match=message):
+        descend(optimizer, scaler, (param**2).sum(), "test", "lower")
 
 
 @pytest.mark.gpu

@@ -25,7 +25,7 @@ from ..diffusion import (
     initial_noise,
     sample,
 )
-from ..errors import ArtifactError, PeftEditError
+from ..errors import ArtifactError, NumericalError, PeftEditError
 from ..images import grid, load_image
 from ..models import Model
 from ..optim import descend, loss_scaler, make_optimizer
@@ -44,6 +44,7 @@ from .common import (
 
 METHOD = "imagic"
 ADAPTER = "peftedit"
+EMBEDDING_ADVICE = "try a lower imagic.embedding_lr or runtime.dtype=fp32"
 # LoRA target groups: module-name suffixes inside the UNet (peft matches suffixes).
 LORA_TARGETS = {
     "attention": ["to_q", "to_k", "to_v", "to_out.0"],
@@ -115,24 +116,31 @@ class ImagicConfig:
         }
 
 
-def _train(unet, scheduler, latent, cond, params, lr, steps, runtime, generator, stage, advice, show) -> float:
-    """Minimise the denoising loss over ``params`` for ``steps`` steps; returns the last loss."""
+def _train(
+    unet, scheduler, latent, cond, params, lr, steps, runtime, generator, stage, advice, show, first_advice=None
+) -> float:
+    """Minimise the denoising loss over ``params`` for ``steps`` steps; returns the last loss.
+
+    ``advice`` ends the error raised when the loss, the optimizer step or the trained values stop being finite;
+    ``first_advice``, where given, replaces it for a loss that is not finite before any update."""
     optimizer = make_optimizer(params, lr, runtime.optimizer)
     scaler = loss_scaler(unet.dtype, latent.device)
     loss_value = float("nan")
     bar = progress(steps, f"imagic {stage}", show)
     for step in bar:
         loss = denoising_loss(unet, scheduler, latent, cond, generator)
-        loss_value = check_finite(loss, stage, step, advice)
-        descend(optimizer, scaler, loss, stage)
+        loss_value = check_finite(loss, stage, step, advice if step or first_advice is None else first_advice)
+        descend(optimizer, scaler, loss, stage, advice)
         bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+    # The last step's update is never seen by a loss: check what it left before anything is saved or rendered.
+    if steps and not all(bool(torch.isfinite(p).all()) for p in params):
+        raise NumericalError(f"{stage}: the trained values are not finite after step {steps - 1}; {advice}")
     return loss_value
 
 
 def optimize_embedding(unet, scheduler, latent, e_tgt, config, runtime, generator, show) -> tuple[torch.Tensor, float]:
     """Stage 1: optimize a copy of e_tgt (fp32) so the frozen UNet denoises the photo; returns it and the last loss."""
     embedding = e_tgt.detach().clone().float().requires_grad_(True)
-    advice = "try a lower imagic.embedding_lr or runtime.dtype=fp32"
     loss = _train(
         unet,
         scheduler,
@@ -144,7 +152,7 @@ def optimize_embedding(unet, scheduler, latent, e_tgt, config, runtime, generato
         runtime,
         generator,
         "stage 1/2 (embedding)",
-        advice,
+        EMBEDDING_ADVICE,
         show,
     )
     return embedding.detach(), loss
@@ -178,7 +186,6 @@ def finetune_lora(unet, scheduler, latent, e_opt, config, runtime, generator, sh
         torch.manual_seed(runtime.seed)  # LoRA A's random init: part of the run's seed, not global state
         unet.add_adapter(LoraConfig(**config.lora_config()), adapter_name=ADAPTER)
     try:
-        advice = "try a lower imagic.lora_lr or runtime.dtype=fp32"
         loss = _train(
             unet,
             scheduler,
@@ -190,8 +197,10 @@ def finetune_lora(unet, scheduler, latent, e_opt, config, runtime, generator, sh
             runtime,
             generator,
             "stage 2/2 (LoRA fine-tune)",
-            advice,
+            "try a lower imagic.lora_lr or runtime.dtype=fp32",
             show,
+            # At step 0 the adapter is a no-op (LoRA B starts at zero): a loss that is not finite comes from stage 1.
+            first_advice=f"the adapter does nothing yet, so the stage 1 embedding is to blame; {EMBEDDING_ADVICE}",
         )
         state = get_peft_model_state_dict(unet, adapter_name=ADAPTER)
         return {k: v.detach().float().cpu().clone() for k, v in state.items()}, loss

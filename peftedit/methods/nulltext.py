@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -36,7 +37,7 @@ from ..diffusion import (
     guided_prediction,
     sample,
 )
-from ..errors import ArtifactError, PeftEditError
+from ..errors import ArtifactError, NumericalError, PeftEditError
 from ..images import grid, load_image, psnr
 from ..models import Model
 from ..optim import descend, loss_scaler, make_optimizer
@@ -58,6 +59,8 @@ log = logging.getLogger("peftedit")
 
 METHODS = INVERSIONS  # one list: artifact checks, the CLI and the config read the same
 TABLE = "nulltext"
+STAGE = "null-text optimization"
+ADVICE = "try runtime.dtype=fp32 or a lower nulltext.lr"
 # Scheduler settings an edit must share with its inversion (the timesteps and the noise schedule).
 SCHEDULER_KEYS = (
     "num_train_timesteps",
@@ -135,17 +138,19 @@ def optimize_null_text(unet, scheduler, pivots, cond, uncond, config, runtime, s
             pred_uncond = guided_prediction(unet, latents, t, null, None, 1.0)
             pred = pred_uncond + config.guidance * (pred_cond - pred_uncond)
             loss = torch.nn.functional.mse_loss(scheduler.step(pred, t, latents).prev_sample, target)
-            value = check_finite(loss, "null-text optimization", i, "try runtime.dtype=fp32 or a lower nulltext.lr")
+            value = check_finite(loss, STAGE, i, ADVICE)
             used = j + 1
             if value < threshold:
                 break
-            descend(optimizer, scaler, loss, "null-text optimization")
+            descend(optimizer, scaler, loss, STAGE, ADVICE)
         null = null.detach()
         nulls.append(null)
         with torch.no_grad():
             pred = guided_prediction(unet, latents, t, cond, null, config.guidance)
             latents = scheduler.step(pred, t, latents).prev_sample.float()
         error = float(torch.nn.functional.mse_loss(latents, target))
+        if not math.isfinite(error):  # the last inner step's update, which no loss has seen, broke the null embedding
+            raise NumericalError(f"{STAGE}: the sampled latents became {error} at step {i}; {ADVICE}")
         stats["inner_steps"].append(used)
         stats["loss"].append(value)
         stats["pivot_error"].append(error)

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 
 def slug(*parts: str, limit: int = 60) -> str:
-    """A folder-friendly name from words."""
-    text = "-".join(re.sub(r"[^a-z0-9]+", "-", p.lower()).strip("-") for p in parts if p)
-    return text[:limit].strip("-") or "edit"
+    """A folder-friendly name from words: lower case, accents dropped ("Café" -> "cafe"), letters and digits of every
+    script kept ("一只猫"), anything else a single dash."""
+    words = []
+    for part in parts:
+        bare = "".join(c for c in unicodedata.normalize("NFKD", part.lower()) if not unicodedata.combining(c))
+        words.append(re.sub(r"[\W_]+", "-", unicodedata.normalize("NFC", bare)).strip("-"))
+    return "-".join(w for w in words if w)[:limit].strip("-") or "edit"
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:

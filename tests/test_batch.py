@@ -57,6 +57,17 @@ def test_tedbench_lists_read_as_they_are(photos):
     assert (inversions[0].source, inversions[0].target) == ("a red disc", "a red circle")
 
 
+def test_entry_names_keep_accented_and_non_latin_prompts_readable(photos):
+    """Names kept only a-z and 0-9: "crème brûlée" became "cr-me-br-l-e" and a Chinese prompt vanished."""
+    entries = [
+        {"img_name": "dog.png", "target_text": "A Café crème brûlée"},
+        {"img_name": "dog.png", "target_text": "一只坐着的狗"},
+        {"img_name": "dog.png", "target_text": "***"},
+    ]
+    names = [i.name for i in batch.items_from(entries, photos, "imagic")]
+    assert names == ["001-dog-a-cafe-creme-brulee", "002-dog-一只坐着的狗", "003-dog"]
+
+
 @pytest.mark.parametrize(
     "entries, method, fragment",
     [

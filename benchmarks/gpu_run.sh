@@ -1,49 +1,67 @@
 #!/bin/bash
-# One step of the GPU measurements, sized for one device-tool call (10 minutes at most); run from the repo root on
-# the GPU machine, with the wheels from /work/shared/gpu/wheels.sh carried in .whl/. Every step writes its results and
-# its log under $OUT (or benchmarks/results/gpu/ without one) as it goes, so a step cut off by the time limit still
-# returns what it finished.
+# The GPU measurements, sized for device-tool calls (10 minutes at most each); run from the repo root on the GPU
+# machine, with the wheels from benchmarks/gpu_wheels.sh carried in .whl/. Every step writes its results and its log
+# under $OUT (or benchmarks/results/gpu/ without one) as it goes, so a step cut off by the time limit still returns
+# what it finished. Several steps may share one call (`bash benchmarks/gpu_run.sh smoke sd15`): each fresh machine
+# costs a start, the wheels' install and the model's build again.
 #
 #   bash benchmarks/gpu_run.sh smoke      # tiny model on CUDA + the -m gpu tests (~1-2 min): run first
 #   bash benchmarks/gpu_run.sh sd15       # issue 5's table: SD 1.5 at 512 px, ours and the baselines
 #   bash benchmarks/gpu_run.sh sd21       # SD 2.1 at 768 px
 #   bash benchmarks/gpu_run.sh savers     # what each memory saver buys (switched off one at a time)
 #   bash benchmarks/gpu_run.sh options    # the options the recipes leave off: offload_idle, channels-last
-#   bash benchmarks/gpu_run.sh compiled   # the compiled-UNet variant alone (inductor compiles every stage)
+#   bash benchmarks/gpu_run.sh compiled   # the compiled UNet, Imagic only (inductor compiles every stage's graphs)
 #   bash benchmarks/gpu_run.sh tracked    # the live-tensor estimate beside max_memory_allocated (timings void)
 #   bash benchmarks/gpu_run.sh checkpointing   # if the Imagic time ratio misses 0.5
 set -u
-step=${1:?"usage: bash benchmarks/gpu_run.sh smoke|sd15|sd21|savers|options|compiled|tracked|checkpointing"}
+steps=("$@")
+[ ${#steps[@]} -gt 0 ] || {
+  echo "usage: bash benchmarks/gpu_run.sh STEP [STEP ...], steps: smoke sd15 sd21 savers options compiled tracked" \
+    "checkpointing" >&2
+  exit 2
+}
+for step in "${steps[@]}"; do  # every name checked before the first step spends device time
+  case $step in
+    smoke | sd15 | sd21 | savers | options | compiled | tracked | checkpointing) ;;
+    *) echo "unknown step: $step" >&2; exit 2 ;;
+  esac
+done
 out=${OUT:-benchmarks/results/gpu}
 mkdir -p "$out"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
   export PYTHONPATH=/tmp/site:$PWD
+elif ! python3 -c "import diffusers, bitsandbytes" 2>/dev/null; then
+  echo "no .whl/ and no diffusers/bitsandbytes here: run benchmarks/gpu_wheels.sh and carry [\".whl\"]" >&2
+  exit 1
 fi
 export PYTHONUNBUFFERED=1
 run() { python3 -m "$@" 2>&1 | tee -a "$out/$step.log"; return "${PIPESTATUS[0]}"; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/$step.log"
-case $step in
-  smoke)
-    run benchmarks.memory --model tiny --device cuda --steps 3 --warmup 1 --out "$out/tiny-cuda.json" \
-      && run pytest -m gpu -q -p no:cacheprovider tests ;;
-  sd15 | sd21)
-    run benchmarks.memory --model "$step" --device cuda --out "$out/memory-$step.json" ;;
-  savers)  # each variant is a whole memory run (plus the recipe's): split in two to stay inside one call
-    run benchmarks.savers --model sd15 --device cuda --out "$out/savers-sd15.json" --variants "fp32 weights" \
-      "no gradient checkpointing" "fp32 AdamW states" "encoders stay on the GPU" "batched VAE decode" ;;
-  options)
-    run benchmarks.savers --model sd15 --device cuda --out "$out/options-sd15.json" --variants \
-      "idle parts off the GPU" "channels-last UNet" ;;
-  compiled)
-    run benchmarks.savers --model sd15 --device cuda --out "$out/savers-compiled-sd15.json" --variants "compiled UNet" ;;
-  tracked)
-    run benchmarks.memory --model sd15 --device cuda --no-baseline --track-tensors --steps 2 --warmup 1 \
-      --inner-steps 1 --out "$out/tracked-sd15.json" ;;
-  checkpointing)
-    run benchmarks.checkpointing --model sd15 --device cuda --steps 8 --warmup 3 --out "$out/checkpointing-sd15.json" ;;
-  *)
-    echo "unknown step: $step" >&2
-    exit 2 ;;
-esac
+failed=0
+for step in "${steps[@]}"; do
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/$step.log"
+  case $step in
+    smoke)
+      run benchmarks.memory --model tiny --device cuda --steps 3 --warmup 1 --out "$out/tiny-cuda.json" \
+        && run pytest -m gpu -q -p no:cacheprovider tests ;;
+    sd15 | sd21)
+      run benchmarks.memory --model "$step" --device cuda --out "$out/memory-$step.json" ;;
+    savers)  # each variant is a whole memory run (plus the recipe's): split in two to stay inside one call
+      run benchmarks.savers --model sd15 --device cuda --out "$out/savers-sd15.json" --variants "fp32 weights" \
+        "no gradient checkpointing" "fp32 AdamW states" "encoders stay on the GPU" "batched VAE decode" ;;
+    options)
+      run benchmarks.savers --model sd15 --device cuda --out "$out/options-sd15.json" --variants \
+        "idle parts off the GPU" "channels-last UNet" ;;
+    compiled)  # Imagic alone: P2P's processors break the graphs into tens of compiles, past one call's 10 minutes
+      run benchmarks.savers --model sd15 --device cuda --out "$out/savers-compiled-sd15.json" --methods imagic \
+        --variants "compiled UNet" ;;
+    tracked)
+      run benchmarks.memory --model sd15 --device cuda --no-baseline --track-tensors --steps 2 --warmup 1 \
+        --inner-steps 1 --out "$out/tracked-sd15.json" ;;
+    checkpointing)
+      run benchmarks.checkpointing --model sd15 --device cuda --steps 8 --warmup 3 \
+        --out "$out/checkpointing-sd15.json" ;;
+  esac || { echo "step $step failed (exit $?); see $out/$step.log" >&2; failed=1; }
+done
+exit $failed

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import __version__
 from .artifact_checks import INVERSIONS as NULLTEXT_METHODS
-from .errors import one_line
+from .errors import one_line, out_of_memory
 from .files import save_image_atomic, slug
 
 EXAMPLES = {
@@ -548,11 +548,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"peftedit: interrupted; {INTERRUPTED.get(args.command, 'nothing was saved')}", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, RuntimeError, MemoryError) as err:
+        message = one_line(err) if isinstance(err, ValueError | OSError) else out_of_memory(err)
+        if message is None:
+            raise  # anything else is a bug: its traceback is what a report needs
         if args.debug:
             traceback.print_exc()
             return 2
-        print(f"peftedit: error: {one_line(err)}", file=sys.stderr)
+        print(f"peftedit: error: {message}", file=sys.stderr)
         return 2
 
 

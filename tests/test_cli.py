@@ -157,6 +157,31 @@ def test_a_bad_loss_before_the_adapter_moves_blames_stage_1(eps_dir, photo, tmp_
     assert not out.exists() and not _leftovers(out.parent)
 
 
+def test_running_out_of_gpu_memory_is_one_line_with_what_to_try(eps_dir, photo, tmp_path, capsys, monkeypatch):
+    """On an 8 GB card the likeliest failure printed torch's traceback; other errors still do (they are bugs)."""
+    import torch
+
+    from peftedit.methods import imagic
+
+    said = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.79 GiB of which 1.0 GiB"
+
+    def oom(*args):
+        raise torch.OutOfMemoryError(said + " is free.\nIf reserved but unallocated memory is large ...")
+
+    monkeypatch.setattr(imagic, "denoising_loss", oom)
+    out = tmp_path / "adapters" / "oom"
+    code, _, err = _run(capsys, "imagic", photo, "a red circle", "--model", eps_dir, "-o", out, *FAST)
+    _one_line_error(code, err, "out of memory (CUDA out of memory. Tried to allocate 2.00 GiB);", "sd15-8gb")
+    assert not out.exists() and not _leftovers(out.parent)
+
+    def bug(*args):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(imagic, "denoising_loss", bug)
+    with pytest.raises(RuntimeError, match="mat1"):
+        _run(capsys, "imagic", photo, "a red circle", "--model", eps_dir, "-o", out, *FAST)
+
+
 def test_list_option_elements_are_checked_before_loading(eps_dir, photo, tmp_path, capsys):
     """A list option with an element of the wrong type failed only after training, without naming the key."""
     out = tmp_path / "adapters" / "x"

@@ -1,6 +1,6 @@
 """Quality gate for the built-in demo model: generate world prompts and read them back with the analytic reader.
 
-    PYTHONPATH=. python3 benchmarks/demo_gate.py            # writes benchmarks/results/demo-gate.json
+    python -m benchmarks.demo_gate                              # writes benchmarks/results/demo-gate.json
 
 Cases: all 90 single-object prompts and a fixed set of two-object prompts, each over a few seeds.
 An image passes when the reader recovers exactly the prompted scene (colour, shape, size and position of each object).

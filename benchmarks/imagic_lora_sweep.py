@@ -7,7 +7,10 @@ closely each setting reproduces the photo.
 For each LoRA setting (learning rate, rank, targets), fit Imagic on each input image and render eta = 0 with and
 without the LoRA; report PSNR against the input and the seconds per fit. Run:
 
-    python -m benchmarks.imagic_lora_sweep --images peftedit/demo/examples/*.png --text "..." [--model M]
+    python -m benchmarks.imagic_lora_sweep --images peftedit/demo/examples/red-circle-left.png \
+        peftedit/demo/examples/yellow-triangle-blue-square.png \
+        --texts "a large blue circle on the left" \
+        "a large yellow triangle on the left and a small red square on the right"
 
 Writes ``benchmarks/results/imagic-lora-sweep.json``.
 """
@@ -53,6 +56,8 @@ def main() -> None:
     parser.add_argument("--settings", type=int, nargs="+", help="indices into SETTINGS (default: all)")
     parser.add_argument("--out", default="benchmarks/results/imagic-lora-sweep.json")
     args = parser.parse_args()
+    if len(args.images) != len(args.texts):
+        parser.error(f"{len(args.images)} --images but {len(args.texts)} --texts: give one target text per image")
     runtime = RuntimeConfig()
     model = load_model(args.model, runtime)
     rows = []

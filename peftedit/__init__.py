@@ -2,7 +2,7 @@
 
 Python API::
 
-    from peftedit import load_model, imagic, Artifact
+    from peftedit import Artifact, ImagicConfig, imagic, load_model
     model = load_model(None)                      # the demo model; or a hub id / folder / .safetensors
     edit = imagic.fit(model, "photo.png", "a photo of a sitting dog")
     edit.save("adapters/dog-sitting")

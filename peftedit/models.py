@@ -92,8 +92,8 @@ def load_model(
     if name == DEMO_NAME:
         if announce_demo:
             log.warning(
-                "using the built-in demo model (a tiny world of coloured shapes); for Stable Diffusion pass e.g. "
-                "--model stable-diffusion-v1-5/stable-diffusion-v1-5"
+                "using the built-in demo model (a tiny world of coloured shapes); for Stable Diffusion give a hub id, "
+                "folder or .safetensors file, e.g. --model stable-diffusion-v1-5/stable-diffusion-v1-5"
             )
         path = demo_model_dir()
         if not (path / "model_index.json").is_file():

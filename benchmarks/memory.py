@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -116,8 +117,15 @@ def compile_limits(compiled: bool):
         torch._dynamo.reset()  # a failed stage's graphs must not count against the next run's limit either
 
 
-def run_ours(folder: Path, args, imagic_cfg: dict, nulltext_cfg: dict | None) -> tuple[list[StageResult], dict]:
-    """Our stages on the model loaded with the recipes' runtime settings; returns results and facts about the load."""
+def run_ours(
+    folder: Path,
+    args,
+    imagic_cfg: dict,
+    nulltext_cfg: dict | None,
+    finished: Callable[[list[StageResult], dict], None] = lambda results, facts: None,
+) -> tuple[list[StageResult], dict]:
+    """Our stages on the model loaded with the recipes' runtime settings; returns results and facts about the load.
+    ``finished(results so far, facts)`` is called as each method's stages are done."""
     runtime = imagic_cfg["runtime"]
     model = load_model(str(folder), runtime)
     facts = {
@@ -134,6 +142,7 @@ def run_ours(folder: Path, args, imagic_cfg: dict, nulltext_cfg: dict | None) ->
             results += imagic_bench.ours(
                 model, picture, imagic_cfg["imagic"], runtime, args.steps, args.warmup, args.track_tensors
             )
+            finished(results, facts)
         if "nulltext" in args.methods:
             config, nt_runtime = (
                 (nulltext_cfg["nulltext"], nulltext_cfg["runtime"]) if nulltext_cfg else (None, runtime)
@@ -143,6 +152,7 @@ def run_ours(folder: Path, args, imagic_cfg: dict, nulltext_cfg: dict | None) ->
             results += nulltext_bench.ours(
                 model, picture, config, nt_runtime, args.steps, args.warmup, args.track_tensors
             )
+            finished(results, facts)
     del model
     release(facts["device"])
     return results, facts
@@ -358,28 +368,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
     imagic_cfg, nulltext_cfg = configs(args)
     inner_steps = nulltext_cfg["nulltext"].inner_steps if nulltext_cfg else None
 
-    def rows_of(baseline: list[StageResult]) -> list[dict]:
+    def rows_of(ours: list[StageResult], baseline: list[StageResult], facts: dict) -> list[dict]:
         rows = make_rows(ours, baseline, facts, args, inner_steps)
         for row in rows:
             source = imagic_cfg if row["method"] == "imagic" or nulltext_cfg is None else nulltext_cfg
             row["runtime"] = to_dict(source["runtime"])
         return rows
 
+    def keep(ours: list[StageResult], facts: dict) -> None:
+        """Write what is done so far, so a run stopped later (the device tool's time limit) keeps it."""
+        pending = rows_of(ours, [], facts)
+        if not args.no_baseline:
+            for row in pending:
+                row["baseline_status"] = "pending: the run stopped before the baselines were measured"
+        write_rows(args.out or results_path("", facts["device"]), pending)
+        log.info("%d rows written so far", len(pending))
+
     with tempfile.TemporaryDirectory(prefix="peftedit-bench-") as tmp:
         folder = args.model_dir or save_model(args.model, Path(tmp) / args.model)
         log.info("model %s in %s; running our stages", args.model, folder)
-        ours, facts = run_ours(folder, args, imagic_cfg, nulltext_cfg)
-        path = args.out or results_path("", facts["device"])
-        baseline = []
-        if not args.no_baseline:
-            pending = rows_of([])  # written now, so a run stopped during the baselines keeps our figures
-            for row in pending:
-                row["baseline_status"] = "pending: the run stopped before the baselines were measured"
-            write_rows(path, pending)
-            log.info("our stages written to %s; running the baselines", path)
-            baseline = run_baseline(folder, args, nulltext_cfg)
-    rows = rows_of(baseline)
-    path = write_rows(path, rows)
+        ours, facts = run_ours(folder, args, imagic_cfg, nulltext_cfg, keep)
+        baseline = [] if args.no_baseline else run_baseline(folder, args, nulltext_cfg)
+    rows = rows_of(ours, baseline, facts)
+    path = write_rows(args.out or results_path("", facts["device"]), rows)
     print(markdown(rows))
     for line in goals(rows):
         print(line)

@@ -297,6 +297,18 @@ def test_a_run_stopped_in_the_baselines_keeps_our_rows(tmp_path, monkeypatch, on
     assert all(r["status"] == "ok" and r["baseline_status"].startswith("pending") for r in rows)
 
 
+def test_a_run_stopped_in_our_null_text_stages_keeps_the_imagic_rows(tmp_path, monkeypatch, one_thread):
+    """Our rows were written only once all our methods had run: a time limit hit in null-text lost Imagic's too."""
+    monkeypatch.setattr(memory.nulltext_bench, "ours", _stop)
+    out = tmp_path / "r.json"
+    argv = ["--model", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--no-track-tensors"]
+    with pytest.raises(_Stopped):
+        memory.main([*argv, "--set", "runtime.dtype=fp32", "--inner-steps", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())
+    assert {r["stage"] for r in rows} == STAGES["imagic"] and {r["method"] for r in rows} == {"imagic"}
+    assert all(r["status"] == "ok" and r["baseline_status"].startswith("pending") for r in rows)
+
+
 def test_a_savers_run_stopped_part_way_keeps_the_variants_done(tmp_path, monkeypatch, one_thread):
     from benchmarks import savers
 

@@ -310,9 +310,11 @@ def cmd_edit(args) -> int:
         if maps_to.resolve() == output.resolve():
             raise ValueError(f"--save-attention and -o both name {output}; give the attention maps their own file")
     base = args.model or artifact.meta["base_model"]
+    # A single-file base's configs are recorded too, unless --model names another base.
+    configs = args.single_file_config or (None if args.model else artifact.meta.get("base_model_config"))
     # The edit records its base model: no "using the demo model" notice when that is where the edit came from.
     runtime = _runtime_from(artifact, args.folder)
-    model = load_model(base, runtime, args.single_file_config, announce_demo=args.model is not None)
+    model = load_model(base, runtime, configs, announce_demo=args.model is not None)
     show = not args.quiet
     if artifact.method == "imagic":
         from .methods import imagic
@@ -450,6 +452,7 @@ def describe(artifact, folder: str | Path) -> dict:
         "method": artifact.method,
         "prompts": meta.get("prompts"),
         "base_model": meta.get("base_model"),
+        "base_model_config": meta.get("base_model_config"),
         "base_fingerprint": meta.get("base_fingerprint"),
         "resolution": meta.get("resolution"),
         "image": meta.get("image"),
@@ -470,7 +473,10 @@ def cmd_inspect(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
         return 0
-    for key in ("folder", "method", "prompts", "base_model", "base_fingerprint", "resolution", "created", "losses"):
+    for key in ("folder", "method", "prompts", "base_model", "base_model_config", "base_fingerprint", "resolution"):
+        if key != "base_model_config" or info[key]:  # only a single checkpoint file's edits have one
+            print(f"{key:17} {info[key]}")
+    for key in ("created", "losses"):
         print(f"{key:17} {info[key]}")
     image = info["image"] or {}
     print(f"{'image':17} {image.get('name')} {image.get('size')} {image.get('mode')} sha256 {image.get('sha256')}")

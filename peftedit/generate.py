@@ -21,8 +21,10 @@ def recommended_sampling(model: Model) -> tuple[int, float]:
     """(steps, guidance) the model folder recommends, else SD's defaults."""
     from .demo import DEMO_SETTINGS_FILE  # a model folder may recommend its own sampling (the demo model does)
 
-    path = Path(model.name if Path(model.name).is_dir() else model.pipe.config._name_or_path) / DEMO_SETTINGS_FILE
-    if path.is_file():
+    # The model's folder: its name, the configs a single checkpoint file was loaded with, or the hub snapshot.
+    folders = (model.name, model.single_file_config, model.pipe.config.get("_name_or_path"))
+    path = next((Path(f) / DEMO_SETTINGS_FILE for f in folders if f and Path(f).is_dir()), None)
+    if path is not None and path.is_file():
         data = json.loads(path.read_text())
         return int(data.get("num_inference_steps", DEFAULT_STEPS)), float(data.get("guidance_scale", DEFAULT_GUIDANCE))
     return DEFAULT_STEPS, DEFAULT_GUIDANCE

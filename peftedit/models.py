@@ -34,6 +34,7 @@ class Model:
     device: torch.device
     dtype: torch.dtype
     runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)  # what it was loaded with
+    single_file_config: str | None = None  # the configs a single-file checkpoint was loaded with (folder or hub id)
 
     @property
     def resolution(self) -> int:
@@ -106,7 +107,9 @@ def load_model(
             raise PeftEditError(f"{path}: pickle checkpoints are not loaded (unsafe); convert it to .safetensors")
         if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
             if single_file_config:
-                kwargs["config"] = single_file_config
+                config_path = Path(single_file_config).expanduser()  # a folder is recorded absolute, like `name`
+                configs = str(config_path.resolve()) if config_path.exists() else single_file_config
+                kwargs["config"] = configs
             pipe = StableDiffusionPipeline.from_single_file(str(path), **kwargs)
         elif path.is_dir():
             if not (path / "model_index.json").is_file():
@@ -119,8 +122,10 @@ def load_model(
     except PeftEditError:
         raise
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # a broken folder fails in many ways
-        first = first_line(err)
-        raise PeftEditError(f"could not load model {name!r}: {type(err).__name__}: {first}") from err
+        said = f"could not load model {name!r}: {type(err).__name__}: {first_line(err)}"
+        if path.is_file() and "config" not in kwargs:
+            said += " (a single checkpoint file's configs come from --single-file-config: diffusers folder or hub id)"
+        raise PeftEditError(said) from err
     # DDIM is what both methods are defined with; keep the model's own betas and prediction_type.
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.to(device)
@@ -135,7 +140,8 @@ def load_model(
     for part in (pipe.unet, pipe.vae, pipe.text_encoder):
         part.requires_grad_(False)
         part.eval()
-    return Model(pipe=pipe, name=name, device=device, dtype=dtype, runtime=runtime)
+    configs = kwargs.get("config")  # only a single checkpoint file reads them
+    return Model(pipe=pipe, name=name, device=device, dtype=dtype, runtime=runtime, single_file_config=configs)
 
 
 def set_attention(unet, backend: str, device: torch.device) -> str:

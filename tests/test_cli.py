@@ -354,6 +354,37 @@ def test_model_sources_dispatch_to_the_right_loader(tmp_path, monkeypatch, capsy
     _one_line_error(code, err, "could not load model", "stop here")
 
 
+def test_an_edit_from_a_single_checkpoint_file_re_renders_without_its_configs_again(eps_dir, photo, tmp_path, capsys):
+    """A real LDM-layout file (the loader was tested with a stub only): `generate` on it crashed reading the folder's
+    sampling advice, and `edit` needed --single-file-config again, which the edit can record."""
+    from ldm_checkpoint import write_single_file
+
+    from peftedit import Artifact
+
+    checkpoint = tmp_path / "tiny.safetensors"
+    write_single_file(eps_dir, checkpoint)
+    single = ["--model", checkpoint, "--single-file-config", eps_dir]
+    for model, name in ((single, "g1.png"), (["--model", eps_dir], "g2.png")):
+        assert _run(capsys, "generate", "a red circle", *model, "--steps", 3, "-o", tmp_path / name)[0] == 0
+    assert np.array_equal(np.array(Image.open(tmp_path / "g1.png")), np.array(Image.open(tmp_path / "g2.png")))
+
+    out = tmp_path / "edit"
+    code, _, err = _run(capsys, "imagic", photo, "a red circle", *single, "-o", out, "--embedding-steps", 2,
+                        "--finetune-steps", 2, *FAST)  # fmt: skip
+    assert code == 0, err
+    meta = Artifact.load(out).meta
+    assert (meta["base_model"], meta["base_model_config"]) == (str(checkpoint.resolve()), str(eps_dir.resolve()))
+    code, _, err = _run(capsys, "edit", out, "--eta", 0.6, "--steps", 4, "-o", tmp_path / "a.png")
+    assert code == 0, err
+    code, _, err = _run(capsys, "edit", out, "--model", eps_dir, "--eta", 0.6, "--steps", 4, "-o", tmp_path / "b.png")
+    assert code == 0, err  # the same weights from their folder: the same picture
+    assert np.array_equal(np.array(Image.open(tmp_path / "a.png")), np.array(Image.open(tmp_path / "b.png")))
+    assert f"base_model_config {eps_dir.resolve()}" in _run(capsys, "inspect", out)[1]
+
+    code, _, err = _run(capsys, "generate", "a red circle", "--model", checkpoint, "-o", tmp_path / "g3.png")
+    _one_line_error(code, err, "could not load model", "configs come from --single-file-config")
+
+
 def test_unreachable_hub_id_is_one_line(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))

@@ -114,6 +114,7 @@ def base_meta(model: Model, recipe: dict, image_info: dict) -> tuple[dict, torch
     fid, probe = fingerprint(model.pipe)
     meta = {
         "base_model": model.name,
+        **({"base_model_config": model.single_file_config} if model.single_file_config else {}),
         "base_fingerprint": fid,
         "base_architecture": architecture_hash(model.pipe),
         "scheduler": {k: v for k, v in dict(model.pipe.scheduler.config).items()},

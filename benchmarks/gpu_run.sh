@@ -13,6 +13,9 @@
 #   bash benchmarks/gpu_run.sh compiled   # the compiled UNet, Imagic only (inductor compiles every stage's graphs)
 #   bash benchmarks/gpu_run.sh tracked    # the live-tensor estimate beside max_memory_allocated (timings void)
 #   bash benchmarks/gpu_run.sh checkpointing   # if the Imagic time ratio misses 0.5
+#
+# GPU_RUN_DRY=1 prints each command (one argument per line, a blank line after each) instead of running it: the
+# tests parse them with the benchmarks' own parsers, so a bad option fails here, not in a device call.
 set -u
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || {
@@ -27,8 +30,11 @@ for step in "${steps[@]}"; do  # every name checked before the first step spends
   esac
 done
 out=${OUT:-benchmarks/results/gpu}
-mkdir -p "$out"
-if [ -d .whl ]; then
+if [ -n "${GPU_RUN_DRY:-}" ]; then
+  run() { printf '%s\n' "$@" ""; }
+  nvidia-smi() { :; }
+  tee() { cat >/dev/null; }
+elif [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
   export PYTHONPATH=/tmp/site:$PWD
@@ -36,8 +42,11 @@ elif ! python3 -c "import diffusers, bitsandbytes" 2>/dev/null; then
   echo "no .whl/ and no diffusers/bitsandbytes here: run benchmarks/gpu_wheels.sh and carry [\".whl\"]" >&2
   exit 1
 fi
+if [ -z "${GPU_RUN_DRY:-}" ]; then
+  mkdir -p "$out"
+  run() { python3 -m "$@" 2>&1 | tee -a "$out/$step.log"; return "${PIPESTATUS[0]}"; }
+fi
 export PYTHONUNBUFFERED=1
-run() { python3 -m "$@" 2>&1 | tee -a "$out/$step.log"; return "${PIPESTATUS[0]}"; }
 failed=0
 for step in "${steps[@]}"; do
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/$step.log"

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks import memory
+from benchmarks import checkpointing, memory, savers
 from benchmarks.build_model import build_pipeline, load_config, parameter_counts, resolution
 
 STAGES = {
@@ -340,3 +343,23 @@ def test_versions_name_peftedit_when_it_runs_from_a_checkout(monkeypatch):
 
     monkeypatch.setattr(artifacts.importlib_metadata, "version", version)
     assert artifacts.package_versions()["peftedit"] == f"{__version__} (not installed)"
+
+
+def test_every_command_of_the_gpu_run_parses(tmp_path):
+    """Device calls are scarce (30 minutes a session): each command gpu_run.sh would run there parses with its
+    benchmark's own parser here, so a misspelt option or variant fails in CI, not in a device call."""
+    steps = ["smoke", "sd15", "sd21", "savers", "options", "compiled", "tracked", "checkpointing"]
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_run.sh"
+    env = {**os.environ, "GPU_RUN_DRY": "1", "OUT": str(tmp_path)}
+    done = subprocess.run(["bash", str(script), *steps], env=env, capture_output=True, text=True, check=True)
+    commands = [block.split("\n") for block in done.stdout.strip("\n").split("\n\n")]
+    parsers = {"benchmarks.memory": memory, "benchmarks.savers": savers, "benchmarks.checkpointing": checkpointing}
+    for module, *argv in commands:
+        if module == "pytest":
+            assert argv[:2] == ["-m", "gpu"]
+            continue
+        args = parsers[module].parse_args(argv)
+        assert args.device == "cuda" and args.out.parent == tmp_path, argv
+    assert [c[0] for c in commands].count("pytest") == 1 and len(commands) == 9
+    refused = subprocess.run(["bash", str(script), "smoke", "sd51"], env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "unknown step: sd51" in refused.stderr and not refused.stdout

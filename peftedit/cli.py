@@ -27,6 +27,7 @@ EXAMPLES = {
   peftedit invert cat.png "a photo of a cat" --model model.safetensors --single-file-config ./sd15-config""",
     "edit": """\
   peftedit edit adapters/dog-sitting --eta 0.7 --seed 3 -o sitting.png   # Imagic: vary eta and seed
+  peftedit edit adapters/dog-sitting --eta 0.6 0.7 0.8 --seed 0 1 2      # a grid: a row per seed, a column per eta
   peftedit edit adapters/cat                                             # inversion: input | reconstruction
   peftedit edit adapters/cat "a photo of a tiger" --blend cat tiger -o tiger.png
   peftedit edit adapters/cat "a photo of a cat" --p2p reweight --reweight cat=2.0 -o more-cat.png
@@ -91,10 +92,16 @@ def free_name(path: Path) -> Path:
 
 
 def check_sampling_args(args) -> None:
-    """The numbers a render takes (--eta, --seed, --guidance, --steps), checked before the model loads."""
+    """The numbers a render takes (--eta, --seed, --guidance, --steps; eta and seed may be lists), checked before
+    the model loads."""
     from .config import check_sampling
 
-    check_sampling("--", getattr(args, "eta", None), args.seed, args.guidance, args.steps)
+    listed = lambda value: value if isinstance(value, list) else [value]  # noqa: E731
+    for eta in listed(getattr(args, "eta", None)):
+        check_sampling("--", eta=eta)
+    for seed in listed(args.seed):
+        check_sampling("--", seed=seed)
+    check_sampling("--", guidance=args.guidance, steps=args.steps)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -156,8 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", nargs="?", help="target prompt (inversions only; none = reconstruction)")
     p.add_argument("--model", help="base model (default: the one recorded in the edit)")
     p.add_argument("--single-file-config", help=argparse.SUPPRESS)
-    p.add_argument("--eta", type=float, help="Imagic interpolation (default: the edit's recipe)")
-    p.add_argument("--seed", type=int, help="sampling seed of an Imagic edit (default 0; inversions have none)")
+    p.add_argument(
+        "--eta", type=float, nargs="+", help="Imagic interpolation (default: the edit's recipe); several: a grid"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        nargs="+",
+        help="sampling seed of an Imagic edit (default 0; inversions have none); several: a grid",
+    )
     p.add_argument("--guidance", type=float, help="classifier-free guidance (default: the edit's recipe)")
     p.add_argument(
         "--steps", type=int, help="sampling steps of an Imagic edit (default: its recipe); an inversion's are fixed"
@@ -287,9 +301,9 @@ def cmd_edit(args) -> int:
         given = [f"--{flag.replace('_', '-')}" for flag in P2P_FLAGS if getattr(args, flag) is not None]
         if given:
             raise ValueError(f"{', '.join(given)}: Prompt-to-Prompt options are for inversions, not Imagic edits")
-        seed = 0 if args.seed is None else args.seed
-        eta = artifact.meta["recipe"]["imagic"]["eta"] if args.eta is None else args.eta
-        default = f"{name}-eta{eta:g}-seed{seed}.png"
+        seeds = args.seed or [0]
+        etas = args.eta or [artifact.meta["recipe"]["imagic"]["eta"]]
+        default = f"{name}-eta{'_'.join(f'{e:g}' for e in etas)}-seed{'_'.join(map(str, seeds))}.png"
     elif artifact.method in NULLTEXT_METHODS:
         if args.eta is not None:
             raise ValueError("--eta is for Imagic edits; edit an inversion with a target prompt")
@@ -317,15 +331,25 @@ def cmd_edit(args) -> int:
     model = load_model(base, runtime, configs, announce_demo=args.model is not None)
     show = not args.quiet
     if artifact.method == "imagic":
-        from .methods import imagic
-
-        image = imagic.render(
-            model, artifact, eta=args.eta, seed=seed, guidance=args.guidance, steps=args.steps, show_progress=show
-        )
+        image = _imagic_pictures(model, artifact, etas, seeds, args.guidance, args.steps, show)
     else:
         image = _edit_inversion(args, model, artifact, control)
     print(f"wrote {save_image_atomic(image, output)}")
     return 0
+
+
+def _imagic_pictures(model, artifact, etas: list[float], seeds: list[int], guidance, steps, show: bool):
+    """One render, or for several etas or seeds a grid: a row per seed, a column per eta, each labelled."""
+    from .images import grid, sheet
+    from .methods import imagic
+
+    rows = []
+    for seed in seeds:
+        pictures = imagic.render(model, artifact, etas, seed, guidance, steps, show_progress=show)
+        if len(etas) * len(seeds) == 1:
+            return pictures[0]
+        rows.append((f"seed {seed}", [grid(pictures, [f"eta {e:g}" for e in etas])], "black"))
+    return sheet(rows, height=rows[0][1][0].height)
 
 
 def cmd_batch(args) -> int:

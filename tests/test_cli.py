@@ -232,6 +232,24 @@ def test_long_prompt_warning_stays_short(tokenizer_dir, caplog):
     assert one.endswith("the last token is dropped ('dog')"), one
 
 
+def test_several_etas_and_seeds_render_a_labelled_grid_of_the_single_renders(edit_dir, tmp_path, capsys, monkeypatch):
+    """Choosing eta is Imagic's one knob: a row per seed and a column per eta, each cell the render on its own."""
+    monkeypatch.chdir(tmp_path)  # the default picture name is in the working folder
+    code, out, err = _run(capsys, "edit", edit_dir, "--eta", 0.5, 0.9, "--seed", 0, 1, "--steps", 4)
+    assert code == 0, err
+    sheet = Image.open(out.split("wrote ", 1)[1].strip())
+    assert out.strip().endswith("edit-eta0.5_0.9-seed0_1.png")
+    code, _, err = _run(capsys, "edit", edit_dir, "--eta", 0.9, "--seed", 1, "--steps", 4, "-o", tmp_path / "one.png")
+    assert code == 0, err
+    single = Image.open(tmp_path / "one.png").convert("RGB")
+    cell = max(128, single.width)  # images.grid enlarges small renders to 128 px cells, under a 14 px label
+    row_height = 16 + cell + 14  # images.sheet: a 16 px caption ("seed 1") over each row
+    assert sheet.size == (max(640, 2 * cell), 2 * row_height)
+    top = row_height + 16  # second row (seed 1), second column (eta 0.9)
+    picked = sheet.crop((cell, top, 2 * cell, top + cell))
+    assert np.array_equal(np.array(picked), np.array(single.resize((cell, cell), Image.NEAREST)))
+
+
 def test_bad_edit_settings_are_one_line_and_write_nothing(edit_dir, tmp_path, capsys):
     """--eta nan rendered an all-black PNG with exit 0; --seed overflowed inside torch."""
     out = tmp_path / "edit.png"
@@ -244,6 +262,8 @@ def test_bad_edit_settings_are_one_line_and_write_nothing(edit_dir, tmp_path, ca
         (["--steps", "5000"], "steps = 5000 is more than the model's 1000 training timesteps"),
         (["--seed", "99999999999999999999999"], "--seed = 99999999999999999999999 is out of range"),
         (["--seed", "-3"], "--seed = -3 is out of range"),
+        (["--eta", "0.6", "nan"], "--eta = nan must be a finite number"),  # every value of a grid
+        (["--seed", "0", "-3"], "--seed = -3 is out of range"),
     ):
         code, _, err = _run(capsys, "edit", edit_dir, *flags, "-o", out)
         _one_line_error(code, err, fragment)

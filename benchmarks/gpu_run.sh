@@ -30,7 +30,7 @@ for step in "${steps[@]}"; do  # every name checked before the first step spends
   esac
 done
 out=${OUT:-benchmarks/results/gpu}
-if [ -n "${GPU_RUN_DRY:-}" ]; then
+if [ "${GPU_RUN_DRY:-0}" = 1 ]; then
   run() { printf '%s\n' "$@" ""; }
   nvidia-smi() { :; }
   tee() { cat >/dev/null; }
@@ -42,7 +42,7 @@ elif ! python3 -c "import diffusers, bitsandbytes" 2>/dev/null; then
   echo "no .whl/ and no diffusers/bitsandbytes here: run benchmarks/gpu_wheels.sh and carry [\".whl\"]" >&2
   exit 1
 fi
-if [ -z "${GPU_RUN_DRY:-}" ]; then
+if [ "${GPU_RUN_DRY:-0}" != 1 ]; then
   mkdir -p "$out"
   run() { python3 -m "$@" 2>&1 | tee -a "$out/$step.log"; return "${PIPESTATUS[0]}"; }
 fi

@@ -162,7 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", help="edit folder written by 'imagic' or 'invert'")
     p.add_argument("target", nargs="?", help="target prompt (inversions only; none = reconstruction)")
     p.add_argument("--model", help="base model (default: the one recorded in the edit)")
-    p.add_argument("--single-file-config", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--single-file-config",
+        help="configs for a single .safetensors base model (default: the ones recorded in the edit)",
+    )
     p.add_argument(
         "--eta", type=float, nargs="+", help="Imagic interpolation (default: the edit's recipe); several: a grid"
     )
@@ -324,8 +327,7 @@ def cmd_edit(args) -> int:
         if maps_to.resolve() == output.resolve():
             raise ValueError(f"--save-attention and -o both name {output}; give the attention maps their own file")
     base = args.model or artifact.meta["base_model"]
-    # A single-file base's configs are recorded too, unless --model names another base.
-    configs = args.single_file_config or (None if args.model else artifact.meta.get("base_model_config"))
+    configs = args.single_file_config or _recorded_configs(artifact, args.model, args.folder)
     # The edit records its base model: no "using the demo model" notice when that is where the edit came from.
     runtime = _runtime_from(artifact, args.folder)
     model = load_model(base, runtime, configs, announce_demo=args.model is not None)
@@ -336,6 +338,19 @@ def cmd_edit(args) -> int:
         image = _edit_inversion(args, model, artifact, control)
     print(f"wrote {save_image_atomic(image, output)}")
     return 0
+
+
+def _recorded_configs(artifact, model: str | None, folder: str) -> str | None:
+    """The configs a single-file base was loaded with, as the edit recorded them, unless ``model`` names another base;
+    raises when they were a folder that is gone."""
+    recorded, base = artifact.meta.get("base_model_config"), artifact.meta["base_model"]
+    if recorded is None or (model is not None and Path(model).expanduser().resolve() != Path(base)):
+        return None
+    if Path(recorded).is_absolute() and not Path(recorded).exists():
+        raise ValueError(
+            f"{folder}: its base model's configs were in {recorded}, which is gone; pass --single-file-config"
+        )
+    return recorded
 
 
 def _imagic_pictures(model, artifact, etas: list[float], seeds: list[int], guidance, steps, show: bool):
@@ -532,6 +547,14 @@ def cmd_generate(args) -> int:
 
 # What an interrupted command leaves, where it is more than nothing.
 INTERRUPTED = {"batch": "finished entries are kept (see batch.json)"}
+# What lowers the peak, by command: training takes recipes and --set; edit and generate take the recorded settings.
+_LOWER_PEAK = "--set runtime.offload_idle=true, fewer other programs on the GPU"
+OUT_OF_MEMORY = {
+    "imagic": f"nothing was saved; to lower the peak: --recipe sd15-8gb, {_LOWER_PEAK}",
+    "invert": f"nothing was saved; to lower the peak: --recipe nulltext-sd15-8gb, {_LOWER_PEAK}",
+    "batch": f"finished entries are kept (see batch.json); to lower the peak: the 8 GB recipes, {_LOWER_PEAK}",
+}
+OUT_OF_MEMORY_OTHERWISE = "nothing was saved; free memory on the device (other programs hold some) and run it again"
 COMMANDS = {
     "imagic": cmd_imagic,
     "invert": cmd_invert,
@@ -579,7 +602,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"peftedit: interrupted; {INTERRUPTED.get(args.command, 'nothing was saved')}", file=sys.stderr)
         return 130
     except (ValueError, OSError, RuntimeError, MemoryError) as err:
-        message = one_line(err) if isinstance(err, ValueError | OSError) else out_of_memory(err)
+        if isinstance(err, ValueError | OSError):
+            message = one_line(err)
+        else:
+            message = out_of_memory(err, OUT_OF_MEMORY.get(args.command, OUT_OF_MEMORY_OTHERWISE))
         if message is None:
             raise  # anything else is a bug: its traceback is what a report needs
         if args.debug:

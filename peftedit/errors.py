@@ -25,14 +25,20 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def out_of_memory(err: BaseException) -> str | None:
-    """A one-line message with what to try for a device out-of-memory error (torch's ``OutOfMemoryError``, the MPS
-    backend's RuntimeError, Python's MemoryError); None for any other error."""
+# How running out of memory reads: torch's CUDA and MPS errors, its CPU allocator's, cuBLAS' and cuDNN's.
+OUT_OF_MEMORY_SIGNS = ("out of memory", "can't allocate memory", "not enough memory", "ALLOC_FAILED")
+
+
+def out_of_memory(err: BaseException, advice: str) -> str | None:
+    """A one-line message for an out-of-memory error (torch's ``OutOfMemoryError``, a RuntimeError that says so,
+    Python's MemoryError) ending in ``advice``; None for any other error."""
     text = one_line(err)
-    if not (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" or "out of memory" in text):
+    found = isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
+    if not (found or any(sign in text for sign in OUT_OF_MEMORY_SIGNS)):
         return None
     said = ". ".join(text.split(". ")[:2]).rstrip(".")  # torch's: "CUDA out of memory. Tried to allocate 2.00 GiB"
-    return (
-        f"out of memory ({said}); to lower the peak: the 8 GB recipes (--recipe sd15-8gb, nulltext-sd15-8gb), "
-        "--set runtime.offload_idle=true, fewer other programs on the GPU"
-    )
+    return f"out of memory ({_short(said)}); {advice}"
+
+
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -11,12 +11,18 @@ from pathlib import Path
 
 
 def slug(*parts: str, limit: int = 60) -> str:
-    """A folder-friendly name from words: lower case, accents dropped ("Café" -> "cafe"), letters and digits of every
-    script kept ("一只猫"), anything else a single dash."""
+    """A folder-friendly name from words: lower case, accents on Latin letters dropped ("Café" -> "cafe"), letters,
+    digits and marks of every other script kept ("一只猫", "ギター", "йод", "कुत्ता"), anything else a single dash."""
     words = []
     for part in parts:
-        bare = "".join(c for c in unicodedata.normalize("NFKD", part.lower()) if not unicodedata.combining(c))
-        words.append(re.sub(r"[\W_]+", "-", unicodedata.normalize("NFC", bare)).strip("-"))
+        kept, base = [], ""
+        for c in unicodedata.normalize("NFD", part.lower()):
+            if unicodedata.combining(c) and base < "\u0250":  # an accent on a Latin letter
+                continue
+            word = unicodedata.category(c)[0] in "LNM"
+            kept.append(c if word else "-")
+            base = c if word and not unicodedata.combining(c) else base
+        words.append(re.sub("-+", "-", unicodedata.normalize("NFC", "".join(kept))).strip("-"))
     return "-".join(w for w in words if w)[:limit].strip("-") or "edit"
 
 

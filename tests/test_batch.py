@@ -63,9 +63,10 @@ def test_entry_names_keep_accented_and_non_latin_prompts_readable(photos):
         {"img_name": "dog.png", "target_text": "A Café crème brûlée"},
         {"img_name": "dog.png", "target_text": "一只坐着的狗"},
         {"img_name": "dog.png", "target_text": "***"},
+        {"img_name": "dog.png", "target_text": "ギター, йод, कुत्ता"},  # marks that are part of a letter stay
     ]
     names = [i.name for i in batch.items_from(entries, photos, "imagic")]
-    assert names == ["001-dog-a-cafe-creme-brulee", "002-dog-一只坐着的狗", "003-dog"]
+    assert names == ["001-dog-a-cafe-creme-brulee", "002-dog-一只坐着的狗", "003-dog", "004-dog-ギター-йод-कुत्ता"]
 
 
 @pytest.mark.parametrize(

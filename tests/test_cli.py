@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -180,6 +181,19 @@ def test_running_out_of_gpu_memory_is_one_line_with_what_to_try(eps_dir, photo, 
     monkeypatch.setattr(imagic, "denoising_loss", bug)
     with pytest.raises(RuntimeError, match="mat1"):
         _run(capsys, "imagic", photo, "a red circle", "--model", eps_dir, "-o", out, *FAST)
+
+
+def test_running_out_of_host_memory_in_edit_says_so_with_edit_advice(edit_dir, tmp_path, capsys, monkeypatch):
+    """torch's CPU allocator raises a plain RuntimeError; edit takes no recipe, so the advice must not name one."""
+    from peftedit.methods import imagic
+
+    def oom(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] . DefaultCPUAllocator: not enough memory: you tried")
+
+    monkeypatch.setattr(imagic, "render", oom)
+    code, _, err = _run(capsys, "edit", edit_dir, "-o", tmp_path / "x.png")
+    _one_line_error(code, err, "out of memory ([enforce fail", "free memory on the device")
+    assert "--recipe" not in err and not (tmp_path / "x.png").exists()
 
 
 def test_list_option_elements_are_checked_before_loading(eps_dir, photo, tmp_path, capsys):
@@ -381,9 +395,10 @@ def test_an_edit_from_a_single_checkpoint_file_re_renders_without_its_configs_ag
 
     from peftedit import Artifact
 
-    checkpoint = tmp_path / "tiny.safetensors"
+    checkpoint, configs = tmp_path / "tiny.safetensors", tmp_path / "configs"
     write_single_file(eps_dir, checkpoint)
-    single = ["--model", checkpoint, "--single-file-config", eps_dir]
+    shutil.copytree(eps_dir, configs)
+    single = ["--model", checkpoint, "--single-file-config", configs]
     for model, name in ((single, "g1.png"), (["--model", eps_dir], "g2.png")):
         assert _run(capsys, "generate", "a red circle", *model, "--steps", 3, "-o", tmp_path / name)[0] == 0
     assert np.array_equal(np.array(Image.open(tmp_path / "g1.png")), np.array(Image.open(tmp_path / "g2.png")))
@@ -393,13 +408,18 @@ def test_an_edit_from_a_single_checkpoint_file_re_renders_without_its_configs_ag
                         "--finetune-steps", 2, *FAST)  # fmt: skip
     assert code == 0, err
     meta = Artifact.load(out).meta
-    assert (meta["base_model"], meta["base_model_config"]) == (str(checkpoint.resolve()), str(eps_dir.resolve()))
-    code, _, err = _run(capsys, "edit", out, "--eta", 0.6, "--steps", 4, "-o", tmp_path / "a.png")
-    assert code == 0, err
-    code, _, err = _run(capsys, "edit", out, "--model", eps_dir, "--eta", 0.6, "--steps", 4, "-o", tmp_path / "b.png")
-    assert code == 0, err  # the same weights from their folder: the same picture
-    assert np.array_equal(np.array(Image.open(tmp_path / "a.png")), np.array(Image.open(tmp_path / "b.png")))
-    assert f"base_model_config {eps_dir.resolve()}" in _run(capsys, "inspect", out)[1]
+    assert (meta["base_model"], meta["base_model_config"]) == (str(checkpoint.resolve()), str(configs.resolve()))
+    pictures = []
+    for model in ([], ["--model", eps_dir], ["--model", checkpoint]):  # recorded; the same weights from their folder
+        pictures.append(tmp_path / f"{len(pictures)}.png")
+        code, _, err = _run(capsys, "edit", out, *model, "--eta", 0.6, "--steps", 4, "-o", pictures[-1])
+        assert code == 0, err
+    first = np.array(Image.open(pictures[0]))
+    assert all(np.array_equal(first, np.array(Image.open(p))) for p in pictures[1:])
+    assert f"base_model_config {configs.resolve()}" in _run(capsys, "inspect", out)[1]
+    configs.rename(tmp_path / "moved")
+    code, _, err = _run(capsys, "edit", out, "-o", tmp_path / "x.png")
+    _one_line_error(code, err, f"base model's configs were in {configs.resolve()}, which is gone")
 
     code, _, err = _run(capsys, "generate", "a red circle", "--model", checkpoint, "-o", tmp_path / "g3.png")
     _one_line_error(code, err, "could not load model", "configs come from --single-file-config")

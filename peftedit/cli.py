@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -59,8 +60,11 @@ def check_creatable(path: Path) -> None:
         if parent.exists():
             if not parent.is_dir():
                 raise PeftEditError(f"cannot write {path}: {parent} is a file, not a folder")
-            if not os.access(parent, os.W_OK):
-                raise PeftEditError(f"cannot write {path}: {parent} is not writable")
+            try:  # a real file, not os.access: root passes that for /proc and for folders it cannot write in
+                with tempfile.TemporaryFile(dir=parent, prefix=".peftedit-probe-"):
+                    pass
+            except OSError as err:
+                raise PeftEditError(f"cannot write {path}: {parent} is not writable ({err.strerror})") from None
             return
 
 

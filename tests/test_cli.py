@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -244,6 +245,13 @@ def test_long_prompt_warning_stays_short(tokenizer_dir, caplog):
     long, one = [record.getMessage() for record in caplog.records]
     assert len(long) < 120 and "\n" not in long and "the last 426 are dropped" in long, long
     assert one.endswith("the last token is dropped ('dog')"), one
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_output_folder_that_takes_no_files_is_refused_before_any_work(edit_dir, capsys):
+    """os.access said /proc was writable (as root, which CI is): the render ran and only its save failed."""
+    code, _, err = _run(capsys, "edit", edit_dir, "-o", "/proc/edit.png")
+    _one_line_error(code, err, "cannot write /proc/edit.png: /proc is not writable")
 
 
 def test_several_etas_and_seeds_render_a_labelled_grid_of_the_single_renders(edit_dir, tmp_path, capsys, monkeypatch):

@@ -28,7 +28,7 @@ EXAMPLES = {
   peftedit invert cat.png "a photo of a cat" --model model.safetensors --single-file-config ./sd15-config""",
     "edit": """\
   peftedit edit adapters/dog-sitting --eta 0.7 --seed 3 -o sitting.png   # Imagic: vary eta and seed
-  peftedit edit adapters/dog-sitting --eta 0.6 0.7 0.8 --seed 0 1 2      # a grid: a row per seed, a column per eta
+  peftedit edit adapters/dog-sitting --eta 0.6,0.7,0.8 --seed 0,1,2      # a grid: a row per seed, a column per eta
   peftedit edit adapters/cat                                             # inversion: input | reconstruction
   peftedit edit adapters/cat "a photo of a tiger" --blend cat tiger -o tiger.png
   peftedit edit adapters/cat "a photo of a cat" --p2p reweight --reweight cat=2.0 -o more-cat.png
@@ -108,6 +108,20 @@ def check_sampling_args(args) -> None:
     check_sampling("--", guidance=args.guidance, steps=args.steps)
 
 
+def _listed(kind: type):
+    """An option type for one value or several separated by commas ("0.6,0.7"); always a list. Commas, not spaces:
+    an option taking several words would swallow the positional arguments after it."""
+
+    def parse(text: str) -> list:
+        try:
+            return [kind(part) for part in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: give {kind.__name__} values separated by commas") from None
+
+    parse.__name__ = f"{kind.__name__} list"  # argparse names the type in its errors
+    return parse
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="hub id, diffusers folder or .safetensors file (default: the demo model)")
     p.add_argument("--single-file-config", help="diffusers config folder/id for a single .safetensors checkpoint")
@@ -171,13 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="configs for a single .safetensors base model (default: the ones recorded in the edit)",
     )
     p.add_argument(
-        "--eta", type=float, nargs="+", help="Imagic interpolation (default: the edit's recipe); several: a grid"
+        "--eta",
+        type=_listed(float),
+        help="Imagic interpolation (default: the edit's recipe); several, as 0.6,0.7,0.8: a grid",
     )
     p.add_argument(
         "--seed",
-        type=int,
-        nargs="+",
-        help="sampling seed of an Imagic edit (default 0; inversions have none); several: a grid",
+        type=_listed(int),
+        help="sampling seed of an Imagic edit (default 0; inversions have none); several, as 0,1,2: a grid",
     )
     p.add_argument("--guidance", type=float, help="classifier-free guidance (default: the edit's recipe)")
     p.add_argument(

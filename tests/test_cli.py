@@ -257,7 +257,7 @@ def test_an_output_folder_that_takes_no_files_is_refused_before_any_work(edit_di
 def test_several_etas_and_seeds_render_a_labelled_grid_of_the_single_renders(edit_dir, tmp_path, capsys, monkeypatch):
     """Choosing eta is Imagic's one knob: a row per seed and a column per eta, each cell the render on its own."""
     monkeypatch.chdir(tmp_path)  # the default picture name is in the working folder
-    code, out, err = _run(capsys, "edit", edit_dir, "--eta", 0.5, 0.9, "--seed", 0, 1, "--steps", 4)
+    code, out, err = _run(capsys, "edit", "--eta", "0.5,0.9", "--seed", "0,1", edit_dir, "--steps", 4)
     assert code == 0, err
     sheet = Image.open(out.split("wrote ", 1)[1].strip())
     assert out.strip().endswith("edit-eta0.5_0.9-seed0_1.png")
@@ -284,8 +284,8 @@ def test_bad_edit_settings_are_one_line_and_write_nothing(edit_dir, tmp_path, ca
         (["--steps", "5000"], "steps = 5000 is more than the model's 1000 training timesteps"),
         (["--seed", "99999999999999999999999"], "--seed = 99999999999999999999999 is out of range"),
         (["--seed", "-3"], "--seed = -3 is out of range"),
-        (["--eta", "0.6", "nan"], "--eta = nan must be a finite number"),  # every value of a grid
-        (["--seed", "0", "-3"], "--seed = -3 is out of range"),
+        (["--eta", "0.6,nan"], "--eta = nan must be a finite number"),  # every value of a grid
+        (["--seed", "0,-3"], "--seed = -3 is out of range"),
     ):
         code, _, err = _run(capsys, "edit", edit_dir, *flags, "-o", out)
         _one_line_error(code, err, fragment)

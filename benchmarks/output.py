@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from peftedit.files import write_atomic
+from peftedit import files
 
 
 def write_json(path: str | Path, data: Any) -> Path:
     """Write ``data`` as indented JSON (values JSON cannot hold, such as paths, as strings) through a temporary file
     and a rename; returns the path."""
-    text = json.dumps(data, indent=2, default=str) + "\n"
-    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return files.write_json(path, data, default=str)
 
 
 def publish(path: str | Path, rows: list[dict], table: str) -> list[dict]:

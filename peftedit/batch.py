@@ -34,8 +34,8 @@ from .artifact_checks import INVERSIONS
 from .artifacts import EDIT_FILE, PREVIEW_FILE, Artifact, check_replaceable
 from .config import to_dict
 from .diffusion import require_text
-from .errors import ArtifactError, PeftEditError, one_line
-from .files import save_image_atomic, slug, write_atomic
+from .errors import ArtifactError, PeftEditError, one_line, shorten
+from .files import save_image_atomic, slug, write_atomic, write_json
 from .images import file_sha256, open_image, read_picture, sheet
 from .methods import imagic, nulltext
 from .methods.common import check_base
@@ -212,7 +212,7 @@ def run(
     _write_summary(out, method, model.name, started, records, earlier)
     for number, item in enumerate(items, start=1):
         prompt = item.target if method == "imagic" else item.source
-        log.info("[%d/%d] %s: %s", number, len(items), item.image.name, _short(prompt))
+        log.info("[%d/%d] %s: %s", number, len(items), item.image.name, shorten(prompt, 80))
         records[number - 1] = _one(model, item, method, config, runtime, out, overwrite, show_progress)
         _write_summary(out, method, model.name, started, records, earlier)
     overview = contact_sheet(out, records)
@@ -228,9 +228,9 @@ def contact_sheet(out: Path, records: list[dict]) -> Image.Image | None:
     for record in records:
         status = record["status"]
         prompt = record["target"] or record["source"]
-        caption = f"{record['index']:03d}  {Path(record['image']).name}: {_short(prompt, 100)}"
+        caption = f"{record['index']:03d}  {Path(record['image']).name}: {shorten(prompt, 100)}"
         if status.startswith(FAILED):
-            rows.append((f"{caption}  {_short(status, 140)}", [], "firebrick"))
+            rows.append((f"{caption}  {shorten(status, 140)}", [], "firebrick"))
         elif status in (DONE, EARLIER):
             names = [f"{record['folder']}/{PREVIEW_FILE}", record["picture"]]
             pictures = [p for p in (read_picture(out / name) for name in names if name) if p is not None]
@@ -246,10 +246,6 @@ def check_batch_folder(out: Path) -> None:
         raise PeftEditError(f"{out} is an edit folder; give the batch a folder of its own")
     if (out / SUMMARY_FILE).exists() and not (out / SUMMARY_FILE).is_file():
         raise PeftEditError(f"{out / SUMMARY_FILE} is not a file; the batch writes its summary there")
-
-
-def _short(text: str, limit: int = 80) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _record(item: Item, method: str) -> dict:
@@ -352,7 +348,7 @@ def _earlier(model: Model, folder: Path, item: Item, method: str, config) -> Art
     if artifact.method != method:
         differs.append(f"it is {artifact.method}, this entry {method}")
     if made != prompt:
-        differs.append(f"its {key} prompt is {_short(str(made), 40)!r}")
+        differs.append(f"its {key} prompt is {shorten(str(made), 40)!r}")
     if made_from.get("sha256") != file_sha256(item.image):
         differs.append(f"it was made from another photo ({made_from.get('name')})")
     if differs:
@@ -386,5 +382,4 @@ def _write_summary(
         "items": records,
         "earlier_items": earlier,
     }
-    text = json.dumps(summary, indent=2) + "\n"
-    write_atomic(out / SUMMARY_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_json(out / SUMMARY_FILE, summary)

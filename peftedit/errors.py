@@ -37,8 +37,9 @@ def out_of_memory(err: BaseException, advice: str) -> str | None:
     if not (found or any(sign in text for sign in OUT_OF_MEMORY_SIGNS)):
         return None
     said = ". ".join(text.split(". ")[:2]).rstrip(".")  # torch's: "CUDA out of memory. Tried to allocate 2.00 GiB"
-    return f"out of memory ({_short(said)}); {advice}"
+    return f"out of memory ({shorten(said, 200)}); {advice}"
 
 
-def _short(text: str, limit: int = 200) -> str:
+def shorten(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, the last one an ellipsis when it was cut."""
     return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import unicodedata
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def slug(*parts: str, limit: int = 60) -> str:
@@ -38,6 +40,12 @@ def write_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def write_json(path: str | Path, data: Any, default: Callable[[Any], Any] | None = None) -> Path:
+    """``data`` as indented JSON, written atomically (``default`` turns values JSON cannot hold into ones it can)."""
+    text = json.dumps(data, indent=2, default=default) + "\n"
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def save_image_atomic(image, path: str | Path) -> Path:

@@ -564,16 +564,16 @@ def cmd_generate(args) -> int:
     return 0
 
 
-# What an interrupted command leaves, where it is more than nothing.
-INTERRUPTED = {"batch": "finished entries are kept (see batch.json)"}
+# What a command stopped part way (interrupted, out of memory) leaves, where it is more than nothing.
+LEFT_BEHIND = {"batch": "finished entries are kept (see batch.json)"}
 # What lowers the peak, by command: training takes recipes and --set; edit and generate take the recorded settings.
 _LOWER_PEAK = "--set runtime.offload_idle=true, fewer other programs on the GPU"
 OUT_OF_MEMORY = {
-    "imagic": f"nothing was saved; to lower the peak: --recipe sd15-8gb, {_LOWER_PEAK}",
-    "invert": f"nothing was saved; to lower the peak: --recipe nulltext-sd15-8gb, {_LOWER_PEAK}",
-    "batch": f"finished entries are kept (see batch.json); to lower the peak: the 8 GB recipes, {_LOWER_PEAK}",
+    "imagic": f"to lower the peak: --recipe sd15-8gb, {_LOWER_PEAK}",
+    "invert": f"to lower the peak: --recipe nulltext-sd15-8gb, {_LOWER_PEAK}",
+    "batch": f"to lower the peak: the 8 GB recipes, {_LOWER_PEAK}",
 }
-OUT_OF_MEMORY_OTHERWISE = "nothing was saved; free memory on the device (other programs hold some) and run it again"
+OUT_OF_MEMORY_OTHERWISE = "free memory on the device (other programs hold some) and run it again"
 COMMANDS = {
     "imagic": cmd_imagic,
     "invert": cmd_invert,
@@ -614,17 +614,18 @@ def _setup_logging(debug: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``peftedit`` command; returns the exit code."""
     args = build_parser().parse_args(argv)
+    left = LEFT_BEHIND.get(args.command, "nothing was saved")
     try:
         _setup_logging(args.debug)
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        print(f"peftedit: interrupted; {INTERRUPTED.get(args.command, 'nothing was saved')}", file=sys.stderr)
+        print(f"peftedit: interrupted; {left}", file=sys.stderr)
         return 130
     except (ValueError, OSError, RuntimeError, MemoryError) as err:
         if isinstance(err, ValueError | OSError):
             message = one_line(err)
         else:
-            message = out_of_memory(err, OUT_OF_MEMORY.get(args.command, OUT_OF_MEMORY_OTHERWISE))
+            message = out_of_memory(err, f"{left}; {OUT_OF_MEMORY.get(args.command, OUT_OF_MEMORY_OTHERWISE)}")
         if message is None:
             raise  # anything else is a bug: its traceback is what a report needs
         if args.debug:

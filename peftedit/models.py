@@ -107,9 +107,8 @@ def load_model(
             raise PeftEditError(f"{path}: pickle checkpoints are not loaded (unsafe); convert it to .safetensors")
         if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
             if single_file_config:
-                config_path = Path(single_file_config).expanduser()  # a folder is recorded absolute, like `name`
-                configs = str(config_path.resolve()) if config_path.exists() else single_file_config
-                kwargs["config"] = configs
+                config = Path(single_file_config).expanduser()  # a folder is recorded absolute, like `name`
+                kwargs["config"] = str(config.resolve()) if config.exists() else single_file_config
             pipe = StableDiffusionPipeline.from_single_file(str(path), **kwargs)
         elif path.is_dir():
             if not (path / "model_index.json").is_file():
@@ -140,7 +139,7 @@ def load_model(
     for part in (pipe.unet, pipe.vae, pipe.text_encoder):
         part.requires_grad_(False)
         part.eval()
-    configs = kwargs.get("config")  # only a single checkpoint file reads them
+    configs = kwargs.get("config")  # set above for a single checkpoint file only
     return Model(pipe=pipe, name=name, device=device, dtype=dtype, runtime=runtime, single_file_config=configs)
 
 

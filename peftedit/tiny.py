@@ -148,6 +148,74 @@ def build_pipeline(
     return assemble(unet, vae, text_encoder, tokenizer, sd_scheduler(prediction_type))
 
 
+def build_xl_pipeline(
+    tokenizer_folder: str | Path,
+    prediction_type: str = "epsilon",
+    block_out_channels: tuple[int, ...] = (32, 64),
+    text_dims: tuple[int, int] = (16, 32),
+    sample_size: int = 8,
+    seed: int = 0,
+):
+    """Build a randomly initialised StableDiffusionXLPipeline small enough for CPU tests.
+
+    SDXL's layout at toy sizes: two text encoders whose penultimate hidden states are concatenated
+    (``cross_attention_dim = sum(text_dims)``), the second one's projected (pooled) output and the six size/crop
+    numbers fed to the UNet's added time embedding (``addition_embed_type="text_time"``).
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_folder))
+    torch.manual_seed(seed)
+    n = len(block_out_channels)
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        block_out_channels=block_out_channels,
+        layers_per_block=1,
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        cross_attention_dim=sum(text_dims),
+        attention_head_dim=(2,) * n,
+        norm_num_groups=8,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + text_dims[1],
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=sample_size * 2,
+    )
+
+    def text_config(dim: int) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            hidden_size=dim,
+            intermediate_size=2 * dim,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+            projection_dim=dim,
+        )
+
+    text_encoder = CLIPTextModel(text_config(text_dims[0]))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(text_dims[1]))
+    scheduler = sd_scheduler(prediction_type)
+    return assemble_xl(unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer, scheduler)
+
+
 def sd_scheduler(prediction_type: str = "epsilon"):
     """A DDIM scheduler with Stable Diffusion's noise schedule (scaled-linear betas 0.00085..0.012)."""
     from diffusers import DDIMScheduler
@@ -176,4 +244,20 @@ def assemble(unet, vae, text_encoder, tokenizer, scheduler):
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+
+
+def assemble_xl(unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler):
+    """A StableDiffusionXLPipeline from its parts, without a watermarker."""
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        scheduler=scheduler,
+        add_watermarker=False,
     )

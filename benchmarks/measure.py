@@ -210,8 +210,9 @@ class StageResult:
 
 
 def offloaded_tensors(pipe, names: tuple[str, ...] = OFFLOADED_PARTS) -> list[torch.Tensor]:
-    """The weights and buffers of these pipeline parts (default: what ``encoders_offloaded`` moves off the GPU)."""
-    parts = [getattr(pipe, name) for name in names]
+    """The weights and buffers of these pipeline parts that ``pipe`` has (default: what ``encoders_offloaded`` moves
+    off the GPU; SD has no ``text_encoder_2``)."""
+    parts = [getattr(pipe, name) for name in names if getattr(pipe, name, None) is not None]
     return [t for m in parts for t in [*m.parameters(), *m.buffers()]]
 
 

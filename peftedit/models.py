@@ -131,6 +131,12 @@ def load_model(
         raise PeftEditError(said) from err
     if is_xl(pipe) and pipe.text_encoder is None:
         raise PeftEditError(f"model {name!r} has no first text encoder (an SDXL refiner?): use an SDXL base model")
+    channels, latent = pipe.unet.config.in_channels, pipe.vae.config.latent_channels
+    if channels != latent:
+        raise PeftEditError(
+            f"model {name!r}: its UNet takes {channels} input channels, not the {latent} of an image latent "
+            "(an inpainting or image-conditioned model?); use a text-to-image model"
+        )
     # DDIM is what both methods are defined with; keep the model's own betas and prediction_type.
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.to(device)

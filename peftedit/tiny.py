@@ -100,51 +100,10 @@ def build_pipeline(
 
     Returns the pipeline (fp32, CPU). ``sample_size`` is the latent side; images are 2x larger (a 2-block VAE).
     """
-    from diffusers import (
-        AutoencoderKL,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
 
-    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_folder))
-    torch.manual_seed(seed)
-    n = len(block_out_channels)
-    unet = UNet2DConditionModel(
-        block_out_channels=block_out_channels,
-        layers_per_block=1,
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
-        cross_attention_dim=cross_attention_dim,
-        attention_head_dim=(2,) * n,
-        norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(16, 32),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=sample_size * 2,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            hidden_size=cross_attention_dim,
-            intermediate_size=2 * cross_attention_dim,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=77,
-            projection_dim=cross_attention_dim,
-        )
-    )
+    tokenizer, unet, vae = _unet_and_vae(tokenizer_folder, block_out_channels, cross_attention_dim, sample_size, seed)
+    text_encoder = CLIPTextModel(_text_config(tokenizer, cross_attention_dim))
     return assemble(unet, vae, text_encoder, tokenizer, sd_scheduler(prediction_type))
 
 
@@ -162,13 +121,35 @@ def build_xl_pipeline(
     (``cross_attention_dim = sum(text_dims)``), the second one's projected (pooled) output and the six size/crop
     numbers fed to the UNet's added time embedding (``addition_embed_type="text_time"``).
     """
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    time_dim = 8
+    tokenizer, unet, vae = _unet_and_vae(
+        tokenizer_folder,
+        block_out_channels,
+        sum(text_dims),
+        sample_size,
+        seed,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + text_dims[1],
+    )
+    text_encoder = CLIPTextModel(_text_config(tokenizer, text_dims[0]))
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer, text_dims[1]))
+    scheduler = sd_scheduler(prediction_type)
+    return assemble_xl(unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer, scheduler)
+
+
+def _unet_and_vae(tokenizer_folder, block_out_channels, cross_attention_dim, sample_size, seed, **unet_options):
+    """The tokenizer, then a tiny UNet and a 2-block VAE drawn from ``seed`` (in that order, so a seed always gives
+    the same weights)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_folder))
     torch.manual_seed(seed)
     n = len(block_out_channels)
-    time_dim = 8
     unet = UNet2DConditionModel(
         block_out_channels=block_out_channels,
         layers_per_block=1,
@@ -177,13 +158,10 @@ def build_xl_pipeline(
         out_channels=4,
         down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
         up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
-        cross_attention_dim=sum(text_dims),
+        cross_attention_dim=cross_attention_dim,
         attention_head_dim=(2,) * n,
         norm_num_groups=8,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=time_dim,
-        projection_class_embeddings_input_dim=6 * time_dim + text_dims[1],
+        **unet_options,
     )
     vae = AutoencoderKL(
         block_out_channels=(16, 32),
@@ -195,25 +173,25 @@ def build_xl_pipeline(
         norm_num_groups=8,
         sample_size=sample_size * 2,
     )
+    return tokenizer, unet, vae
 
-    def text_config(dim: int) -> CLIPTextConfig:
-        return CLIPTextConfig(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            hidden_size=dim,
-            intermediate_size=2 * dim,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=77,
-            projection_dim=dim,
-        )
 
-    text_encoder = CLIPTextModel(text_config(text_dims[0]))
-    text_encoder_2 = CLIPTextModelWithProjection(text_config(text_dims[1]))
-    scheduler = sd_scheduler(prediction_type)
-    return assemble_xl(unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer, scheduler)
+def _text_config(tokenizer, dim: int):
+    """A two-layer CLIP text encoder's config of width ``dim`` for ``tokenizer``."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_size=dim,
+        intermediate_size=2 * dim,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=77,
+        projection_dim=dim,
+    )
 
 
 def sd_scheduler(prediction_type: str = "epsilon"):

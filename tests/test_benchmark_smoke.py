@@ -142,6 +142,38 @@ def test_configs_build_their_architectures(one_thread):
         assert config["text_encoder"]["hidden_size"] == context
 
 
+# The real checkpoints' parameter counts (stable-diffusion-v1-5, stable-diffusion-2-1, stable-diffusion-xl-base-1.0).
+REAL_PARAMETERS = {
+    "sd15": {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480},
+    "sd21": {"unet": 865_910_724, "vae": 83_653_863, "text_encoder": 340_387_840},
+    "sdxl": {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840},
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_PARAMETERS))
+def test_real_size_configs_have_the_real_parameter_counts(name):
+    """Built on the meta device (shapes, no memory: SDXL in fp32 is 14 GB), part by part."""
+    pipe = build_pipeline(name, device="meta")
+    assert parameter_counts(pipe) == REAL_PARAMETERS[name]
+
+
+@pytest.mark.parametrize("name, side", [("sdxl", 1024), ("tiny-xl", 32)])
+def test_xl_configs_build_sdxl_pipelines(name, side):
+    """Two text encoders whose hidden states are concatenated into the UNet's context, the second one's projection
+    (pooled text) and six size numbers into its added time embedding; the scheduler converts to DDIM as it is."""
+    from diffusers import DDIMScheduler
+
+    pipe = build_pipeline(name, device="meta")
+    unet, first, second = pipe.unet.config, pipe.text_encoder.config, pipe.text_encoder_2.config
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline" and resolution(name) == side
+    assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    assert first.hidden_size + second.hidden_size == unet.cross_attention_dim
+    assert unet.projection_class_embeddings_input_dim == 6 * unet.addition_time_embed_dim + second.projection_dim
+    assert pipe.tokenizer_2 is pipe.tokenizer and second.vocab_size >= len(pipe.tokenizer)
+    ddim = DDIMScheduler.from_config(pipe.scheduler.config)
+    assert torch.equal(ddim.betas, pipe.scheduler.betas) and ddim.config.steps_offset == 1
+
+
 def test_missing_nulltext_module_gives_not_available_rows(tmp_path, monkeypatch, one_thread):
     from benchmarks import nulltext_bench
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from peftedit.errors import out_of_memory
 from peftedit.methods.common import IDLE_WHILE_SAMPLING, IDLE_WHILE_VAE, OFFLOADED_PARTS, encoders_offloaded
 
 from .flops import FlopCount
@@ -34,6 +35,8 @@ log = logging.getLogger("benchmarks")
 
 GIB = 2**30
 COUNTS = ("train", "optimizer", "unet")  # what a step is: see measure()
+# What an out-of-memory row's status ends with (after the error's own words).
+DID_NOT_FIT = "did not fit this device"
 
 
 @dataclass
@@ -200,13 +203,26 @@ def _per_step(marks: list, origin, warmup: int) -> tuple[int, float | None]:
 
 @dataclass
 class StageResult:
-    """One row's worth: a method's stage and what it cost, or why it was not measured."""
+    """One row's worth: a method's stage and what it cost, or why it was not measured.
+
+    ``out_of_memory``: the stage (or the run around it) ran out of memory, so it has no measurement;
+    ``out_of_memory_at_gib``: then, on CUDA, the peak allocated since the stage started, what fit before the
+    allocation that failed (None off CUDA or outside a stage).
+    """
 
     method: str
     stage: str
     measurement: Measurement | None = None
     status: str = "ok"
     note: str = ""
+    out_of_memory: bool = False
+    out_of_memory_at_gib: float | None = None
+
+
+def out_of_memory_status(err: BaseException) -> str | None:
+    """A row status for an out-of-memory error (CUDA's, the CPU allocator's, cuBLAS' or cuDNN's allocation
+    failures, as the library tells them); None for any other error."""
+    return out_of_memory(err, DID_NOT_FIT)
 
 
 def offloaded_tensors(pipe, names: tuple[str, ...] = OFFLOADED_PARTS) -> list[torch.Tensor]:
@@ -278,8 +294,9 @@ class Recorder:
         """Measure ``fn()``; returns its value, or None when it raised.
 
         ``count`` is what a step is (see :func:`measure`); ``timed=False`` for whole-pipeline runs, whose steps are of
-        several kinds. A failure (out of memory, a missing feature) becomes a row with ``status = "error: ..."``, so
-        one broken stage does not lose the others.
+        several kinds. A failure becomes a row, so one broken stage does not lose the others: out of memory (CUDA's,
+        or the CPU allocator's) a row with ``out_of_memory`` set and ``status = "out of memory (...)"``, with what
+        fit before on CUDA (``out_of_memory_at_gib``); anything else (a missing feature) ``status = "error: ..."``.
         """
         warmup = self.warmup if timed else 10**9
         log.info("measuring %s / %s", method, stage)
@@ -288,12 +305,23 @@ class Recorder:
                 value = fn()
         except Exception as err:  # a benchmark reports every failure as a row and goes on
             log.exception("%s / %s failed", method, stage)
-            first = (str(err).strip().splitlines() or [""])[0][:300]
-            self.results.append(StageResult(method, stage, None, f"error: {type(err).__name__}: {first}", note))
-            release(self.device)
-            return None
-        self.results.append(StageResult(method, stage, result, note=note))
-        return value
+            failed = StageResult(method, stage, None, note=note)
+            said = out_of_memory_status(err)
+            if said is None:
+                first = (str(err).strip().splitlines() or [""])[0][:300]
+                failed.status = f"error: {type(err).__name__}: {first}"
+            else:
+                failed.status, failed.out_of_memory = said, True
+                if self.device.type == "cuda":  # peaks were reset when the stage started
+                    failed.out_of_memory_at_gib = torch.cuda.max_memory_allocated(self.device) / GIB
+        else:
+            self.results.append(StageResult(method, stage, result, note=note))
+            return value
+        self.results.append(failed)
+        # Out of the except block: while it ran, the error's traceback held the failed stage's frames and their
+        # tensors (a full fine-tune's gradients and Adam states), so the next stage starts without them.
+        release(self.device)
+        return None
 
     def skip(self, method: str, stages: list[str], why: str) -> None:
         """Record that these stages were not measured, and why."""

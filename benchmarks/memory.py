@@ -37,7 +37,7 @@ from peftedit.config import build, resolve_recipe, to_dict
 
 from . import imagic_bench, nulltext_bench, options
 from .build_model import parameter_counts, save_model
-from .measure import StageResult, release
+from .measure import StageResult, out_of_memory_status, release
 from .nulltext_bench import BASELINE_RUNTIME
 from .options import device_name, results_path
 from .output import write_json
@@ -159,19 +159,38 @@ def run_ours(
 
 
 def run_baseline(folder: Path, args, nulltext_cfg: dict | None) -> list[StageResult]:
-    """The reference implementations' stages on an fp32 load of the same model."""
+    """The reference implementations' stages on an fp32 load of the same model.
+
+    A stage that runs out of memory is a row that says so (:meth:`Recorder.run`); running out outside the stages
+    (loading the fp32 model, encoding the photo) does not stop the run either: the baseline stages left without a
+    row get one saying they were not measured, out of memory, and our rows are written with them.
+    """
+    results: list[StageResult] = []
+    try:
+        _baselines(folder, args, nulltext_cfg, results)
+    except Exception as err:
+        said = out_of_memory_status(err)
+        if said is None:
+            raise
+        log.exception("the baselines ran out of memory outside their measured stages")
+        done = {(r.method, r.stage) for r in results}
+        expected = [(imagic_bench.METHOD, s) for s in imagic_bench.BASELINE_STAGES] if "imagic" in args.methods else []
+        expected += nulltext_bench.BASELINE_STAGES if "nulltext" in args.methods else []
+        status = f"not measured: {said}"
+        results += [StageResult(m, s, status=status, out_of_memory=True) for m, s in expected if (m, s) not in done]
+    release(torch.device(args.device))  # out of the except block, whose traceback held the model
+    return results
+
+
+def _baselines(folder: Path, args, nulltext_cfg: dict | None, results: list[StageResult]) -> None:
+    """Load the fp32 model and add each method's baseline rows to ``results`` as it finishes."""
     model = load_model(str(folder), RuntimeConfig(device=args.device, **BASELINE_RUNTIME))
     picture = input_photo(model.resolution)
-    results = []
     if "imagic" in args.methods:
         results += imagic_bench.baseline(model, picture, args.steps, args.warmup, args.track_tensors)
     if "nulltext" in args.methods:
         config = nulltext_cfg["nulltext"] if nulltext_cfg else None
         results += nulltext_bench.baseline(model, picture, config, args.steps, args.warmup, args.track_tensors)
-    device = model.device
-    del model
-    release(device)
-    return results
 
 
 def _peak(results: list[StageResult], method: str, key: str) -> float | None:
@@ -191,9 +210,14 @@ def make_rows(
     """One row per measured (method, stage) of ours, with the baseline's numbers and the ratios."""
     by_key = {(r.method, r.stage): r for r in baseline}
     for method in {r.method for r in baseline}:
-        failed = [r.stage for r in baseline if r.method == method and r.status != "ok"]
-        status = f"lower bound: {', '.join(failed)} not measured" if failed else "ok"
-        by_key[(method, "pipeline")] = StageResult(method, "pipeline", status=status, note="max over the stages")
+        failed = [r for r in baseline if r.method == method and r.status != "ok"]
+        oom = ", ".join(r.stage for r in failed if r.out_of_memory)
+        other = ", ".join(r.stage for r in failed if not r.out_of_memory)
+        said = "; ".join(filter(None, [oom and f"{oom} out of memory", other and f"{other} not measured"]))
+        status = f"lower bound: {said}" if said else "ok"
+        # a stage out of memory: the reference's whole run does not fit either
+        whole = StageResult(method, "pipeline", status=status, note="max over the stages", out_of_memory=bool(oom))
+        by_key[(method, "pipeline")] = whole
     device = facts["device"]
     common = {
         "device": device_name(device),
@@ -228,6 +252,8 @@ def make_rows(
             "stage": result.stage,
             "status": result.status,
             "note": result.note,
+            "out_of_memory": result.out_of_memory,
+            "out_of_memory_at_gib": result.out_of_memory_at_gib,
             "peak_allocated_gib": measured.get("peak_allocated_gib"),
             "peak_reserved_gib": measured.get("peak_reserved_gib"),
             "tensor_peak_gib": measured.get("tensor_peak_gib"),
@@ -241,6 +267,8 @@ def make_rows(
             "baseline": f"{base_method}/{base_stage}" if base is not None else None,
             "baseline_status": base.status if base is not None else "no baseline for this stage",
             "baseline_note": base.note if base is not None else "",
+            "baseline_out_of_memory": base.out_of_memory if base is not None else False,
+            "baseline_out_of_memory_at_gib": base.out_of_memory_at_gib if base is not None else None,
             "baseline_peak_allocated_gib": base_fields.get("peak_allocated_gib"),
             "baseline_peak_reserved_gib": base_fields.get("peak_reserved_gib"),
             "baseline_tensor_peak_gib": base_fields.get("tensor_peak_gib"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -311,6 +312,51 @@ def test_savers_estimate_what_keeping_idle_parts_off_the_gpu_buys(tmp_path, one_
             assert saved >= 0.99 * encoders, (method, stage, saved)
         elif stage != "pipeline":
             assert saved == 0, (method, stage, saved)
+
+
+def _out_of_memory(*args, **kwargs):
+    raise torch.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 14.00 GiB. GPU 0 has a total capacity of 24 GiB"
+    )
+
+
+def test_baselines_out_of_memory_outside_their_stages_are_rows(monkeypatch):
+    """The fp32 model not fitting the GPU (SDXL's baselines on a small card) gives each baseline stage a row that says
+    so, and the run goes on to write our rows with them; other failures still stop it."""
+    monkeypatch.setattr(memory, "load_model", _out_of_memory)
+    args = argparse.Namespace(device="cpu", methods=["imagic", "nulltext"])
+    rows = memory.run_baseline(Path("unused"), args, None)
+    assert [(r.method, r.stage) for r in rows] == [("imagic", s) for s in ("embedding", "lora", "render")] + [
+        ("null-text", s) for s in ("pivot", "null-optimization", "edit")
+    ]
+    assert all(r.out_of_memory and r.measurement is None for r in rows)
+    assert all(r.status.startswith("not measured: out of memory (CUDA out of memory. Tried") for r in rows)
+    monkeypatch.setattr(memory, "load_model", _stop)
+    with pytest.raises(_Stopped):
+        memory.run_baseline(Path("unused"), args, None)
+
+
+def test_rows_mark_a_baseline_stage_out_of_memory():
+    """The baseline's fine-tune out of memory: its row and the baseline pipeline (a lower bound: the reference's whole
+    run does not fit) say so, and no ratio is made from the missing peak."""
+    from benchmarks.measure import Measurement, StageResult
+
+    measured = Measurement(peak_allocated_gib=5.0, peak_reserved_gib=6.0, seconds_per_step=0.5)
+    ours = [StageResult("imagic", s, measured) for s in ("pipeline", "lora", "render")]
+    oom = StageResult("imagic", "lora", status="out of memory (CUDA out of memory.); did not fit this device")
+    oom.out_of_memory, oom.out_of_memory_at_gib = True, 78.5
+    baseline = [oom, StageResult("imagic", "render", Measurement(peak_reserved_gib=20.0, seconds_per_step=1.0))]
+    facts = {"device": torch.device("cpu"), "resolution": 1024, "dtype": "float16", "attention": "x", "parameters": {}}
+    args = argparse.Namespace(model="sdxl", steps=6, warmup=2, command="python -m benchmarks.memory")
+    rows = {r["stage"]: r for r in memory.make_rows(ours, baseline, facts, args, None)}
+    lora, whole, render = rows["lora"], rows["pipeline"], rows["render"]
+    assert lora["baseline_out_of_memory"] and lora["baseline_out_of_memory_at_gib"] == 78.5
+    assert lora["baseline_status"].startswith("out of memory") and lora["memory_ratio"] is None
+    assert whole["baseline_out_of_memory"] and whole["baseline_status"] == "lower bound: lora out of memory"
+    assert whole["baseline_peak_reserved_gib"] == 20.0  # what was measured: a lower bound
+    assert not render["baseline_out_of_memory"] and render["memory_ratio"] == 6.0 / 20.0
+    assert not any(r["out_of_memory"] for r in rows.values())
+    assert "baseline out of memory" in memory.markdown(list(rows.values()))
 
 
 class _Stopped(Exception):

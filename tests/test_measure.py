@@ -1,4 +1,5 @@
-"""How the benchmark counts steps: a training step that float16 loss scaling skips is still a step."""
+"""How the benchmark counts steps (a training step that float16 loss scaling skips is still a step), and what a
+stage that fails leaves."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import pytest
 import torch
 
-from benchmarks.measure import measure
+from benchmarks.measure import DID_NOT_FIT, Recorder, measure
 from peftedit.optim import descend
 
 
@@ -64,3 +65,26 @@ def test_a_skipped_last_step_ends_with_the_block():
     steps = [b - a for a, b in zip(result.flop_stamps, result.flop_stamps[1:], strict=False)]
     assert result.optimizer_steps == 2 and result.steps_timed == 2
     assert steps[1] == steps[0] + 2 * 64**3  # the step, then the 64x64 product after the loop
+
+
+def _out_of_memory(*args, **kwargs):
+    raise torch.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79 GiB"
+    )
+
+
+def test_a_stage_out_of_memory_is_a_row_and_the_next_stage_runs():
+    """A full fine-tune too large for the GPU (the Imagic baseline at SDXL size) leaves a row saying so, without
+    peaks that would make ratios, and the stages after it are measured."""
+    recorder = Recorder(torch.device("cpu"), Net(), warmup=0)
+    assert recorder.run("imagic", "lora", _out_of_memory) is None
+    assert recorder.run("imagic", "render", lambda: 7) == 7
+    failed, after = recorder.results
+    assert failed.out_of_memory and failed.measurement is None and failed.out_of_memory_at_gib is None  # off CUDA
+    assert failed.status.startswith("out of memory (CUDA out of memory. Tried to allocate 20.00 GiB")
+    assert failed.status.endswith(DID_NOT_FIT)
+    assert after.status == "ok" and not after.out_of_memory and after.measurement.seconds_total > 0
+    recorder.run("imagic", "embedding", lambda: 1 / 0)  # any other failure stays an error row
+    assert (
+        recorder.results[-1].status.startswith("error: ZeroDivisionError") and not recorder.results[-1].out_of_memory
+    )

@@ -35,6 +35,8 @@ log = logging.getLogger("benchmarks")
 
 GIB = 2**30
 COUNTS = ("train", "optimizer", "unet")  # what a step is: see measure()
+# The pipeline's text encoders: SD has the first, SDXL both.
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 # What an out-of-memory row's status ends with (after the error's own words).
 DID_NOT_FIT = "did not fit this device"
 
@@ -226,9 +228,10 @@ def out_of_memory_status(err: BaseException) -> str | None:
 
 
 def offloaded_tensors(pipe, names: tuple[str, ...] = OFFLOADED_PARTS) -> list[torch.Tensor]:
-    """The weights and buffers of these pipeline parts (default: what ``encoders_offloaded`` moves off the GPU)."""
-    parts = [getattr(pipe, name) for name in names]
-    return [t for m in parts for t in [*m.parameters(), *m.buffers()]]
+    """The weights and buffers of these pipeline parts (default: what ``encoders_offloaded`` moves off the GPU); a part
+    the pipeline does not have (``text_encoder_2`` outside SDXL) adds nothing."""
+    parts = [getattr(pipe, name, None) for name in names]
+    return [t for m in parts if m is not None for t in [*m.parameters(), *m.buffers()]]
 
 
 @contextlib.contextmanager
@@ -243,10 +246,12 @@ def idle_offload(model):
     """What ``runtime.offload_idle`` keeps off the GPU, as hooks for the live-tensor count on a CPU, where nothing can
     leave the device (None on a GPU, where the parts really move, or with the option off).
 
-    The VAE and text encoder leave when the UNet runs (sampling, and training, whose encoders the recipes' offload
-    keeps off too) and come back when they run; the UNet and text encoder leave while the VAE encodes or decodes, the
-    UNet coming back after. The library moves them per block (and back at each block's end); in between only small
-    tensors live, so the peaks are the same.
+    The VAE and text encoder(s) leave when the UNet runs (sampling, and training, whose encoders the recipes' offload
+    keeps off too) and each comes back when it runs; the UNet and text encoder(s) leave while the VAE encodes or
+    decodes, the UNet coming back after. Which parts leave is the library's (``IDLE_WHILE_SAMPLING``,
+    ``IDLE_WHILE_VAE``); every text encoder the pipeline has counts again when it runs (SDXL's second one too). The
+    library moves them per block (and back at each block's end); in between only small tensors live, so the peaks
+    are the same.
     """
     if not model.runtime.offload_idle or model.device.type != "cpu":
         return None
@@ -258,10 +263,12 @@ def idle_offload(model):
             tracker.back(parts(("vae",)))
             tracker.away(parts(IDLE_WHILE_VAE))
 
-        handles = [
-            pipe.unet.register_forward_pre_hook(lambda *_: tracker.away(parts(IDLE_WHILE_SAMPLING))),
-            pipe.text_encoder.register_forward_pre_hook(lambda *_: tracker.back(parts(("text_encoder",)))),
-        ]
+        handles = [pipe.unet.register_forward_pre_hook(lambda *_: tracker.away(parts(IDLE_WHILE_SAMPLING)))]
+        for name in TEXT_ENCODERS:
+            encoder = getattr(pipe, name, None)
+            if encoder is not None:
+                back = lambda *_, name=name: tracker.back(parts((name,)))
+                handles.append(encoder.register_forward_pre_hook(back))
         for coder in (pipe.vae.encoder, pipe.vae.decoder):
             handles.append(coder.register_forward_pre_hook(coding))
             handles.append(coder.register_forward_hook(lambda *_: tracker.back(parts(("unet",)))))

@@ -426,7 +426,7 @@ def test_versions_name_peftedit_when_it_runs_from_a_checkout(monkeypatch):
 def test_every_command_of_the_gpu_run_parses(tmp_path):
     """Device calls are scarce (30 minutes a session): each command gpu_run.sh would run there parses with its
     benchmark's own parser here, so a misspelt option or variant fails in CI, not in a device call."""
-    steps = ["smoke", "sd15", "sd21", "savers", "options", "compiled", "tracked", "checkpointing"]
+    steps = ["smoke", "sd15", "sd21", "sdxl", "savers", "options", "compiled", "tracked", "checkpointing"]
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_run.sh"
     env = {**os.environ, "GPU_RUN_DRY": "1", "OUT": str(tmp_path)}
     done = subprocess.run(["bash", str(script), *steps], env=env, capture_output=True, text=True, check=True)
@@ -438,6 +438,8 @@ def test_every_command_of_the_gpu_run_parses(tmp_path):
             continue
         args = parsers[module].parse_args(argv)
         assert args.device == "cuda" and args.out.parent == tmp_path, argv
-    assert [c[0] for c in commands].count("pytest") == 1 and len(commands) == 9
+    assert [c[0] for c in commands].count("pytest") == 1 and len(commands) == 10
+    models = [parsers[module].parse_args(argv).model for module, *argv in commands if module != "pytest"]
+    assert {"sd15", "sd21", "sdxl"} <= set(models)
     refused = subprocess.run(["bash", str(script), "smoke", "sd51"], env=env, capture_output=True, text=True)
     assert refused.returncode == 2 and "unknown step: sd51" in refused.stderr and not refused.stdout

@@ -228,10 +228,10 @@ def out_of_memory_status(err: BaseException) -> str | None:
 
 
 def offloaded_tensors(pipe, names: tuple[str, ...] = OFFLOADED_PARTS) -> list[torch.Tensor]:
-    """The weights and buffers of these pipeline parts (default: what ``encoders_offloaded`` moves off the GPU); a part
-    the pipeline does not have (``text_encoder_2`` outside SDXL) adds nothing."""
-    parts = [getattr(pipe, name, None) for name in names]
-    return [t for m in parts if m is not None for t in [*m.parameters(), *m.buffers()]]
+    """The weights and buffers of these pipeline parts that ``pipe`` has (default: what ``encoders_offloaded`` moves
+    off the GPU; SD has no ``text_encoder_2``)."""
+    parts = [getattr(pipe, name) for name in names if getattr(pipe, name, None) is not None]
+    return [t for m in parts for t in [*m.parameters(), *m.buffers()]]
 
 
 @contextlib.contextmanager

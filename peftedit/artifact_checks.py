@@ -60,7 +60,13 @@ TENSORS = {
     "direct": (*_PIVOT, "offsets"),
     "ddim": _PIVOT,
 }
-OPTIONAL_META = (("image", OBJECT), ("versions", OBJECT), ("losses", OBJECT), ("base_model_config", TEXT))
+OPTIONAL_META = (
+    ("image", OBJECT),
+    ("versions", OBJECT),
+    ("losses", OBJECT),
+    ("base_model_config", TEXT),
+    ("base_pipeline", TEXT),
+)
 LORA_REQUIRED = (("r", COUNT), ("lora_alpha", NUMBER), ("target_modules", NAMES))
 LORA_OTHER = ("init_lora_weights", "lora_dropout", "bias")  # also written by ImagicConfig.lora_config()
 SHA256 = re.compile(r"[0-9a-f]{64}")

@@ -16,12 +16,15 @@ from .artifact_checks import INVERSIONS as NULLTEXT_METHODS
 from .errors import one_line, out_of_memory
 from .files import save_image_atomic, slug
 
+MODEL_HELP = "SD 1.x/2.x or SDXL: hub id, diffusers folder or .safetensors file (default: the demo model)"
 EXAMPLES = {
     "imagic": """\
   peftedit imagic photo.png "a photo of a sitting dog" -o adapters/dog-sitting
   peftedit imagic photo.png "a photo of a sitting dog" --model stable-diffusion-v1-5/stable-diffusion-v1-5 \\
       --recipe sd15-8gb
-  peftedit imagic photo.png "a photo of a sitting dog" --set imagic.lora_rank=16 --finetune-steps 400""",
+  peftedit imagic photo.png "a photo of a sitting dog" --set imagic.lora_rank=16 --finetune-steps 400
+  peftedit imagic photo.png "a photo of a sitting dog" --model stabilityai/stable-diffusion-xl-base-1.0 \\
+      --recipe sdxl""",
     "invert": """\
   peftedit invert cat.png "a photo of a cat" -o adapters/cat              # null-text inversion
   peftedit invert cat.png "a photo of a cat" --method negative-prompt    # no optimisation: seconds, not minutes
@@ -123,7 +126,7 @@ def _listed(kind: type):
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="hub id, diffusers folder or .safetensors file (default: the demo model)")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--single-file-config", help="diffusers config folder/id for a single .safetensors checkpoint")
     p.add_argument("--recipe", help="recipe name in recipes/ or a .toml path")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
@@ -237,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "generate", "plain text-to-image with any model")
     p.add_argument("prompt", help="what to draw")
-    p.add_argument("--model", help="hub id, diffusers folder or .safetensors file (default: the demo model)")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--single-file-config", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's recommendation)")
@@ -511,6 +514,7 @@ def describe(artifact, folder: str | Path) -> dict:
         "prompts": meta.get("prompts"),
         "base_model": meta.get("base_model"),
         "base_model_config": meta.get("base_model_config"),
+        "base_pipeline": meta.get("base_pipeline"),
         "base_fingerprint": meta.get("base_fingerprint"),
         "resolution": meta.get("resolution"),
         "image": meta.get("image"),
@@ -531,8 +535,9 @@ def cmd_inspect(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
         return 0
-    for key in ("folder", "method", "prompts", "base_model", "base_model_config", "base_fingerprint", "resolution"):
-        if key != "base_model_config" or info[key]:  # only a single checkpoint file's edits have one
+    shown = ("folder", "method", "prompts", "base_model", "base_model_config", "base_pipeline", "base_fingerprint")
+    for key in (*shown, "resolution"):
+        if key not in ("base_model_config", "base_pipeline") or info[key]:  # single files' edits; newer edits
             print(f"{key:17} {info[key]}")
     for key in ("created", "losses"):
         print(f"{key:17} {info[key]}")

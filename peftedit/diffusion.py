@@ -53,18 +53,66 @@ def check_prompt(tokenizer, text: str) -> str:
     return text
 
 
+# SDXL's UNet also takes "added conditions": the second text encoder's pooled output and six size numbers
+# (original height and width, crop top and left, target height and width). peftedit carries them in one extra row at
+# the end of the text embedding, [1, 77 + 1, d]: pooled values first, then the six numbers, then zeros. Everything
+# that handles embeddings (Imagic's interpolation and optimization, null-text's per-step null embeddings, batching)
+# then handles them too, and ``unet_output`` is the one place that unpacks the row.
+SIZE_CONDITIONS = 6
+
+
 @torch.no_grad()
 def encode_text(pipe, text: str) -> torch.Tensor:
-    """The text encoder's output sequence for ``text`` (``""`` allowed), as fp32 [1, 77, d] on the pipe's device."""
-    tokens = pipe.tokenizer(
+    """The text encoder's output sequence for ``text`` (``""`` allowed), as fp32 [1, 77, d] on the pipe's device.
+
+    For SDXL: both encoders' penultimate hidden states side by side, then the added-conditions row, [1, 78, d] (see
+    ``SIZE_CONDITIONS``); with ``force_zeros_for_empty_prompt`` (SDXL base) the empty prompt is zeros, as in diffusers.
+    """
+    if getattr(pipe, "text_encoder_2", None) is None:
+        return pipe.text_encoder(_token_ids(pipe.tokenizer, text, pipe.text_encoder.device))[0].float()
+    pieces, pooled = [], None
+    for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+        out = encoder(_token_ids(tokenizer, text, encoder.device), output_hidden_states=True)
+        pieces.append(out.hidden_states[-2].float())
+        pooled = out[0].float()  # the second encoder's projected output (CLIPTextModelWithProjection.text_embeds)
+    hidden = torch.cat(pieces, dim=-1)
+    if not text and pipe.config.get("force_zeros_for_empty_prompt", False):
+        hidden, pooled = torch.zeros_like(hidden), torch.zeros_like(pooled)
+    side = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    sizes = torch.tensor([[side, side, 0, 0, side, side]], dtype=torch.float32, device=hidden.device)
+    added = torch.cat([pooled, sizes], dim=-1)
+    if added.shape[-1] > hidden.shape[-1]:
+        raise PeftEditError(f"SDXL pooled text ({pooled.shape[-1]}) does not fit a row of {hidden.shape[-1]} values")
+    row = torch.nn.functional.pad(added, (0, hidden.shape[-1] - added.shape[-1]))
+    return torch.cat([hidden, row[:, None]], dim=1)
+
+
+def _token_ids(tokenizer, text: str, device) -> torch.Tensor:
+    tokens = tokenizer(
         text,
         padding="max_length",
-        max_length=pipe.tokenizer.model_max_length,
+        max_length=tokenizer.model_max_length,
         truncation=True,
         return_tensors="pt",
     )
-    device = pipe.text_encoder.device
-    return pipe.text_encoder(tokens.input_ids.to(device))[0].float()
+    return tokens.input_ids.to(device)
+
+
+def unet_output(unet, latents: torch.Tensor, t, cond: torch.Tensor) -> torch.Tensor:
+    """The UNet's prediction for ``latents`` at ``t`` given text embeddings ``cond`` (in the UNet's dtype).
+
+    For SDXL's UNet (``addition_embed_type="text_time"``) the last row of ``cond`` holds the added conditions; the
+    size numbers are never trained (detached)."""
+    dtype = unet.dtype
+    if unet.config.addition_embed_type != "text_time":
+        return unet(latents.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample
+    pooled = unet.config.projection_class_embeddings_input_dim - SIZE_CONDITIONS * unet.config.addition_time_embed_dim
+    row = cond[:, -1]
+    added = {
+        "text_embeds": row[:, :pooled].to(dtype),
+        "time_ids": row[:, pooled : pooled + SIZE_CONDITIONS].detach().to(dtype),
+    }
+    return unet(latents.to(dtype), t, encoder_hidden_states=cond[:, :-1].to(dtype), added_cond_kwargs=added).sample
 
 
 @torch.no_grad()
@@ -112,8 +160,8 @@ def denoising_loss(
     noise = torch.randn(clean.shape, generator=generator)
     noisy = scheduler.add_noise(clean.cpu(), noise, t)
     target = training_target(scheduler, clean.cpu(), noise, t).to(clean.device)
-    device, dtype = clean.device, unet.dtype
-    pred = unet(noisy.to(device, dtype), t.to(device), encoder_hidden_states=cond.to(dtype)).sample
+    device = clean.device
+    pred = unet_output(unet, noisy.to(device), t.to(device), cond)
     return torch.nn.functional.mse_loss(pred.float(), target.float())
 
 
@@ -142,14 +190,9 @@ def guided_prediction(
     guidance: float,
 ) -> torch.Tensor:
     """Classifier-free-guided model output (fp32); one batched UNet call, or conditional only when uncond is None."""
-    dtype = unet.dtype
     if uncond is None:
-        return unet(latents.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample.float()
-    both = unet(
-        torch.cat([latents, latents]).to(dtype),
-        t,
-        encoder_hidden_states=torch.cat([uncond, cond]).to(dtype),
-    ).sample.float()
+        return unet_output(unet, latents, t, cond).float()
+    both = unet_output(unet, torch.cat([latents, latents]), t, torch.cat([uncond, cond])).float()
     out_uncond, out_cond = both.chunk(2)
     return out_uncond + guidance * (out_cond - out_uncond)
 

@@ -76,14 +76,15 @@ def load_model(
     single_file_config: str | None = None,
     announce_demo: bool = True,
 ):
-    """Load a StableDiffusionPipeline from a hub id, a diffusers folder or one ``.safetensors`` checkpoint.
+    """Load a Stable Diffusion pipeline (SD 1.x/2.x or SDXL) from a hub id, a diffusers folder or one
+    ``.safetensors`` checkpoint.
 
     Returns a :class:`Model` on the runtime's device and dtype with the attention backend, VAE slicing, the UNet's
     memory format and its compilation set.
     ``announce_demo``: say in one line that the demo model is used (off when the demo was recorded as an edit's base
     model).
     """
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler
 
     runtime = runtime or RuntimeConfig()
     device = resolve_device(runtime)
@@ -101,7 +102,7 @@ def load_model(
             raise PeftEditError(f"the demo model is not installed at {path}; pass --model")
     elif path.exists():
         name = str(path.resolve())  # recorded in edits as their base: found again from any working folder
-    kwargs = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    kwargs: dict = {"dtype": dtype}
     try:
         if path.suffix.lower() in PICKLE_SUFFIXES:
             raise PeftEditError(f"{path}: pickle checkpoints are not loaded (unsafe); convert it to .safetensors")
@@ -109,15 +110,18 @@ def load_model(
             if single_file_config:
                 config = Path(single_file_config).expanduser()  # a folder is recorded absolute, like `name`
                 kwargs["config"] = str(config.resolve()) if config.exists() else single_file_config
-            pipe = StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+            pipeline = pipeline_class(_single_file_kind(path, kwargs.get("config")))
+            pipe = pipeline.from_single_file(str(path), **kwargs, **_extra_kwargs(pipeline))
         elif path.is_dir():
             if not (path / "model_index.json").is_file():
                 raise PeftEditError(f"{path} is not a diffusers model folder (no model_index.json)")
-            pipe = StableDiffusionPipeline.from_pretrained(str(path), **kwargs)
+            pipeline = pipeline_class(_folder_kind(str(path)))
+            pipe = pipeline.from_pretrained(str(path), **kwargs, **_extra_kwargs(pipeline))
         elif path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
             raise PeftEditError(f"model {name!r}: not a diffusers folder, a .safetensors file or a hub id")
         else:
-            pipe = StableDiffusionPipeline.from_pretrained(name, use_safetensors=True, **kwargs)
+            pipeline = pipeline_class(_folder_kind(name))
+            pipe = pipeline.from_pretrained(name, use_safetensors=True, **kwargs, **_extra_kwargs(pipeline))
     except PeftEditError:
         raise
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # a broken folder fails in many ways
@@ -125,9 +129,19 @@ def load_model(
         if path.is_file() and "config" not in kwargs:
             said += " (a single checkpoint file's configs come from --single-file-config: diffusers folder or hub id)"
         raise PeftEditError(said) from err
+    if is_xl(pipe) and pipe.text_encoder is None:
+        raise PeftEditError(f"model {name!r} has no first text encoder (an SDXL refiner?): use an SDXL base model")
+    channels, latent = pipe.unet.config.in_channels, pipe.vae.config.latent_channels
+    if channels != latent:
+        raise PeftEditError(
+            f"model {name!r}: its UNet takes {channels} input channels, not the {latent} of an image latent "
+            "(an inpainting or image-conditioned model?); use a text-to-image model"
+        )
     # DDIM is what both methods are defined with; keep the model's own betas and prediction_type.
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.to(device)
+    if is_xl(pipe) and dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
+        pipe.vae.to(torch.float32)  # SDXL's own VAE overflows float16 (its config says so): diffusers upcasts it too
     pipe.set_progress_bar_config(disable=True)
     set_attention(pipe.unet, runtime.attention, device)
     if runtime.vae_slicing:
@@ -136,11 +150,65 @@ def load_model(
         pipe.unet.to(memory_format=torch.channels_last)
     if runtime.compile:
         pipe.unet.compile()
-    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+    for part in text_parts(pipe) + [pipe.unet, pipe.vae]:
         part.requires_grad_(False)
         part.eval()
     configs = kwargs.get("config")  # set above for a single checkpoint file only
     return Model(pipe=pipe, name=name, device=device, dtype=dtype, runtime=runtime, single_file_config=configs)
+
+
+# Architectures peftedit runs: a pipeline class name containing "XL" loads as SDXL, any other as SD 1.x/2.x.
+SD, SDXL = "sd", "sdxl"
+
+
+def pipeline_class(kind: str):
+    """The diffusers pipeline class for ``kind`` (``SD`` or ``SDXL``)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if kind == SDXL else StableDiffusionPipeline
+
+
+def _extra_kwargs(pipeline) -> dict:
+    """Loading keywords only one of the pipeline classes takes (no safety checker, no watermark)."""
+    if pipeline.__name__ == "StableDiffusionXLPipeline":
+        return {"add_watermarker": False}
+    return {"safety_checker": None, "requires_safety_checker": False}
+
+
+def _kind_of(class_name: str) -> str:
+    return SDXL if "XL" in class_name else SD
+
+
+def _folder_kind(folder: str) -> str:
+    """The architecture of a diffusers folder or hub id, from its ``model_index.json``."""
+    from diffusers import DiffusionPipeline
+
+    return _kind_of(DiffusionPipeline.load_config(folder).get("_class_name", ""))
+
+
+def _single_file_kind(path: Path, config: str | None) -> str:
+    """The architecture of a single checkpoint: its configs' (``--single-file-config``), else its tensor names
+    (SDXL's original layout keeps both text encoders under ``conditioner.embedders``)."""
+    if config:
+        return _folder_kind(config)
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as checkpoint:
+            return SDXL if any(key.startswith("conditioner.embedders.") for key in checkpoint.keys()) else SD
+    except SafetensorError as err:
+        raise PeftEditError(f"{path}: not a readable .safetensors checkpoint ({first_line(err)})") from err
+
+
+def is_xl(pipe) -> bool:
+    """Whether ``pipe`` is an SDXL pipeline (two text encoders; pooled text and size conditioning)."""
+    return hasattr(pipe, "text_encoder_2")
+
+
+def text_parts(pipe) -> list:
+    """The pipeline's text encoders that are present (one for SD, two for SDXL)."""
+    parts = [pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]
+    return [part for part in parts if part is not None]
 
 
 def set_attention(unet, backend: str, device: torch.device) -> str:
@@ -164,9 +232,12 @@ def set_attention(unet, backend: str, device: torch.device) -> str:
 
 
 def _base_weights(pipe) -> list[tuple[str, torch.Tensor]]:
-    """The UNet and text encoder's own weights by name, in a fixed order, ignoring any LoRA wrapping."""
+    """The UNet and text encoders' own weights by name, in a fixed order, ignoring any LoRA wrapping."""
     out = []
-    for prefix, module in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder)):
+    parts = [("unet", pipe.unet), ("text_encoder", pipe.text_encoder)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        parts.append(("text_encoder_2", pipe.text_encoder_2))
+    for prefix, module in parts:
         for name, tensor in module.state_dict().items():
             if "lora_" not in name:
                 out.append((f"{prefix}.{name.replace('.base_layer', '')}", tensor))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -388,12 +389,17 @@ def test_model_sources_dispatch_to_the_right_loader(tmp_path, monkeypatch, capsy
         raise OSError("stop here")
 
     monkeypatch.setattr(StableDiffusionPipeline, "from_single_file", staticmethod(fake_single_file))
-    checkpoint = tmp_path / "model.safetensors"
-    checkpoint.write_bytes(b"")
+    checkpoint, configs = tmp_path / "model.safetensors", tmp_path / "cfg"
+    save_file({"model.diffusion_model.out.0.weight": torch.zeros(2)}, str(checkpoint))
+    configs.mkdir()
+    (configs / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     out = tmp_path / "x.png"
-    code, _, err = _run(capsys, "generate", "a dog", "--model", checkpoint, "--single-file-config", "cfg", "-o", out)
-    assert seen["single_file"] == (str(checkpoint), "cfg")
+    code, _, err = _run(capsys, "generate", "a dog", "--model", checkpoint, "--single-file-config", configs, "-o", out)
+    assert seen["single_file"] == (str(checkpoint), str(configs.resolve()))
     _one_line_error(code, err, "could not load model", "stop here")
+    checkpoint.write_bytes(b"not a checkpoint")  # without configs the file's tensor names say which pipeline
+    code, _, err = _run(capsys, "generate", "a dog", "--model", checkpoint, "-o", out)
+    _one_line_error(code, err, "not a readable .safetensors checkpoint")
 
 
 def test_an_edit_from_a_single_checkpoint_file_re_renders_without_its_configs_again(eps_dir, photo, tmp_path, capsys):

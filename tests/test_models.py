@@ -7,10 +7,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from peftedit import RuntimeConfig, load_model
+from peftedit import PeftEditError, RuntimeConfig, load_model
 from peftedit.demo import DEMO_MODEL_DIR
 from peftedit.diffusion import decode_latents
 from peftedit.models import PROBE_PER_TENSOR, probe_indices
+from peftedit.tiny import build_pipeline
 
 SD_TOKEN_EMBEDDING = 49408 * 768  # over 2**24 values: float32 cannot hold its last index
 
@@ -72,3 +73,14 @@ def test_a_broken_xformers_falls_back_to_sdpa_unless_asked_for(eps_model, monkey
     assert {type(p) for p in unet.attn_processors.values()} == {AttnProcessor2_0}
     with pytest.raises(PeftEditError, match=r"xformers does not work here \(No such operator [^\n]*\)$"):
         set_attention(unet, "xformers", torch.device("cuda"))
+
+
+def test_an_inpainting_unet_is_refused_in_one_line(tokenizer_dir, tmp_path):
+    """A UNet that takes more than the image latent (SD inpainting: 9 channels) cannot run either method."""
+    from diffusers import UNet2DConditionModel
+
+    pipe = build_pipeline(tokenizer_dir)
+    pipe.register_modules(unet=UNet2DConditionModel(**{**pipe.unet.config, "in_channels": 9}))
+    pipe.save_pretrained(tmp_path / "inpaint")
+    with pytest.raises(PeftEditError, match="takes 9 input channels, not the 4 of an image latent"):
+        load_model(str(tmp_path / "inpaint"), RuntimeConfig(device="cpu"))

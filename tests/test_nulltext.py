@@ -4,6 +4,7 @@ than plain DDIM, the early stop is respected, reloads are bit-identical, and mis
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -122,6 +123,8 @@ def test_a_loose_early_stop_stops_every_step_at_once(eps_model, photo):
 
 class _ConstantEpsilon(torch.nn.Module):
     """A stand-in UNet predicting the same noise everywhere: DDIM steps with it are exactly invertible."""
+
+    config = SimpleNamespace(addition_embed_type=None)  # an SD UNet's: no SDXL added conditions
 
     def __init__(self, noise):
         super().__init__()

@@ -40,18 +40,20 @@ def call_runtime(model: Model, runtime: RuntimeConfig | None) -> RuntimeConfig:
 
 
 # The pipeline parts ``encoders_offloaded`` moves off the GPU.
-OFFLOADED_PARTS = ("vae", "text_encoder")
+OFFLOADED_PARTS = ("vae", "text_encoder", "text_encoder_2")
 # The parts idle while the UNet samples, and while the VAE encodes or decodes (``runtime.offload_idle``).
-IDLE_WHILE_SAMPLING = ("vae", "text_encoder")
-IDLE_WHILE_VAE = ("unet", "text_encoder")
+IDLE_WHILE_SAMPLING = ("vae", "text_encoder", "text_encoder_2")
+IDLE_WHILE_VAE = ("unet", "text_encoder", "text_encoder_2")
 
 
 @contextlib.contextmanager
 def parts_offloaded(pipe, parts: tuple[str, ...], enabled: bool):
     """Move these pipeline parts to the CPU inside the block, each back to where it was afterwards.
 
-    Parts already on the CPU stay (so blocks nest); nothing moves when ``enabled`` is false.
+    Parts already on the CPU stay (so blocks nest), parts the pipeline lacks are skipped (SD has no
+    ``text_encoder_2``); nothing moves when ``enabled`` is false.
     """
+    parts = tuple(part for part in parts if getattr(pipe, part, None) is not None)
     where = {part: next(getattr(pipe, part).parameters()).device for part in parts} if enabled else {}
     moved = [part for part, device in where.items() if device.type != "cpu"]
     for part in moved:
@@ -83,7 +85,7 @@ def sampling(model: Model):
 
 
 def encoders_offloaded(pipe, enabled: bool):
-    """The VAE and text encoder off the GPU inside the block (the training stages)."""
+    """The VAE and text encoders off the GPU inside the block (the training stages)."""
     return parts_offloaded(pipe, OFFLOADED_PARTS, enabled)
 
 
@@ -114,6 +116,7 @@ def base_meta(model: Model, recipe: dict, image_info: dict) -> tuple[dict, torch
     fid, probe = fingerprint(model.pipe)
     meta = {
         "base_model": model.name,
+        "base_pipeline": type(model.pipe).__name__,  # StableDiffusionPipeline or StableDiffusionXLPipeline
         **({"base_model_config": model.single_file_config} if model.single_file_config else {}),
         "base_fingerprint": fid,
         "base_architecture": architecture_hash(model.pipe),

@@ -353,5 +353,10 @@ Render again (no re-training):
 
 The LoRA alone loads in vanilla diffusers with `pipe.load_lora_weights(folder)`; Imagic also needs the optimized
 embedding: `e = eta * e_tgt + (1 - eta) * e_opt` from `edit.safetensors`, passed as `prompt_embeds` with
-`negative_prompt_embeds=e_uncond`.
+`negative_prompt_embeds=e_uncond`.{XL_NOTE if "XL" in meta.get("base_pipeline", "") else ""}
 """
+
+
+XL_NOTE = """ On SDXL the embeddings' last row holds the added conditions: pass `e[:, :-1]` as
+`prompt_embeds` and `e[:, -1, :p]` as `pooled_prompt_embeds` (p = `text_encoder_2.config.projection_dim`), and the
+same for `e_uncond` (peftedit's adapters/README.md, "SDXL embeddings")."""

@@ -8,7 +8,8 @@ One command per model and device:
         --set runtime.dtype=bf16 --out benchmarks/results/cpu-estimate-<date>.json
 
 The model is built with random weights from ``benchmarks/configs/<model>.json`` (no download), saved to a temporary
-folder and loaded with ``peftedit.load_model`` under the shipped 8 GB recipes' runtime settings. Each stage calls the
+folder and loaded with ``peftedit.load_model`` under the shipped recipes' runtime settings (the 8 GB ones; SDXL's own
+for SDXL architectures, :func:`recipes`). Each stage calls the
 library's own functions; the baselines (the diffusers community Imagic pipeline, the null-text reference) run in the
 same process on an fp32 copy. Rows go to ``benchmarks/results/<device>-<date>.json`` (merged with rows already there)
 and a Markdown table is printed. On CPU the CUDA memory fields are null and timings only show that the path runs;
@@ -36,7 +37,7 @@ from peftedit.artifacts import now_utc, package_versions
 from peftedit.config import build, resolve_recipe, to_dict
 
 from . import imagic_bench, nulltext_bench, options
-from .build_model import parameter_counts, save_model
+from .build_model import load_config, parameter_counts, save_model
 from .measure import StageResult, out_of_memory_status, release
 from .nulltext_bench import BASELINE_RUNTIME
 from .options import device_name, results_path
@@ -44,8 +45,11 @@ from .output import write_json
 
 log = logging.getLogger("benchmarks")
 
+# The shipped recipes whose runtime settings a model runs under (Imagic's, null-text's): the 8 GB ones, and SDXL's
+# own for SDXL architectures (a config with text_encoder_2).
 IMAGIC_RECIPE = "sd15-8gb"
 NULLTEXT_RECIPE = "nulltext-sd15-8gb"
+XL_RECIPES = ("sdxl", "nulltext-sdxl")
 # Goals of issue 5 (SD 1.5 at 512 px).
 GOAL_PEAK_RESERVED_GIB = 7.5
 GOAL_MEMORY_RATIO = 0.3
@@ -68,15 +72,21 @@ def input_photo(side: int) -> Image.Image:
     return image
 
 
+def recipes(model: str) -> tuple[str, str]:
+    """The names of the shipped recipes (Imagic's, null-text's) the architecture ``model`` is measured under."""
+    return XL_RECIPES if "text_encoder_2" in load_config(model) else (IMAGIC_RECIPE, NULLTEXT_RECIPE)
+
+
 def configs(args) -> tuple[dict, dict | None]:
-    """({runtime, imagic} from the Imagic recipe, {runtime, nulltext} from the null-text recipe or None)."""
+    """({runtime, imagic} from the model's Imagic recipe, {runtime, nulltext} from its null-text recipe or None)."""
     overrides = [f"runtime.device={args.device}", *args.set]
+    imagic_recipe, nulltext_recipe = recipes(args.model)
 
     def mine(tables):
         return [o for o in overrides if o.split("=", 1)[0].split(".", 1)[0] in tables]
 
     tables = {"runtime": RuntimeConfig, "imagic": ImagicConfig}
-    imagic = build(tables, _recipe(IMAGIC_RECIPE), mine({"runtime", "imagic"}))
+    imagic = build(tables, _recipe(imagic_recipe), mine({"runtime", "imagic"}))
     nulltext, _ = nulltext_bench.load_nulltext()
     if nulltext is None:
         return imagic, None
@@ -84,7 +94,7 @@ def configs(args) -> tuple[dict, dict | None]:
     overrides_nt = mine({"runtime", "nulltext"})
     if args.inner_steps is not None:
         overrides_nt.append(f"nulltext.inner_steps={args.inner_steps}")
-    return imagic, build(tables, _recipe(NULLTEXT_RECIPE), overrides_nt)
+    return imagic, build(tables, _recipe(nulltext_recipe), overrides_nt)
 
 
 def _recipe(name: str) -> str | None:
@@ -399,8 +409,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     def rows_of(ours: list[StageResult], baseline: list[StageResult], facts: dict) -> list[dict]:
         rows = make_rows(ours, baseline, facts, args, inner_steps)
         for row in rows:
-            source = imagic_cfg if row["method"] == "imagic" or nulltext_cfg is None else nulltext_cfg
-            row["runtime"] = to_dict(source["runtime"])
+            imagic_row = row["method"] == "imagic" or nulltext_cfg is None
+            row["recipe"] = recipes(args.model)[0 if imagic_row else 1]
+            row["runtime"] = to_dict((imagic_cfg if imagic_row else nulltext_cfg)["runtime"])
         return rows
 
     def keep(ours: list[StageResult], facts: dict) -> None:

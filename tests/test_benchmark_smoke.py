@@ -1,4 +1,5 @@
-"""The memory benchmark runs end to end on the tiny architecture and writes complete rows (no timing assertions)."""
+"""The memory benchmark runs end to end on the tiny architectures (SD's and SDXL's) and writes complete rows (no timing
+assertions)."""
 
 from __future__ import annotations
 
@@ -40,14 +41,21 @@ def _positive(value) -> bool:
     return isinstance(value, float) and math.isfinite(value) and value > 0
 
 
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    """One benchmark run on the tiny model: (rows returned, rows read back, printed output)."""
+# The tiny architectures the whole benchmark runs on: SD's, and SDXL's (two text encoders, pooled text and sizes).
+TINY_MODELS = ["tiny", "tiny-xl"]
+# Each one's text embedding: SDXL's carries its pooled text and size conditions in one more row (peftedit.diffusion).
+EMBEDDING_SHAPE = {"tiny": [1, 77, 32], "tiny-xl": [1, 78, 48]}
+RECIPES = {"tiny": ("sd15-8gb", "nulltext-sd15-8gb"), "tiny-xl": ("sdxl", "nulltext-sdxl")}
+
+
+@pytest.fixture(scope="module", params=TINY_MODELS)
+def bench(request, tmp_path_factory):
+    """One benchmark run on a tiny model: (rows returned, rows read back)."""
     out = tmp_path_factory.mktemp("results") / "cpu.json"
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        argv = ["--model", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--inner-steps", "1"]
+        argv = ["--model", request.param, "--device", "cpu", "--steps", "2", "--warmup", "1", "--inner-steps", "1"]
         rows = memory.main([*argv, "--set", "runtime.dtype=fp32", "--out", str(out)])
     finally:
         torch.set_num_threads(before)
@@ -59,12 +67,17 @@ def test_every_stage_has_a_complete_row(bench):
     assert written == rows
     found = {(r["method"], r["stage"]) for r in rows}
     assert found == {(m, s) for m, stages in STAGES.items() for s in stages}
+    model = rows[0]["model"]
     for row in rows:
         missing = [f for f in FIELDS if f not in row]
         assert not missing, (row["method"], row["stage"], missing)
-        assert row["device"] == "cpu" and row["model"] == "tiny" and row["resolution"] == 32
+        assert row["device"] == "cpu" and row["model"] == model and row["resolution"] == 32
         assert row["versions"]["torch"] == torch.__version__
-        assert row["command"].startswith("python -m benchmarks.memory --model tiny")
+        assert row["command"].startswith(f"python -m benchmarks.memory --model {model} ")
+        assert row["recipe"] == RECIPES[model][row["method"] != "imagic"]
+        assert not row["out_of_memory"] and not row["baseline_out_of_memory"]
+    parts = {"unet", "vae", "text_encoder"} | ({"text_encoder_2"} if model == "tiny-xl" else set())
+    assert set(rows[0]["parameters"]) == parts
 
 
 def test_numbers_are_finite_and_memory_is_null_on_cpu(bench):
@@ -102,7 +115,7 @@ def test_training_stages_report_the_optimizer_state(bench):
     by_stage = {(r["method"], r["stage"]): r for r in rows}
     embedding = by_stage[("imagic", "embedding")]
     assert embedding["optimizer_state"]["class"] in ("AdamW8bit", "AdamW")
-    assert embedding["optimizer_state"]["largest_param_shape"] == [1, 77, 32]
+    assert embedding["optimizer_state"]["largest_param_shape"] == EMBEDDING_SHAPE[embedding["model"]]
     assert embedding["baseline_optimizer_state"]["class"] == "Adam"
     # two steps, one of them warm-up; fp32 scales no loss, so none is skipped
     assert (embedding["optimizer_steps"], embedding["steps_timed"]) == (2, 1)
@@ -113,13 +126,14 @@ def test_training_stages_report_the_optimizer_state(bench):
 
 
 def test_offloaded_encoders_are_left_out_of_training_stages(bench):
-    """The recipes move the VAE and text encoder off the GPU while training; on a CPU they cannot move, so the
-    estimate leaves their weights out of those stages instead (and counts them where they are used: render, edit)."""
+    """The recipes move the VAE and text encoder(s) off the GPU while training; on a CPU they cannot move, so the
+    estimate leaves their weights out of those stages instead (and counts them where they are used: render, edit).
+    SDXL's second text encoder too."""
     rows, _ = bench
     by_stage = {(r["method"], r["stage"]): r for r in rows}
     assert by_stage[("imagic", "embedding")]["runtime"]["offload_encoders"]
     counts = by_stage[("imagic", "embedding")]["parameters"]
-    encoders_gib = (counts["vae"] + counts["text_encoder"]) * 4 / 2**30  # fp32 run
+    encoders_gib = (counts["vae"] + counts["text_encoder"] + counts.get("text_encoder_2", 0)) * 4 / 2**30  # fp32
     for method, stage, used in (("imagic", "embedding", "render"), ("null-text", "null-optimization", "edit")):
         gap = by_stage[(method, used)]["tensor_resident_gib"] - by_stage[(method, stage)]["tensor_resident_gib"]
         assert gap >= 0.95 * encoders_gib, (method, stage, gap, encoders_gib)

@@ -9,14 +9,14 @@ One command per model and device:
 
 The model is built with random weights from ``benchmarks/configs/<model>.json`` (no download), saved to a temporary
 folder and loaded with ``peftedit.load_model`` under the shipped recipes' runtime settings (the 8 GB ones; SDXL's own
-for SDXL architectures, :func:`recipes`). Each stage calls the
-library's own functions; the baselines (the diffusers community Imagic pipeline, the null-text reference) run in the
-same process on an fp32 copy. Rows go to ``benchmarks/results/<device>-<date>.json`` (merged with rows already there)
-and a Markdown table is printed. On CPU the CUDA memory fields are null and timings only show that the path runs;
-instead, each stage's live tensor bytes are counted (``tensor_peak_gib``, :mod:`benchmarks.tensor_memory`), an
-estimate of the GPU's peak allocated memory from the same code on the same shapes. On CPU, run the fp16 recipes as
-bf16 (same bytes per value; CPU fp16 convolutions are hundreds of times slower). With ``--track-tensors`` on a GPU the
-count sits beside ``max_memory_allocated``, which checks the estimate.
+for SDXL architectures, :func:`recipes`). Each stage calls the library's own functions; the baselines (the diffusers
+community Imagic pipeline, the null-text reference) run in the same process on an fp32 copy. Rows go to
+``benchmarks/results/<device>-<date>.json`` (merged with rows already there) and a Markdown table is printed. On CPU
+the CUDA memory fields are null and timings only show that the path runs; instead, each stage's live tensor bytes are
+counted (``tensor_peak_gib``, :mod:`benchmarks.tensor_memory`), an estimate of the GPU's peak allocated memory from the
+same code on the same shapes. On CPU, run the fp16 recipes as bf16 (same bytes per value; CPU fp16 convolutions are
+hundreds of times slower). With ``--track-tensors`` on a GPU the count sits beside ``max_memory_allocated``, which
+checks the estimate.
 """
 
 from __future__ import annotations
@@ -173,7 +173,8 @@ def run_baseline(folder: Path, args, nulltext_cfg: dict | None) -> list[StageRes
 
     A stage that runs out of memory is a row that says so (:meth:`Recorder.run`); running out outside the stages
     (loading the fp32 model, encoding the photo) does not stop the run either: the baseline stages left without a
-    row get one saying they were not measured, out of memory, and our rows are written with them.
+    row get one saying they were not measured, out of memory, and our rows are written with them. (A method's rows
+    come back when it finishes, so all of the stopped method's stages are marked.)
     """
     results: list[StageResult] = []
     try:
@@ -184,7 +185,7 @@ def run_baseline(folder: Path, args, nulltext_cfg: dict | None) -> list[StageRes
             raise
         log.exception("the baselines ran out of memory outside their measured stages")
         done = {(r.method, r.stage) for r in results}
-        expected = [(imagic_bench.METHOD, s) for s in imagic_bench.BASELINE_STAGES] if "imagic" in args.methods else []
+        expected = imagic_bench.BASELINE_STAGES if "imagic" in args.methods else []
         expected += nulltext_bench.BASELINE_STAGES if "nulltext" in args.methods else []
         status = f"not measured: {said}"
         results += [StageResult(m, s, status=status, out_of_memory=True) for m, s in expected if (m, s) not in done]

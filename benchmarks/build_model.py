@@ -1,9 +1,13 @@
 """Stable Diffusion pipelines with random weights, built from the architecture configs in ``benchmarks/configs/``.
 
-No download, ever: the UNet, VAE and text encoder come from their JSON configs, the tokenizer is peftedit's small
+No download, ever: the UNet, VAE and text encoder(s) come from their JSON configs, the tokenizer is peftedit's small
 word-level CLIP tokenizer written to a folder. Memory and speed depend on the architecture, not on the weights, so
 these stand in for the real checkpoints in benchmarks. Run ``python -m benchmarks.build_model sd15 OUT_DIR`` to save
 one as a diffusers folder.
+
+A config with a ``text_encoder_2`` section is an SDXL one: its second text encoder is a
+``CLIPTextModelWithProjection`` (its pooled, projected output conditions the UNet), both encoders read the same small
+tokenizer, and the parts make a ``StableDiffusionXLPipeline``.
 """
 
 from __future__ import annotations
@@ -16,18 +20,19 @@ from pathlib import Path
 import torch
 
 from peftedit.models import DTYPES
-from peftedit.tiny import assemble, write_tokenizer
+from peftedit.tiny import assemble, assemble_xl, write_tokenizer
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 def model_names() -> list[str]:
-    """The architectures there is a config for (``sd15``, ``sd21``, ``tiny``)."""
+    """The architectures there is a config for (``sd15``, ``sd21``, ``sdxl``, ``tiny``, ``tiny-xl``)."""
     return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
 
 
 def load_config(name: str) -> dict:
-    """The architecture config ``name`` (sections ``unet``, ``vae``, ``text_encoder``, ``scheduler``)."""
+    """The architecture config ``name`` (sections ``unet``, ``vae``, ``text_encoder``, ``scheduler``; SDXL's also
+    ``text_encoder_2``)."""
     path = CONFIG_DIR / f"{name}.json"
     if not path.is_file():
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(model_names())}")
@@ -46,35 +51,49 @@ def build_pipeline(
     device: str | torch.device = "cpu",
     seed: int = 0,
 ):
-    """A randomly initialised StableDiffusionPipeline of architecture ``name`` in ``dtype`` on ``device``.
+    """A randomly initialised StableDiffusionPipeline (StableDiffusionXLPipeline for a config with a
+    ``text_encoder_2``) of architecture ``name`` in ``dtype`` on ``device``.
 
-    The modules are created directly on ``device`` (fast on a GPU) from ``seed``. The text encoder's vocabulary is
-    ``max(len(tokenizer), config vocab_size)`` so its embedding table has the real model's shape.
+    The modules are created directly on ``device`` (fast on a GPU; ``"meta"`` builds only the shapes, to count
+    parameters without the memory) from ``seed``. The text encoders' vocabulary is ``max(len(tokenizer), config
+    vocab_size)`` so their embedding tables have the real model's shape.
     """
     import diffusers
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     config = load_config(name)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = CLIPTokenizer.from_pretrained(str(write_tokenizer(tmp)))
-    text = dict(config["text_encoder"])
-    text["vocab_size"] = max(len(tokenizer), text["vocab_size"])
-    text_config = CLIPTextConfig(
-        **text,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
     scheduler_config = dict(config["scheduler"])
     scheduler = getattr(diffusers, scheduler_config.pop("_class_name")).from_config(scheduler_config)
     torch.manual_seed(seed)
     with torch.device(device):
         unet = UNet2DConditionModel(**config["unet"])
         vae = AutoencoderKL(**config["vae"])
-        text_encoder = CLIPTextModel(text_config)
-    pipe = assemble(unet, vae, text_encoder, tokenizer, scheduler)
+        text_encoder = CLIPTextModel(_text_config(config["text_encoder"], tokenizer))
+        if "text_encoder_2" in config:
+            text_encoder_2 = CLIPTextModelWithProjection(_text_config(config["text_encoder_2"], tokenizer))
+    if "text_encoder_2" in config:
+        pipe = assemble_xl(unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer, scheduler)
+    else:
+        pipe = assemble(unet, vae, text_encoder, tokenizer, scheduler)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def _text_config(section: dict, tokenizer):
+    """A CLIPTextConfig from a config's text encoder section, with the tokenizer's special tokens and a vocabulary
+    that holds both the tokenizer's and the real model's."""
+    from transformers import CLIPTextConfig
+
+    text = dict(section)
+    text["vocab_size"] = max(len(tokenizer), text["vocab_size"])
+    return CLIPTextConfig(
+        **text,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
 
 
 def save_model(name: str, folder: str | Path, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
@@ -85,10 +104,14 @@ def save_model(name: str, folder: str | Path, dtype: torch.dtype = torch.float32
     return folder
 
 
+# The parts parameter_counts reports, when the pipeline has them (SD has one text encoder, SDXL two).
+COUNTED_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
 def parameter_counts(pipe) -> dict[str, int]:
-    """Number of parameters of the UNet, VAE and text encoder."""
-    parts = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
-    return {key: sum(p.numel() for p in part.parameters()) for key, part in parts.items()}
+    """Number of parameters of the UNet, VAE and text encoder(s), by part name."""
+    parts = {key: getattr(pipe, key, None) for key in COUNTED_PARTS}
+    return {key: sum(p.numel() for p in part.parameters()) for key, part in parts.items() if part is not None}
 
 
 def main() -> None:

@@ -6,10 +6,10 @@
 ``runtime.gradient_checkpointing`` switches diffusers' checkpointing on for every UNet block. Most of the activations
 (and of the recomputed work) sit in the outer, highest-resolution blocks, so checkpointing only some blocks could keep
 most of the saving for part of the cost. This runs the library's two Imagic training stages under each setting (the
-Imagic 8 GB recipe otherwise) and reports the peak above the weights (CUDA peak allocated on a GPU, live tensors
-elsewhere), TFLOP per step (:mod:`benchmarks.flops`; off CUDA only) and seconds per step. Settings select blocks
-through diffusers' own switch: ``enable_gradient_checkpointing`` sets each block's ``gradient_checkpointing`` flag,
-which is then cleared on the blocks left out.
+model's Imagic recipe otherwise, ``memory.recipes``) and reports the peak above the weights (CUDA peak allocated on a
+GPU, live tensors elsewhere), TFLOP per step (:mod:`benchmarks.flops`; off CUDA only) and seconds per step. Settings
+select blocks through diffusers' own switch: ``enable_gradient_checkpointing`` sets each block's
+``gradient_checkpointing`` flag, which is then cleared on the blocks left out.
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ def checkpoint(unet, outer_levels: int | None) -> None:
 
 def run(args) -> list[dict]:
     overrides = [f"runtime.device={args.device}", *args.set]
-    configs = build({"runtime": RuntimeConfig, "imagic": ImagicConfig}, str(resolve_recipe("sd15-8gb")), overrides)
+    recipe = str(resolve_recipe(memory.recipes(args.model)[0]))
+    configs = build({"runtime": RuntimeConfig, "imagic": ImagicConfig}, recipe, overrides)
     runtime = configs["runtime"]
     config = dataclasses.replace(configs["imagic"], embedding_steps=args.steps, finetune_steps=args.steps)
     with tempfile.TemporaryDirectory(prefix="peftedit-ckpt-") as tmp:

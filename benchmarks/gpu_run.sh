@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_run.sh smoke      # tiny model on CUDA + the -m gpu tests (~1-2 min): run first
 #   bash benchmarks/gpu_run.sh sd15       # issue 5's table: SD 1.5 at 512 px, ours and the baselines
 #   bash benchmarks/gpu_run.sh sd21       # SD 2.1 at 768 px
+#   bash benchmarks/gpu_run.sh sdxl       # SDXL at 1024 px (~6-10 min estimated: alone in a call; see below)
 #   bash benchmarks/gpu_run.sh savers     # what each memory saver buys (switched off one at a time)
 #   bash benchmarks/gpu_run.sh options    # the options the recipes leave off: offload_idle, channels-last
 #   bash benchmarks/gpu_run.sh compiled   # the compiled UNet, Imagic only (inductor compiles every stage's graphs)
@@ -19,13 +20,13 @@
 set -u
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || {
-  echo "usage: bash benchmarks/gpu_run.sh STEP [STEP ...], steps: smoke sd15 sd21 savers options compiled tracked" \
-    "checkpointing" >&2
+  echo "usage: bash benchmarks/gpu_run.sh STEP [STEP ...], steps: smoke sd15 sd21 sdxl savers options compiled" \
+    "tracked checkpointing" >&2
   exit 2
 }
 for step in "${steps[@]}"; do  # every name checked before the first step spends device time
   case $step in
-    smoke | sd15 | sd21 | savers | options | compiled | tracked | checkpointing) ;;
+    smoke | sd15 | sd21 | sdxl | savers | options | compiled | tracked | checkpointing) ;;
     *) echo "unknown step: $step" >&2; exit 2 ;;
   esac
 done
@@ -54,7 +55,10 @@ for step in "${steps[@]}"; do
     smoke)
       run benchmarks.memory --model tiny --device cuda --steps 3 --warmup 1 --out "$out/tiny-cuda.json" \
         && run pytest -m gpu -q -p no:cacheprovider tests ;;
-    sd15 | sd21)
+    sd15 | sd21 | sdxl)  # sdxl: a UNet call is 6.8 TFLOP (3.1x SD 2.1's at 768 px) and the fp32 model 14 GB to build
+      # on the CPU, save and load twice: estimated 6-10 minutes, so alone in a call; our rows are written before the
+      # baselines, so a run cut off there keeps them. Its Imagic baseline's full fine-tune (fp32 weights, gradients
+      # and Adam states: 41 GB before activations) may not fit: its rows then say out of memory and the run goes on.
       run benchmarks.memory --model "$step" --device cuda --out "$out/memory-$step.json" ;;
     savers)  # each variant is a whole memory run (plus the recipe's): split in two to stay inside one call
       run benchmarks.savers --model sd15 --device cuda --out "$out/savers-sd15.json" --variants "fp32 weights" \

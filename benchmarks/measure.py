@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from peftedit.errors import out_of_memory
 from peftedit.methods.common import IDLE_WHILE_SAMPLING, IDLE_WHILE_VAE, OFFLOADED_PARTS, encoders_offloaded
 
 from .flops import FlopCount
@@ -34,6 +35,10 @@ log = logging.getLogger("benchmarks")
 
 GIB = 2**30
 COUNTS = ("train", "optimizer", "unet")  # what a step is: see measure()
+# The pipeline's text encoders: SD has the first, SDXL both.
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+# What an out-of-memory row's status ends with (after the error's own words).
+DID_NOT_FIT = "did not fit this device"
 
 
 @dataclass
@@ -200,13 +205,26 @@ def _per_step(marks: list, origin, warmup: int) -> tuple[int, float | None]:
 
 @dataclass
 class StageResult:
-    """One row's worth: a method's stage and what it cost, or why it was not measured."""
+    """One row's worth: a method's stage and what it cost, or why it was not measured.
+
+    ``out_of_memory``: the stage (or the run around it) ran out of memory, so it has no measurement;
+    ``out_of_memory_at_gib``: then, on CUDA, the peak allocated since the stage started, what fit before the
+    allocation that failed (None off CUDA or outside a stage).
+    """
 
     method: str
     stage: str
     measurement: Measurement | None = None
     status: str = "ok"
     note: str = ""
+    out_of_memory: bool = False
+    out_of_memory_at_gib: float | None = None
+
+
+def out_of_memory_status(err: BaseException) -> str | None:
+    """A row status for an out-of-memory error (CUDA's, the CPU allocator's, cuBLAS' or cuDNN's allocation
+    failures, as the library tells them); None for any other error."""
+    return out_of_memory(err, DID_NOT_FIT)
 
 
 def offloaded_tensors(pipe, names: tuple[str, ...] = OFFLOADED_PARTS) -> list[torch.Tensor]:
@@ -228,10 +246,12 @@ def idle_offload(model):
     """What ``runtime.offload_idle`` keeps off the GPU, as hooks for the live-tensor count on a CPU, where nothing can
     leave the device (None on a GPU, where the parts really move, or with the option off).
 
-    The VAE and text encoder leave when the UNet runs (sampling, and training, whose encoders the recipes' offload
-    keeps off too) and come back when they run; the UNet and text encoder leave while the VAE encodes or decodes, the
-    UNet coming back after. The library moves them per block (and back at each block's end); in between only small
-    tensors live, so the peaks are the same.
+    The VAE and text encoder(s) leave when the UNet runs (sampling, and training, whose encoders the recipes' offload
+    keeps off too) and each comes back when it runs; the UNet and text encoder(s) leave while the VAE encodes or
+    decodes, the UNet coming back after. Which parts leave is the library's (``IDLE_WHILE_SAMPLING``,
+    ``IDLE_WHILE_VAE``); every text encoder the pipeline has counts again when it runs (SDXL's second one too). The
+    library moves them per block (and back at each block's end); in between only small tensors live, so the peaks
+    are the same.
     """
     if not model.runtime.offload_idle or model.device.type != "cpu":
         return None
@@ -243,10 +263,12 @@ def idle_offload(model):
             tracker.back(parts(("vae",)))
             tracker.away(parts(IDLE_WHILE_VAE))
 
-        handles = [
-            pipe.unet.register_forward_pre_hook(lambda *_: tracker.away(parts(IDLE_WHILE_SAMPLING))),
-            pipe.text_encoder.register_forward_pre_hook(lambda *_: tracker.back(parts(("text_encoder",)))),
-        ]
+        handles = [pipe.unet.register_forward_pre_hook(lambda *_: tracker.away(parts(IDLE_WHILE_SAMPLING)))]
+        for name in TEXT_ENCODERS:
+            encoder = getattr(pipe, name, None)
+            if encoder is not None:
+                back = lambda *_, name=name: tracker.back(parts((name,)))
+                handles.append(encoder.register_forward_pre_hook(back))
         for coder in (pipe.vae.encoder, pipe.vae.decoder):
             handles.append(coder.register_forward_pre_hook(coding))
             handles.append(coder.register_forward_hook(lambda *_: tracker.back(parts(("unet",)))))
@@ -279,8 +301,9 @@ class Recorder:
         """Measure ``fn()``; returns its value, or None when it raised.
 
         ``count`` is what a step is (see :func:`measure`); ``timed=False`` for whole-pipeline runs, whose steps are of
-        several kinds. A failure (out of memory, a missing feature) becomes a row with ``status = "error: ..."``, so
-        one broken stage does not lose the others.
+        several kinds. A failure becomes a row, so one broken stage does not lose the others: out of memory (CUDA's,
+        or the CPU allocator's) a row with ``out_of_memory`` set and ``status = "out of memory (...)"``, with what
+        fit before on CUDA (``out_of_memory_at_gib``); anything else (a missing feature) ``status = "error: ..."``.
         """
         warmup = self.warmup if timed else 10**9
         log.info("measuring %s / %s", method, stage)
@@ -289,12 +312,23 @@ class Recorder:
                 value = fn()
         except Exception as err:  # a benchmark reports every failure as a row and goes on
             log.exception("%s / %s failed", method, stage)
-            first = (str(err).strip().splitlines() or [""])[0][:300]
-            self.results.append(StageResult(method, stage, None, f"error: {type(err).__name__}: {first}", note))
-            release(self.device)
-            return None
-        self.results.append(StageResult(method, stage, result, note=note))
-        return value
+            failed = StageResult(method, stage, None, note=note)
+            said = out_of_memory_status(err)
+            if said is None:
+                first = (str(err).strip().splitlines() or [""])[0][:300]
+                failed.status = f"error: {type(err).__name__}: {first}"
+            else:
+                failed.status, failed.out_of_memory = said, True
+                if self.device.type == "cuda":  # peaks were reset when the stage started
+                    failed.out_of_memory_at_gib = torch.cuda.max_memory_allocated(self.device) / GIB
+        else:
+            self.results.append(StageResult(method, stage, result, note=note))
+            return value
+        self.results.append(failed)
+        # Out of the except block: while it ran, the error's traceback held the failed stage's frames and their
+        # tensors (a full fine-tune's gradients and Adam states), so the next stage starts without them.
+        release(self.device)
+        return None
 
     def skip(self, method: str, stages: list[str], why: str) -> None:
         """Record that these stages were not measured, and why."""

@@ -8,14 +8,15 @@ One command per model and device:
         --set runtime.dtype=bf16 --out benchmarks/results/cpu-estimate-<date>.json
 
 The model is built with random weights from ``benchmarks/configs/<model>.json`` (no download), saved to a temporary
-folder and loaded with ``peftedit.load_model`` under the shipped 8 GB recipes' runtime settings. Each stage calls the
-library's own functions; the baselines (the diffusers community Imagic pipeline, the null-text reference) run in the
-same process on an fp32 copy. Rows go to ``benchmarks/results/<device>-<date>.json`` (merged with rows already there)
-and a Markdown table is printed. On CPU the CUDA memory fields are null and timings only show that the path runs;
-instead, each stage's live tensor bytes are counted (``tensor_peak_gib``, :mod:`benchmarks.tensor_memory`), an
-estimate of the GPU's peak allocated memory from the same code on the same shapes. On CPU, run the fp16 recipes as
-bf16 (same bytes per value; CPU fp16 convolutions are hundreds of times slower). With ``--track-tensors`` on a GPU the
-count sits beside ``max_memory_allocated``, which checks the estimate.
+folder and loaded with ``peftedit.load_model`` under the shipped recipes' runtime settings (the 8 GB ones; SDXL's own
+for SDXL architectures, :func:`recipes`). Each stage calls the library's own functions; the baselines (the diffusers
+community Imagic pipeline, the null-text reference) run in the same process on an fp32 copy. Rows go to
+``benchmarks/results/<device>-<date>.json`` (merged with rows already there) and a Markdown table is printed. On CPU
+the CUDA memory fields are null and timings only show that the path runs; instead, each stage's live tensor bytes are
+counted (``tensor_peak_gib``, :mod:`benchmarks.tensor_memory`), an estimate of the GPU's peak allocated memory from the
+same code on the same shapes. On CPU, run the fp16 recipes as bf16 (same bytes per value; CPU fp16 convolutions are
+hundreds of times slower). With ``--track-tensors`` on a GPU the count sits beside ``max_memory_allocated``, which
+checks the estimate.
 """
 
 from __future__ import annotations
@@ -36,16 +37,19 @@ from peftedit.artifacts import now_utc, package_versions
 from peftedit.config import build, resolve_recipe, to_dict
 
 from . import imagic_bench, nulltext_bench, options
-from .build_model import parameter_counts, save_model
-from .measure import StageResult, release
+from .build_model import load_config, parameter_counts, save_model
+from .measure import StageResult, out_of_memory_status, release
 from .nulltext_bench import BASELINE_RUNTIME
 from .options import device_name, results_path
 from .output import write_json
 
 log = logging.getLogger("benchmarks")
 
+# The shipped recipes whose runtime settings a model runs under (Imagic's, null-text's): the 8 GB ones, and SDXL's
+# own for SDXL architectures (a config with text_encoder_2).
 IMAGIC_RECIPE = "sd15-8gb"
 NULLTEXT_RECIPE = "nulltext-sd15-8gb"
+XL_RECIPES = ("sdxl", "nulltext-sdxl")
 # Goals of issue 5 (SD 1.5 at 512 px).
 GOAL_PEAK_RESERVED_GIB = 7.5
 GOAL_MEMORY_RATIO = 0.3
@@ -68,15 +72,21 @@ def input_photo(side: int) -> Image.Image:
     return image
 
 
+def recipes(model: str) -> tuple[str, str]:
+    """The names of the shipped recipes (Imagic's, null-text's) the architecture ``model`` is measured under."""
+    return XL_RECIPES if "text_encoder_2" in load_config(model) else (IMAGIC_RECIPE, NULLTEXT_RECIPE)
+
+
 def configs(args) -> tuple[dict, dict | None]:
-    """({runtime, imagic} from the Imagic recipe, {runtime, nulltext} from the null-text recipe or None)."""
+    """({runtime, imagic} from the model's Imagic recipe, {runtime, nulltext} from its null-text recipe or None)."""
     overrides = [f"runtime.device={args.device}", *args.set]
+    imagic_recipe, nulltext_recipe = recipes(args.model)
 
     def mine(tables):
         return [o for o in overrides if o.split("=", 1)[0].split(".", 1)[0] in tables]
 
     tables = {"runtime": RuntimeConfig, "imagic": ImagicConfig}
-    imagic = build(tables, _recipe(IMAGIC_RECIPE), mine({"runtime", "imagic"}))
+    imagic = build(tables, _recipe(imagic_recipe), mine({"runtime", "imagic"}))
     nulltext, _ = nulltext_bench.load_nulltext()
     if nulltext is None:
         return imagic, None
@@ -84,7 +94,7 @@ def configs(args) -> tuple[dict, dict | None]:
     overrides_nt = mine({"runtime", "nulltext"})
     if args.inner_steps is not None:
         overrides_nt.append(f"nulltext.inner_steps={args.inner_steps}")
-    return imagic, build(tables, _recipe(NULLTEXT_RECIPE), overrides_nt)
+    return imagic, build(tables, _recipe(nulltext_recipe), overrides_nt)
 
 
 def _recipe(name: str) -> str | None:
@@ -159,19 +169,39 @@ def run_ours(
 
 
 def run_baseline(folder: Path, args, nulltext_cfg: dict | None) -> list[StageResult]:
-    """The reference implementations' stages on an fp32 load of the same model."""
+    """The reference implementations' stages on an fp32 load of the same model.
+
+    A stage that runs out of memory is a row that says so (:meth:`Recorder.run`); running out outside the stages
+    (loading the fp32 model, encoding the photo) does not stop the run either: the baseline stages left without a
+    row get one saying they were not measured, out of memory, and our rows are written with them. (A method's rows
+    come back when it finishes, so all of the stopped method's stages are marked.)
+    """
+    results: list[StageResult] = []
+    try:
+        _baselines(folder, args, nulltext_cfg, results)
+    except Exception as err:
+        said = out_of_memory_status(err)
+        if said is None:
+            raise
+        log.exception("the baselines ran out of memory outside their measured stages")
+        done = {(r.method, r.stage) for r in results}
+        expected = imagic_bench.BASELINE_STAGES if "imagic" in args.methods else []
+        expected += nulltext_bench.BASELINE_STAGES if "nulltext" in args.methods else []
+        status = f"not measured: {said}"
+        results += [StageResult(m, s, status=status, out_of_memory=True) for m, s in expected if (m, s) not in done]
+    release(torch.device(args.device))  # out of the except block, whose traceback held the model
+    return results
+
+
+def _baselines(folder: Path, args, nulltext_cfg: dict | None, results: list[StageResult]) -> None:
+    """Load the fp32 model and add each method's baseline rows to ``results`` as it finishes."""
     model = load_model(str(folder), RuntimeConfig(device=args.device, **BASELINE_RUNTIME))
     picture = input_photo(model.resolution)
-    results = []
     if "imagic" in args.methods:
         results += imagic_bench.baseline(model, picture, args.steps, args.warmup, args.track_tensors)
     if "nulltext" in args.methods:
         config = nulltext_cfg["nulltext"] if nulltext_cfg else None
         results += nulltext_bench.baseline(model, picture, config, args.steps, args.warmup, args.track_tensors)
-    device = model.device
-    del model
-    release(device)
-    return results
 
 
 def _peak(results: list[StageResult], method: str, key: str) -> float | None:
@@ -191,9 +221,14 @@ def make_rows(
     """One row per measured (method, stage) of ours, with the baseline's numbers and the ratios."""
     by_key = {(r.method, r.stage): r for r in baseline}
     for method in {r.method for r in baseline}:
-        failed = [r.stage for r in baseline if r.method == method and r.status != "ok"]
-        status = f"lower bound: {', '.join(failed)} not measured" if failed else "ok"
-        by_key[(method, "pipeline")] = StageResult(method, "pipeline", status=status, note="max over the stages")
+        failed = [r for r in baseline if r.method == method and r.status != "ok"]
+        oom = ", ".join(r.stage for r in failed if r.out_of_memory)
+        other = ", ".join(r.stage for r in failed if not r.out_of_memory)
+        said = "; ".join(filter(None, [oom and f"{oom} out of memory", other and f"{other} not measured"]))
+        status = f"lower bound: {said}" if said else "ok"
+        # a stage out of memory: the reference's whole run does not fit either
+        whole = StageResult(method, "pipeline", status=status, note="max over the stages", out_of_memory=bool(oom))
+        by_key[(method, "pipeline")] = whole
     device = facts["device"]
     common = {
         "device": device_name(device),
@@ -228,6 +263,8 @@ def make_rows(
             "stage": result.stage,
             "status": result.status,
             "note": result.note,
+            "out_of_memory": result.out_of_memory,
+            "out_of_memory_at_gib": result.out_of_memory_at_gib,
             "peak_allocated_gib": measured.get("peak_allocated_gib"),
             "peak_reserved_gib": measured.get("peak_reserved_gib"),
             "tensor_peak_gib": measured.get("tensor_peak_gib"),
@@ -241,6 +278,8 @@ def make_rows(
             "baseline": f"{base_method}/{base_stage}" if base is not None else None,
             "baseline_status": base.status if base is not None else "no baseline for this stage",
             "baseline_note": base.note if base is not None else "",
+            "baseline_out_of_memory": base.out_of_memory if base is not None else False,
+            "baseline_out_of_memory_at_gib": base.out_of_memory_at_gib if base is not None else None,
             "baseline_peak_allocated_gib": base_fields.get("peak_allocated_gib"),
             "baseline_peak_reserved_gib": base_fields.get("peak_reserved_gib"),
             "baseline_tensor_peak_gib": base_fields.get("tensor_peak_gib"),
@@ -371,8 +410,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     def rows_of(ours: list[StageResult], baseline: list[StageResult], facts: dict) -> list[dict]:
         rows = make_rows(ours, baseline, facts, args, inner_steps)
         for row in rows:
-            source = imagic_cfg if row["method"] == "imagic" or nulltext_cfg is None else nulltext_cfg
-            row["runtime"] = to_dict(source["runtime"])
+            imagic_row = row["method"] == "imagic" or nulltext_cfg is None
+            row["recipe"] = recipes(args.model)[0 if imagic_row else 1]
+            row["runtime"] = to_dict((imagic_cfg if imagic_row else nulltext_cfg)["runtime"])
         return rows
 
     def keep(ours: list[StageResult], facts: dict) -> None:

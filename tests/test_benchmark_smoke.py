@@ -1,7 +1,9 @@
-"""The memory benchmark runs end to end on the tiny architecture and writes complete rows (no timing assertions)."""
+"""The memory benchmark runs end to end on the tiny architectures (SD's and SDXL's) and writes complete rows (no timing
+assertions)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -39,14 +41,21 @@ def _positive(value) -> bool:
     return isinstance(value, float) and math.isfinite(value) and value > 0
 
 
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    """One benchmark run on the tiny model: (rows returned, rows read back, printed output)."""
+# The tiny architectures the whole benchmark runs on: SD's, and SDXL's (two text encoders, pooled text and sizes).
+TINY_MODELS = ["tiny", "tiny-xl"]
+# Each one's text embedding: SDXL's carries its pooled text and size conditions in one more row (peftedit.diffusion).
+EMBEDDING_SHAPE = {"tiny": [1, 77, 32], "tiny-xl": [1, 78, 48]}
+RECIPES = {"tiny": ("sd15-8gb", "nulltext-sd15-8gb"), "tiny-xl": ("sdxl", "nulltext-sdxl")}
+
+
+@pytest.fixture(scope="module", params=TINY_MODELS)
+def bench(request, tmp_path_factory):
+    """One benchmark run on a tiny model: (rows returned, rows read back)."""
     out = tmp_path_factory.mktemp("results") / "cpu.json"
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        argv = ["--model", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--inner-steps", "1"]
+        argv = ["--model", request.param, "--device", "cpu", "--steps", "2", "--warmup", "1", "--inner-steps", "1"]
         rows = memory.main([*argv, "--set", "runtime.dtype=fp32", "--out", str(out)])
     finally:
         torch.set_num_threads(before)
@@ -58,12 +67,17 @@ def test_every_stage_has_a_complete_row(bench):
     assert written == rows
     found = {(r["method"], r["stage"]) for r in rows}
     assert found == {(m, s) for m, stages in STAGES.items() for s in stages}
+    model = rows[0]["model"]
     for row in rows:
         missing = [f for f in FIELDS if f not in row]
         assert not missing, (row["method"], row["stage"], missing)
-        assert row["device"] == "cpu" and row["model"] == "tiny" and row["resolution"] == 32
+        assert row["device"] == "cpu" and row["model"] == model and row["resolution"] == 32
         assert row["versions"]["torch"] == torch.__version__
-        assert row["command"].startswith("python -m benchmarks.memory --model tiny")
+        assert row["command"].startswith(f"python -m benchmarks.memory --model {model} ")
+        assert row["recipe"] == RECIPES[model][row["method"] != "imagic"]
+        assert not row["out_of_memory"] and not row["baseline_out_of_memory"]
+    parts = {"unet", "vae", "text_encoder"} | ({"text_encoder_2"} if model == "tiny-xl" else set())
+    assert set(rows[0]["parameters"]) == parts
 
 
 def test_numbers_are_finite_and_memory_is_null_on_cpu(bench):
@@ -101,7 +115,7 @@ def test_training_stages_report_the_optimizer_state(bench):
     by_stage = {(r["method"], r["stage"]): r for r in rows}
     embedding = by_stage[("imagic", "embedding")]
     assert embedding["optimizer_state"]["class"] in ("AdamW8bit", "AdamW")
-    assert embedding["optimizer_state"]["largest_param_shape"] == [1, 77, 32]
+    assert embedding["optimizer_state"]["largest_param_shape"] == EMBEDDING_SHAPE[embedding["model"]]
     assert embedding["baseline_optimizer_state"]["class"] == "Adam"
     # two steps, one of them warm-up; fp32 scales no loss, so none is skipped
     assert (embedding["optimizer_steps"], embedding["steps_timed"]) == (2, 1)
@@ -112,13 +126,14 @@ def test_training_stages_report_the_optimizer_state(bench):
 
 
 def test_offloaded_encoders_are_left_out_of_training_stages(bench):
-    """The recipes move the VAE and text encoder off the GPU while training; on a CPU they cannot move, so the
-    estimate leaves their weights out of those stages instead (and counts them where they are used: render, edit)."""
+    """The recipes move the VAE and text encoder(s) off the GPU while training; on a CPU they cannot move, so the
+    estimate leaves their weights out of those stages instead (and counts them where they are used: render, edit).
+    SDXL's second text encoder too."""
     rows, _ = bench
     by_stage = {(r["method"], r["stage"]): r for r in rows}
     assert by_stage[("imagic", "embedding")]["runtime"]["offload_encoders"]
     counts = by_stage[("imagic", "embedding")]["parameters"]
-    encoders_gib = (counts["vae"] + counts["text_encoder"]) * 4 / 2**30  # fp32 run
+    encoders_gib = (counts["vae"] + counts["text_encoder"] + counts.get("text_encoder_2", 0)) * 4 / 2**30  # fp32
     for method, stage, used in (("imagic", "embedding", "render"), ("null-text", "null-optimization", "edit")):
         gap = by_stage[(method, used)]["tensor_resident_gib"] - by_stage[(method, stage)]["tensor_resident_gib"]
         assert gap >= 0.95 * encoders_gib, (method, stage, gap, encoders_gib)
@@ -140,6 +155,38 @@ def test_configs_build_their_architectures(one_thread):
         config = load_config(name)
         assert resolution(name) == side and config["unet"]["cross_attention_dim"] == context
         assert config["text_encoder"]["hidden_size"] == context
+
+
+# The real checkpoints' parameter counts (stable-diffusion-v1-5, stable-diffusion-2-1, stable-diffusion-xl-base-1.0).
+REAL_PARAMETERS = {
+    "sd15": {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480},
+    "sd21": {"unet": 865_910_724, "vae": 83_653_863, "text_encoder": 340_387_840},
+    "sdxl": {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840},
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_PARAMETERS))
+def test_real_size_configs_have_the_real_parameter_counts(name):
+    """Built on the meta device (shapes, no memory: SDXL in fp32 is 14 GB), part by part."""
+    pipe = build_pipeline(name, device="meta")
+    assert parameter_counts(pipe) == REAL_PARAMETERS[name]
+
+
+@pytest.mark.parametrize("name, side", [("sdxl", 1024), ("tiny-xl", 32)])
+def test_xl_configs_build_sdxl_pipelines(name, side):
+    """Two text encoders whose hidden states are concatenated into the UNet's context, the second one's projection
+    (pooled text) and six size numbers into its added time embedding; the scheduler converts to DDIM as it is."""
+    from diffusers import DDIMScheduler
+
+    pipe = build_pipeline(name, device="meta")
+    unet, first, second = pipe.unet.config, pipe.text_encoder.config, pipe.text_encoder_2.config
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline" and resolution(name) == side
+    assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    assert first.hidden_size + second.hidden_size == unet.cross_attention_dim
+    assert unet.projection_class_embeddings_input_dim == 6 * unet.addition_time_embed_dim + second.projection_dim
+    assert pipe.tokenizer_2 is pipe.tokenizer and second.vocab_size >= len(pipe.tokenizer)
+    ddim = DDIMScheduler.from_config(pipe.scheduler.config)
+    assert torch.equal(ddim.betas, pipe.scheduler.betas) and ddim.config.steps_offset == 1
 
 
 def test_missing_nulltext_module_gives_not_available_rows(tmp_path, monkeypatch, one_thread):
@@ -281,6 +328,51 @@ def test_savers_estimate_what_keeping_idle_parts_off_the_gpu_buys(tmp_path, one_
             assert saved == 0, (method, stage, saved)
 
 
+def _out_of_memory(*args, **kwargs):
+    raise torch.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 14.00 GiB. GPU 0 has a total capacity of 24 GiB"
+    )
+
+
+def test_baselines_out_of_memory_outside_their_stages_are_rows(monkeypatch):
+    """The fp32 model not fitting the GPU (SDXL's baselines on a small card) gives each baseline stage a row that says
+    so, and the run goes on to write our rows with them; other failures still stop it."""
+    monkeypatch.setattr(memory, "load_model", _out_of_memory)
+    args = argparse.Namespace(device="cpu", methods=["imagic", "nulltext"])
+    rows = memory.run_baseline(Path("unused"), args, None)
+    assert [(r.method, r.stage) for r in rows] == [("imagic", s) for s in ("embedding", "lora", "render")] + [
+        ("null-text", s) for s in ("pivot", "null-optimization", "edit")
+    ]
+    assert all(r.out_of_memory and r.measurement is None for r in rows)
+    assert all(r.status.startswith("not measured: out of memory (CUDA out of memory. Tried") for r in rows)
+    monkeypatch.setattr(memory, "load_model", _stop)
+    with pytest.raises(_Stopped):
+        memory.run_baseline(Path("unused"), args, None)
+
+
+def test_rows_mark_a_baseline_stage_out_of_memory():
+    """The baseline's fine-tune out of memory: its row and the baseline pipeline (a lower bound: the reference's whole
+    run does not fit) say so, and no ratio is made from the missing peak."""
+    from benchmarks.measure import Measurement, StageResult
+
+    measured = Measurement(peak_allocated_gib=5.0, peak_reserved_gib=6.0, seconds_per_step=0.5)
+    ours = [StageResult("imagic", s, measured) for s in ("pipeline", "lora", "render")]
+    oom = StageResult("imagic", "lora", status="out of memory (CUDA out of memory.); did not fit this device")
+    oom.out_of_memory, oom.out_of_memory_at_gib = True, 78.5
+    baseline = [oom, StageResult("imagic", "render", Measurement(peak_reserved_gib=20.0, seconds_per_step=1.0))]
+    facts = {"device": torch.device("cpu"), "resolution": 1024, "dtype": "float16", "attention": "x", "parameters": {}}
+    args = argparse.Namespace(model="sdxl", steps=6, warmup=2, command="python -m benchmarks.memory")
+    rows = {r["stage"]: r for r in memory.make_rows(ours, baseline, facts, args, None)}
+    lora, whole, render = rows["lora"], rows["pipeline"], rows["render"]
+    assert lora["baseline_out_of_memory"] and lora["baseline_out_of_memory_at_gib"] == 78.5
+    assert lora["baseline_status"].startswith("out of memory") and lora["memory_ratio"] is None
+    assert whole["baseline_out_of_memory"] and whole["baseline_status"] == "lower bound: lora out of memory"
+    assert whole["baseline_peak_reserved_gib"] == 20.0  # what was measured: a lower bound
+    assert not render["baseline_out_of_memory"] and render["memory_ratio"] == 6.0 / 20.0
+    assert not any(r["out_of_memory"] for r in rows.values())
+    assert "baseline out of memory" in memory.markdown(list(rows.values()))
+
+
 class _Stopped(Exception):
     """Stands in for the device tool's time limit killing a run part way."""
 
@@ -348,7 +440,7 @@ def test_versions_name_peftedit_when_it_runs_from_a_checkout(monkeypatch):
 def test_every_command_of_the_gpu_run_parses(tmp_path):
     """Device calls are scarce (30 minutes a session): each command gpu_run.sh would run there parses with its
     benchmark's own parser here, so a misspelt option or variant fails in CI, not in a device call."""
-    steps = ["smoke", "sd15", "sd21", "savers", "options", "compiled", "tracked", "checkpointing"]
+    steps = ["smoke", "sd15", "sd21", "sdxl", "savers", "options", "compiled", "tracked", "checkpointing"]
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_run.sh"
     env = {**os.environ, "GPU_RUN_DRY": "1", "OUT": str(tmp_path)}
     done = subprocess.run(["bash", str(script), *steps], env=env, capture_output=True, text=True, check=True)
@@ -360,6 +452,8 @@ def test_every_command_of_the_gpu_run_parses(tmp_path):
             continue
         args = parsers[module].parse_args(argv)
         assert args.device == "cuda" and args.out.parent == tmp_path, argv
-    assert [c[0] for c in commands].count("pytest") == 1 and len(commands) == 9
+    assert [c[0] for c in commands].count("pytest") == 1 and len(commands) == 10
+    models = [parsers[module].parse_args(argv).model for module, *argv in commands if module != "pytest"]
+    assert {"sd15", "sd21", "sdxl"} <= set(models)
     refused = subprocess.run(["bash", str(script), "smoke", "sd51"], env=env, capture_output=True, text=True)
     assert refused.returncode == 2 and "unknown step: sd51" in refused.stderr and not refused.stdout

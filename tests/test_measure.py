@@ -1,4 +1,5 @@
-"""How the benchmark counts steps: a training step that float16 loss scaling skips is still a step."""
+"""How the benchmark counts steps (a training step that float16 loss scaling skips is still a step), and what a
+stage that fails leaves."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import pytest
 import torch
 
-from benchmarks.measure import measure
+from benchmarks.measure import DID_NOT_FIT, Recorder, measure
 from peftedit.optim import descend
 
 
@@ -64,3 +65,56 @@ def test_a_skipped_last_step_ends_with_the_block():
     steps = [b - a for a, b in zip(result.flop_stamps, result.flop_stamps[1:], strict=False)]
     assert result.optimizer_steps == 2 and result.steps_timed == 2
     assert steps[1] == steps[0] + 2 * 64**3  # the step, then the 64x64 product after the loop
+
+
+def _out_of_memory(*args, **kwargs):
+    raise torch.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79 GiB"
+    )
+
+
+def test_a_stage_out_of_memory_is_a_row_and_the_next_stage_runs():
+    """A full fine-tune too large for the GPU (the Imagic baseline at SDXL size) leaves a row saying so, without
+    peaks that would make ratios, and the stages after it are measured."""
+    recorder = Recorder(torch.device("cpu"), Net(), warmup=0)
+    assert recorder.run("imagic", "lora", _out_of_memory) is None
+    assert recorder.run("imagic", "render", lambda: 7) == 7
+    failed, after = recorder.results
+    assert failed.out_of_memory and failed.measurement is None and failed.out_of_memory_at_gib is None  # off CUDA
+    assert failed.status.startswith("out of memory (CUDA out of memory. Tried to allocate 20.00 GiB")
+    assert failed.status.endswith(DID_NOT_FIT)
+    assert after.status == "ok" and not after.out_of_memory and after.measurement.seconds_total > 0
+    recorder.run("imagic", "embedding", lambda: 1 / 0)  # any other failure stays an error row
+    assert (
+        recorder.results[-1].status.startswith("error: ZeroDivisionError") and not recorder.results[-1].out_of_memory
+    )
+
+
+def test_idle_offload_brings_each_text_encoder_back_when_it_runs(monkeypatch):
+    """``runtime.offload_idle`` on a CPU (hooks in the live-tensor count), on SDXL's layout: the parts the library
+    keeps off while the UNet samples stop counting when it runs, and each text encoder, the second one too, counts
+    again when it runs. The library's list is widened to SDXL's second encoder here, so the hook is exercised
+    whatever the library's own list holds."""
+    from types import SimpleNamespace
+
+    from benchmarks import measure
+    from benchmarks.build_model import build_pipeline
+    from benchmarks.tensor_memory import TensorMemory
+
+    monkeypatch.setattr(measure, "IDLE_WHILE_SAMPLING", ("vae", "text_encoder", "text_encoder_2"))
+    pipe = build_pipeline("tiny-xl")
+    model = SimpleNamespace(pipe=pipe, device=torch.device("cpu"), runtime=SimpleNamespace(offload_idle=True))
+    size = lambda *parts: sum(t.numel() * t.element_size() for t in measure.offloaded_tensors(pipe, parts))
+    unet = pipe.unet.config
+    latent, t = torch.zeros(1, 4, unet.sample_size, unet.sample_size), torch.tensor([10])
+    context, ids = torch.zeros(1, 77, unet.cross_attention_dim), torch.zeros(1, 77, dtype=torch.long)
+    added = {"text_embeds": torch.zeros(1, pipe.text_encoder_2.config.projection_dim), "time_ids": torch.zeros(1, 6)}
+    with torch.no_grad(), TensorMemory("cpu", hooks=measure.idle_offload(model)) as tracked:
+        everything = tracked.current
+        pipe.unet(latent, t, encoder_hidden_states=context, added_cond_kwargs=added)
+        assert everything - tracked.current == size("vae", "text_encoder", "text_encoder_2")
+        pipe.text_encoder_2(ids)
+        assert everything - tracked.current == size("vae", "text_encoder")
+        pipe.text_encoder(ids)
+        assert everything - tracked.current == size("vae")
+    assert size("text_encoder_2") > 0 and measure.offloaded_tensors(build_pipeline("tiny"), ("text_encoder_2",)) == []

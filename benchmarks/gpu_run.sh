@@ -5,7 +5,7 @@
 # what it finished. Several steps may share one call (`bash benchmarks/gpu_run.sh smoke sd15`): each fresh machine
 # costs a start, the wheels' install and the model's build again.
 #
-#   bash benchmarks/gpu_run.sh smoke      # tiny model on CUDA + the -m gpu tests (~1-2 min): run first
+#   bash benchmarks/gpu_run.sh smoke      # tiny SD and SDXL on CUDA + the -m gpu tests (~1-2 min): run first
 #   bash benchmarks/gpu_run.sh sd15       # issue 5's table: SD 1.5 at 512 px, ours and the baselines
 #   bash benchmarks/gpu_run.sh sd21       # SD 2.1 at 768 px
 #   bash benchmarks/gpu_run.sh sdxl       # SDXL at 1024 px (~6-10 min estimated: alone in a call; see below)
@@ -53,7 +53,10 @@ for step in "${steps[@]}"; do
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/$step.log"
   case $step in
     smoke)
+      # tiny-xl too: SDXL's path (pooled text, size conditions, fp32 VAE under fp16) meets CUDA here first, in
+      # seconds, rather than in the sdxl step's minutes.
       run benchmarks.memory --model tiny --device cuda --steps 3 --warmup 1 --out "$out/tiny-cuda.json" \
+        && run benchmarks.memory --model tiny-xl --device cuda --steps 3 --warmup 1 --out "$out/tiny-xl-cuda.json" \
         && run pytest -m gpu -q -p no:cacheprovider tests ;;
     sd15 | sd21 | sdxl)  # sdxl: a UNet call is 6.8 TFLOP (3.1x SD 2.1's at 768 px) and the fp32 model 14 GB to build
       # on the CPU, save and load twice: estimated 6-10 minutes, so alone in a call; our rows are written before the

@@ -452,8 +452,8 @@ def test_every_command_of_the_gpu_run_parses(tmp_path):
             continue
         args = parsers[module].parse_args(argv)
         assert args.device == "cuda" and args.out.parent == tmp_path, argv
-    assert [c[0] for c in commands].count("pytest") == 1 and len(commands) == 10
+    assert [c[0] for c in commands].count("pytest") == 1 and len(commands) == 11
     models = [parsers[module].parse_args(argv).model for module, *argv in commands if module != "pytest"]
-    assert {"sd15", "sd21", "sdxl"} <= set(models)
+    assert {"tiny", "tiny-xl", "sd15", "sd21", "sdxl"} <= set(models)
     refused = subprocess.run(["bash", str(script), "smoke", "sd51"], env=env, capture_output=True, text=True)
     assert refused.returncode == 2 and "unknown step: sd51" in refused.stderr and not refused.stdout

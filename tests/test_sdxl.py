@@ -193,3 +193,18 @@ def test_cli_imagic_edit_invert_and_generate_on_sdxl(xl_dir, photo, tmp_path, mo
     assert main(["inspect", "edit", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["base_pipeline"] == "StableDiffusionXLPipeline" and info["tensors"]["e_opt"] == [1, 78, 48]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sdxl_trains_and_renders_in_half_precision_on_cuda(xl_dir, photo):
+    """The recipes' settings on CUDA: fp16 UNet and text encoders, the VAE upcast to fp32, fp32 trained values."""
+    model = load_model(str(xl_dir), RuntimeConfig(device="cuda", dtype="fp16"))
+    assert model.pipe.unet.dtype == torch.float16 and model.pipe.vae.dtype == torch.float32
+    config = ImagicConfig(embedding_steps=5, finetune_steps=5, render_steps=3, preview_etas=[0.7])
+    artifact = imagic.fit(model, photo, TEXT, config, show_progress=False)
+    assert artifact.tensors["e_opt"].dtype == torch.float32 and torch.isfinite(artifact.tensors["e_opt"]).all()
+    picture = np.asarray(imagic.render(model, artifact, eta=0.7, seed=0))
+    assert picture.shape == (SIDE, SIDE, 3)
+    inverted = nulltext.invert(model, photo, TEXT, NullTextConfig(steps=4, inner_steps=2), show_progress=False)
+    assert torch.isfinite(inverted.tensors["null_embeddings"]).all()

@@ -68,7 +68,7 @@ def run(args) -> list[dict]:
     runtime = configs["runtime"]
     config = dataclasses.replace(configs["imagic"], embedding_steps=args.steps, finetune_steps=args.steps)
     with tempfile.TemporaryDirectory(prefix="peftedit-ckpt-") as tmp:
-        model = load_model(str(save_model(args.model, Path(tmp) / args.model)), runtime)
+        model = load_model(str(save_model(args.model, Path(tmp) / args.model, device=args.device)), runtime)
     pipe, unet, device = model.pipe, model.pipe.unet, model.device
     latent = encode_image(pipe, memory.input_photo(model.resolution))
     e_tgt = encode_text(pipe, "a photo of a dog jumping on a bench")

@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         log.info("%d rows written so far", len(pending))
 
     with tempfile.TemporaryDirectory(prefix="peftedit-bench-") as tmp:
-        folder = args.model_dir or save_model(args.model, Path(tmp) / args.model)
+        folder = args.model_dir or save_model(args.model, Path(tmp) / args.model, device=args.device)
         log.info("model %s in %s; running our stages", args.model, folder)
         ours, facts = run_ours(folder, args, imagic_cfg, nulltext_cfg, keep)
         baseline = [] if args.no_baseline else run_baseline(folder, args, nulltext_cfg)

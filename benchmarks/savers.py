@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return found
 
     with tempfile.TemporaryDirectory(prefix="peftedit-savers-") as tmp:
-        folder = save_model(args.model, Path(tmp) / args.model)
+        folder = save_model(args.model, Path(tmp) / args.model, device=args.device)
         for variant, override in VARIANTS:
             if variant != "recipe" and variant not in chosen:
                 continue

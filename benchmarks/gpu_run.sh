@@ -58,8 +58,8 @@ for step in "${steps[@]}"; do
       run benchmarks.memory --model tiny --device cuda --steps 3 --warmup 1 --out "$out/tiny-cuda.json" \
         && run benchmarks.memory --model tiny-xl --device cuda --steps 3 --warmup 1 --out "$out/tiny-xl-cuda.json" \
         && run pytest -m gpu -q -p no:cacheprovider tests ;;
-    sd15 | sd21 | sdxl)  # sdxl: a UNet call is 6.8 TFLOP (3.1x SD 2.1's at 768 px) and the fp32 model 14 GB to build
-      # on the CPU, save and load twice: estimated 6-10 minutes, so alone in a call; our rows are written before the
+    sd15 | sd21 | sdxl)  # sdxl: a UNet call is 6.8 TFLOP (3.1x SD 2.1's at 768 px) and the model 7 GB (fp16) to
+      # draw, save and load twice: estimated 6-10 minutes, so alone in a call; our rows are written before the
       # baselines, so a run cut off there keeps them. Its Imagic baseline's full fine-tune (fp32 weights, gradients
       # and Adam states: 41 GB before activations) may not fit: its rows then say out of memory and the run goes on.
       run benchmarks.memory --model "$step" --device cuda --out "$out/memory-$step.json" ;;

@@ -1,15 +1,29 @@
-"""Test support: a diffusers Stable Diffusion 1.x pipeline folder written as one checkpoint in the original
-CompVis/LDM key layout (what `--model file.safetensors` loads), so the single-file path is tested on a real file.
+"""Test support: a diffusers Stable Diffusion pipeline folder written as one checkpoint in the original key layout
+(what `--model file.safetensors` loads), so the single-file path is tested on a real file.
 
-The result loads with ``StableDiffusionPipeline.from_single_file(path, config=folder)``. Only names change (and the
-VAE attention's linear weights become 1x1 convolutions), so every UNet, VAE and text-encoder tensor round-trips
-bit-identically. The block numbering is derived from the folder's ``unet/config.json`` and ``vae/config.json``; a
-weight that has no LDM name (an SDXL-style add-embedding, a non-attention UNet mid block, ...) raises ``ValueError``.
+SD 1.x (CompVis/LDM): UNet under ``model.diffusion_model.``, VAE under ``first_stage_model.``, the CLIP text encoder
+under ``cond_stage_model.transformer.``. SDXL (Stability's generative-models): the same UNet and VAE names plus the
+UNet's added embedding (``label_emb.0.0`` / ``label_emb.0.2``), the first text encoder in HF CLIP names under
+``conditioner.embedders.0.transformer.`` and the second in OpenCLIP names under ``conditioner.embedders.1.model.``
+(q, k and v fused into ``in_proj``; ``text_projection`` stored as OpenCLIP multiplies by it, ``x @ P``: the transpose
+of the HF linear weight). The folder's ``model_index.json`` says which.
+
+The result loads with ``StableDiffusionPipeline.from_single_file(path, config=folder)`` (``StableDiffusionXLPipeline``
+for SDXL). Only names change (and the VAE attention's linear weights become 1x1 convolutions, OpenCLIP's q, k, v one
+tensor, its projection transposed), so every UNet, VAE and text-encoder tensor round-trips bit-identically. The block
+numbering is derived from the folder's ``unet/config.json`` and ``vae/config.json``; a weight that has no original name
+(a non-attention UNet mid block, an add-embedding other than SDXL's, ...) raises ``ValueError``.
+
+What diffusers 0.42's single-file loader needs of a tiny SDXL: its two text encoders of different widths (it tells
+them apart by the width of the first one's position embedding; with equal widths the second gets the first's weights
+and no projection). Without ``config=`` it guesses the model from tensor names and takes the tiny file for SD 1.x: it
+recognises SDXL by OpenCLIP layer 9 (``resblocks.9``), which a 2-layer encoder lacks.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -27,6 +41,22 @@ UNET_RESNET: Inner = {
 }
 VAE_RESNET: Inner = {"conv_shortcut": "nin_shortcut"}
 VAE_ATTENTION: Inner = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+# OpenCLIP's names for the HF CLIP text model's (SDXL's second text encoder), outside and inside a transformer layer.
+OPEN_CLIP_TOP = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+    "text_projection.weight": "text_projection",
+}
+OPEN_CLIP_LAYER: Inner = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+    "self_attn.out_proj": "attn.out_proj",
+}
+FUSED = ("q_proj", "k_proj", "v_proj")  # OpenCLIP's in_proj holds them stacked in this order (nn.MultiheadAttention)
 KEEP: Inner = {}
 Prefixes = dict[str, tuple[str, Inner]]  # diffusers module prefix -> (LDM module prefix, inner renames)
 
@@ -38,9 +68,7 @@ def _config(folder: Path, component: str) -> dict:
 def _unet_prefixes(cfg: dict) -> Prefixes:
     lpb, levels = cfg["layers_per_block"], len(cfg["block_out_channels"])
     if not isinstance(lpb, int) or cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
-        raise ValueError(
-            "only SD 1.x-shaped UNets (one int layers_per_block, cross-attention mid block) are supported"
-        )
+        raise ValueError("only SD-shaped UNets (one int layers_per_block, cross-attention mid block) are supported")
     p: Prefixes = {
         "time_embedding.linear_1": ("time_embed.0", KEEP),
         "time_embedding.linear_2": ("time_embed.2", KEEP),
@@ -51,6 +79,9 @@ def _unet_prefixes(cfg: dict) -> Prefixes:
         "mid_block.attentions.0": ("middle_block.1", KEEP),
         "mid_block.resnets.1": ("middle_block.2", UNET_RESNET),
     }
+    if cfg.get("addition_embed_type") == "text_time":  # SDXL: pooled text and sizes join the time embedding
+        p["add_embedding.linear_1"] = ("label_emb.0.0", KEEP)
+        p["add_embedding.linear_2"] = ("label_emb.0.2", KEEP)
     n = 1  # input_blocks.0 is conv_in; then per level: lpb x (resnet [+ transformer]), and a downsampler if not last
     for level, kind in enumerate(cfg["down_block_types"]):
         for j in range(lpb):
@@ -114,17 +145,54 @@ def _rename(state: dict[str, torch.Tensor], prefixes: Prefixes, root: str) -> di
     return out
 
 
+def _open_clip(state: dict[str, torch.Tensor], root: str) -> dict[str, torch.Tensor]:
+    """An HF ``CLIPTextModelWithProjection`` state dict in OpenCLIP's names under ``root``."""
+    out: dict[str, torch.Tensor] = {}
+    stacked: dict[str, dict[str, torch.Tensor]] = {}  # in_proj name -> {"q_proj": ..., "k_proj": ..., "v_proj": ...}
+    for key, tensor in state.items():
+        name = key.removeprefix("text_model.")  # present or not depending on the transformers version
+        layer = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
+        if name == "text_projection.weight":
+            out[root + "text_projection"] = tensor.T.contiguous()
+        elif name in OPEN_CLIP_TOP:
+            out[root + OPEN_CLIP_TOP[name]] = tensor
+        elif layer and layer[2].startswith("self_attn.") and layer[2].removeprefix("self_attn.") in FUSED:
+            fused = f"{root}transformer.resblocks.{layer[1]}.attn.in_proj_{layer[3]}"
+            stacked.setdefault(fused, {})[layer[2].removeprefix("self_attn.")] = tensor
+        elif layer and layer[2] in OPEN_CLIP_LAYER:
+            out[f"{root}transformer.resblocks.{layer[1]}.{OPEN_CLIP_LAYER[layer[2]]}.{layer[3]}"] = tensor
+        else:
+            raise ValueError(f"{root}: no OpenCLIP name for text-encoder weight {key!r}")
+    for fused, parts in stacked.items():
+        if sorted(parts) != sorted(FUSED):
+            raise ValueError(f"{fused}: q, k and v projections not all present ({sorted(parts)})")
+        out[fused] = torch.cat([parts[p] for p in FUSED]).contiguous()
+    return out
+
+
+def _merge(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    out = {key: tensor for part in parts for key, tensor in part.items()}
+    if len(out) != sum(map(len, parts)):
+        raise ValueError("weights of different components were given the same original name")
+    return out
+
+
 def write_single_file(folder: str | Path, path: str | Path) -> None:
-    """Write the diffusers SD 1.x pipeline in ``folder`` as one LDM-layout .safetensors checkpoint at ``path``."""
+    """Write the diffusers SD 1.x or SDXL pipeline in ``folder`` as one original-layout .safetensors checkpoint at
+    ``path`` (SDXL when its ``model_index.json`` names an XL pipeline)."""
     folder = Path(folder)
+    xl = "XL" in json.loads((folder / "model_index.json").read_text()).get("_class_name", "")
     unet = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
     vae = load_file(folder / "vae" / "diffusion_pytorch_model.safetensors")
     text = load_file(folder / "text_encoder" / "model.safetensors")
-    checkpoint = _rename(unet, _unet_prefixes(_config(folder, "unet")), "model.diffusion_model.")
-    checkpoint.update(_rename(vae, _vae_prefixes(_config(folder, "vae")), "first_stage_model."))
-    # transformers >= 5.6 saves CLIPTextModel without the "text_model." level; the LDM layout always has it.
-    clip = "cond_stage_model.transformer.text_model."
-    checkpoint.update({clip + key.removeprefix("text_model."): tensor for key, tensor in text.items()})
-    if len(checkpoint) != len(unet) + len(vae) + len(text):
-        raise ValueError("weights of different components were given the same LDM name")
-    save_file(checkpoint, str(path), metadata={"format": "pt"})
+    parts = [
+        _rename(unet, _unet_prefixes(_config(folder, "unet")), "model.diffusion_model."),
+        _rename(vae, _vae_prefixes(_config(folder, "vae")), "first_stage_model."),
+    ]
+    # transformers >= 5.6 saves CLIPTextModel without the "text_model." level; the original layouts always have it.
+    clip = ("conditioner.embedders.0" if xl else "cond_stage_model") + ".transformer.text_model."
+    parts.append({clip + key.removeprefix("text_model."): tensor for key, tensor in text.items()})
+    if xl:
+        text_2 = load_file(folder / "text_encoder_2" / "model.safetensors")
+        parts.append(_open_clip(text_2, "conditioner.embedders.1.model."))
+    save_file(_merge(parts), str(path), metadata={"format": "pt"})

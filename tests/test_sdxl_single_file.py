@@ -1,0 +1,122 @@
+"""SDXL from one checkpoint file in SDXL's original layout (written by tests/ldm_checkpoint.py from the tiny SDXL):
+every weight loads bit-identically through diffusers' single-file loader, the file's tensor names pick the SDXL
+pipeline when no configs are given, and `generate` draws the same picture from the file as from its folder."""
+
+from __future__ import annotations
+
+import shutil
+
+import huggingface_hub.constants
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from ldm_checkpoint import write_single_file
+from PIL import Image
+from safetensors.torch import load_file
+
+from peftedit import RuntimeConfig, load_model
+from peftedit.cli import main
+from peftedit.models import is_xl
+from peftedit.tiny import build_xl_pipeline
+
+RUNTIME = RuntimeConfig(device="cpu")
+WEIGHTS = {  # component -> its weights file in a diffusers folder
+    "unet": "diffusion_pytorch_model.safetensors",
+    "vae": "diffusion_pytorch_model.safetensors",
+    "text_encoder": "model.safetensors",
+    "text_encoder_2": "model.safetensors",
+}
+OPEN_CLIP = "conditioner.embedders.1.model."  # SDXL's second text encoder, in OpenCLIP's names
+ROOTS = ("model.diffusion_model.", "first_stage_model.", "conditioner.embedders.0.transformer.", OPEN_CLIP)
+
+
+@pytest.fixture(scope="module")
+def xl_dir(tmp_path_factory, tokenizer_dir):
+    folder = tmp_path_factory.mktemp("tiny-xl")
+    build_xl_pipeline(tokenizer_dir).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def xl_file(xl_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("single") / "tiny-xl.safetensors"
+    write_single_file(xl_dir, path)
+    return path
+
+
+def test_the_file_has_sdxl_original_names(xl_dir, xl_file):
+    checkpoint = load_file(xl_file)
+    assert all(key.startswith(ROOTS) for key in checkpoint)
+    assert "model.diffusion_model.label_emb.0.0.weight" in checkpoint  # the pooled-text and size embedding
+    assert checkpoint["model.diffusion_model.middle_block.1.proj_in.weight"].ndim == 2  # SDXL's linear proj_in
+    text_2 = load_file(xl_dir / "text_encoder_2" / WEIGHTS["text_encoder_2"])
+    # OpenCLIP computes x @ text_projection: the transpose of HF's linear weight.
+    assert torch.equal(checkpoint[OPEN_CLIP + "text_projection"], text_2["text_projection.weight"].T)
+    attention = "text_model.encoder.layers.1.self_attn."
+    qkv = torch.cat([text_2[f"{attention}{p}_proj.weight"] for p in "qkv"])
+    assert torch.equal(checkpoint[OPEN_CLIP + "transformer.resblocks.1.attn.in_proj_weight"], qkv)
+
+
+def _with_two_transformer_layers(xl_dir, folder):
+    """The tiny SDXL with SDXL's deeper attention blocks: (1, 2) transformer layers per down block, as SDXL's
+    (1, 2, 10), so the mid block and the up blocks hold two too."""
+    shutil.copytree(xl_dir, folder)
+    config = dict(UNet2DConditionModel.load_config(xl_dir / "unet"), transformer_layers_per_block=[1, 2])
+    torch.manual_seed(1)
+    UNet2DConditionModel.from_config(config).save_pretrained(folder / "unet")
+    return folder
+
+
+@pytest.mark.parametrize("layers", ["one", "two"], ids=["transformer_layers_1", "transformer_layers_1_2"])
+def test_every_weight_round_trips_bit_identically(layers, xl_dir, xl_file, tmp_path):
+    if layers == "two":
+        xl_dir, xl_file = _with_two_transformer_layers(xl_dir, tmp_path / "deeper"), tmp_path / "deeper.safetensors"
+        write_single_file(xl_dir, xl_file)
+        assert "model.diffusion_model.middle_block.1.transformer_blocks.1.attn2.to_k.weight" in load_file(xl_file)
+    model = load_model(str(xl_file), RUNTIME, single_file_config=str(xl_dir))
+    assert is_xl(model.pipe) and model.single_file_config == str(xl_dir.resolve())
+    for component, weights in WEIGHTS.items():
+        saved = load_file(xl_dir / component / weights)
+        loaded = getattr(model.pipe, component).state_dict()
+        assert loaded.keys() == saved.keys(), component
+        different = [key for key in saved if not torch.equal(loaded[key], saved[key])]
+        assert not different, (component, different[:5])
+
+
+def test_without_configs_the_tensor_names_choose_sdxl_and_offline_fails_in_one_line(
+    xl_file, tmp_path, monkeypatch, capsys
+):
+    """No --single-file-config: peftedit picks the XL pipeline from the ``conditioner.embedders.`` names; diffusers
+    then needs its configs from the hub, which offline is one clear line, not a traceback. (diffusers' own guess for
+    this tiny file is SD 1.5's configs: see ldm_checkpoint; a real SDXL file reads as SDXL base there too.)"""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: the env var is too late
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # nothing cached
+    calls = []
+    for pipeline in (StableDiffusionPipeline, StableDiffusionXLPipeline):
+        real = pipeline.from_single_file  # bound to its class
+
+        def spy(path, real=real, name=pipeline.__name__, **kwargs):
+            calls.append((name, path, kwargs.get("config")))
+            return real(path, **kwargs)
+
+        monkeypatch.setattr(pipeline, "from_single_file", staticmethod(spy))
+    code = main(["--quiet", "generate", "a red circle", "--model", str(xl_file), "-o", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert calls == [("StableDiffusionXLPipeline", str(xl_file.resolve()), None)]
+    assert code == 2 and "Traceback" not in err
+    lines = [line for line in err.strip().splitlines() if line.startswith("peftedit: error:")]
+    assert len(lines) == 1, err
+    assert "could not load model" in lines[0] and "configs come from --single-file-config" in lines[0]
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_generate_draws_the_same_picture_from_the_file_as_from_the_folder(xl_dir, xl_file, tmp_path):
+    pictures = []
+    for model in (["--model", str(xl_file), "--single-file-config", str(xl_dir)], ["--model", str(xl_dir)]):
+        pictures.append(tmp_path / f"{len(pictures)}.png")
+        argv = ["--quiet", "generate", "a red circle", *model, "--steps", "2", "-o", str(pictures[-1])]
+        assert main(argv) == 0
+    file_picture, folder_picture = (np.array(Image.open(p)) for p in pictures)
+    assert file_picture.shape == (16, 16, 3) and file_picture.std() > 0
+    assert np.array_equal(file_picture, folder_picture)

@@ -29,7 +29,7 @@ from peftedit.models import Model
 from .measure import Recorder, StageResult, idle_offload
 
 METHOD = "imagic"
-BASELINE_STAGES = [(METHOD, "embedding"), (METHOD, "lora"), (METHOD, "render")]  # what baseline() measures
+BASELINE_STAGES = ((METHOD, "embedding"), (METHOD, "lora"), (METHOD, "render"))  # what baseline() measures
 TARGET = "a photo of a dog jumping on a bench"
 # The diffusers community Imagic pipeline's defaults.
 COMMUNITY_EMBEDDING_LR = 1e-3

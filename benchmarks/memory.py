@@ -185,8 +185,10 @@ def run_baseline(folder: Path, args, nulltext_cfg: dict | None) -> list[StageRes
             raise
         log.exception("the baselines ran out of memory outside their measured stages")
         done = {(r.method, r.stage) for r in results}
-        expected = imagic_bench.BASELINE_STAGES if "imagic" in args.methods else []
-        expected += nulltext_bench.BASELINE_STAGES if "nulltext" in args.methods else []
+        expected = [
+            *(imagic_bench.BASELINE_STAGES if "imagic" in args.methods else ()),
+            *(nulltext_bench.BASELINE_STAGES if "nulltext" in args.methods else ()),
+        ]
         status = f"not measured: {said}"
         results += [StageResult(m, s, status=status, out_of_memory=True) for m, s in expected if (m, s) not in done]
     release(torch.device(args.device))  # out of the except block, whose traceback held the model

@@ -31,7 +31,7 @@ STAGES = {
     "direct": ["pipeline", "offsets", "edit"],
 }
 # What baseline() measures: the reference's null-text stages (the other methods' rows compare against these).
-BASELINE_STAGES = [("null-text", "pivot"), ("null-text", "null-optimization"), ("null-text", "edit")]
+BASELINE_STAGES = (("null-text", "pivot"), ("null-text", "null-optimization"), ("null-text", "edit"))
 REFERENCE_GUIDANCE = 7.5
 # The reference implementations' settings: everything in fp32, fp32 optimizer states, no memory savers.
 BASELINE_RUNTIME = dict(

@@ -35,7 +35,10 @@ from .errors import ArtifactError
 from .images import read_picture
 
 FORMAT_VERSION = "2"  # 2: the header carries HEADER_CHECKSUM
-READABLE_VERSIONS = ("1", FORMAT_VERSION)  # 1: no header checksum; read with a warning
+# 3: format 2 made on SDXL (embeddings with an added-conditions row); SD edits stay 2, so older readers still take
+# them and refuse an SDXL edit by its version rather than failing on it later.
+SDXL_FORMAT_VERSION = "3"
+READABLE_VERSIONS = ("1", FORMAT_VERSION, SDXL_FORMAT_VERSION)  # 1: no header checksum; read with a warning
 EDIT_FILE = "edit.safetensors"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 PREVIEW_FILE = "preview.png"
@@ -100,6 +103,11 @@ class Artifact:
     card: str = ""
     extra_images: dict[str, Image.Image] = field(default_factory=dict)
 
+    @property
+    def format_version(self) -> str:
+        """The format this edit is written in: ``SDXL_FORMAT_VERSION`` when made on SDXL, else ``FORMAT_VERSION``."""
+        return SDXL_FORMAT_VERSION if "XL" in str(self.meta.get("base_pipeline", "")) else FORMAT_VERSION
+
     def save(self, folder: str | Path, overwrite: bool = False) -> Path:
         """Write the folder atomically; returns its path. An existing folder is replaced only with ``overwrite``."""
         folder = Path(folder)
@@ -130,7 +138,7 @@ class Artifact:
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}
         header = {
             "format": "pt",
-            "peftedit.format_version": FORMAT_VERSION,
+            "peftedit.format_version": self.format_version,
             "peftedit.method": self.method,
             "peftedit.meta": json.dumps(self.meta, sort_keys=True),
             "peftedit.files": json.dumps(files, sort_keys=True),
@@ -168,7 +176,8 @@ class Artifact:
         if version is None:
             raise ArtifactError(f"{path} has no peftedit metadata: not a peftedit edit")
         if version not in READABLE_VERSIONS:
-            raise ArtifactError(f"{folder} is format version {version}; this peftedit reads version {FORMAT_VERSION}")
+            readable = ", ".join(READABLE_VERSIONS)
+            raise ArtifactError(f"{folder} is format version {version}; this peftedit reads versions {readable}")
         if version == "1":
             log.warning("%s predates header checksums (format 1): changes to its metadata go unnoticed", path)
         elif header.get(HEADER_CHECKSUM) != header_sha256(header):

@@ -10,24 +10,27 @@ from PIL import Image
 from .config import check_sampling
 from .diffusion import check_prompt, encode_text, fresh_scheduler, initial_noise, sample
 from .methods.common import decode_pictures, sampling, sampling_bar
-from .models import Model
+from .models import Model, is_xl
 
-# Sampling defaults for a model that recommends none: SD's usual 50 DDIM steps at guidance 7.5.
+# Sampling defaults for a model that recommends none: SD's usual 50 DDIM steps at guidance 7.5 (diffusers' SD
+# pipeline default); SDXL's pipeline defaults to guidance 5.
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 7.5
+DEFAULT_GUIDANCE_XL = 5.0
 
 
 def recommended_sampling(model: Model) -> tuple[int, float]:
-    """(steps, guidance) the model folder recommends, else SD's defaults."""
+    """(steps, guidance) the model folder recommends, else diffusers' defaults for its pipeline (SD or SDXL)."""
     from .demo import DEMO_SETTINGS_FILE  # a model folder may recommend its own sampling (the demo model does)
 
     # The model's folder: its name, the configs a single checkpoint file was loaded with, or the hub snapshot.
     folders = (model.name, model.single_file_config, model.pipe.config.get("_name_or_path"))
     path = next((Path(f) / DEMO_SETTINGS_FILE for f in folders if f and Path(f).is_dir()), None)
+    guidance = DEFAULT_GUIDANCE_XL if is_xl(model.pipe) else DEFAULT_GUIDANCE
     if path is not None and path.is_file():
         data = json.loads(path.read_text())
-        return int(data.get("num_inference_steps", DEFAULT_STEPS)), float(data.get("guidance_scale", DEFAULT_GUIDANCE))
-    return DEFAULT_STEPS, DEFAULT_GUIDANCE
+        return int(data.get("num_inference_steps", DEFAULT_STEPS)), float(data.get("guidance_scale", guidance))
+    return DEFAULT_STEPS, guidance
 
 
 def generate(

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .config import RuntimeConfig
+from .diffusion import SIZE_CONDITIONS
 from .errors import ArtifactError, PeftEditError, first_line
 
 log = logging.getLogger("peftedit")
@@ -129,8 +130,8 @@ def load_model(
         if path.is_file() and "config" not in kwargs:
             said += " (a single checkpoint file's configs come from --single-file-config: diffusers folder or hub id)"
         raise PeftEditError(said) from err
-    if is_xl(pipe) and pipe.text_encoder is None:
-        raise PeftEditError(f"model {name!r} has no first text encoder (an SDXL refiner?): use an SDXL base model")
+    if is_xl(pipe):
+        _check_xl_parts(pipe, name)
     channels, latent = pipe.unet.config.in_channels, pipe.vae.config.latent_channels
     if channels != latent:
         raise PeftEditError(
@@ -189,15 +190,39 @@ def _folder_kind(folder: str) -> str:
 def _single_file_kind(path: Path, config: str | None) -> str:
     """The architecture of a single checkpoint: its configs' (``--single-file-config``), else its tensor names
     (SDXL's original layout keeps both text encoders under ``conditioner.embedders``)."""
-    if config:
-        return _folder_kind(config)
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as checkpoint:
-            return SDXL if any(key.startswith("conditioner.embedders.") for key in checkpoint.keys()) else SD
+            names = list(checkpoint.keys())
     except SafetensorError as err:
         raise PeftEditError(f"{path}: not a readable .safetensors checkpoint ({first_line(err)})") from err
+    # The original layouts' text-encoder prefixes tell SDXL from SD for sure; other layouts say nothing.
+    said = {SDXL: "conditioner.embedders.", SD: "cond_stage_model."}
+    found = next((kind for kind, prefix in said.items() if any(n.startswith(prefix) for n in names)), None)
+    if config:
+        kind = _folder_kind(config)
+        if found is not None and found != kind:
+            raise PeftEditError(
+                f"{path} is an {found.upper()} checkpoint but --single-file-config {config} is an {kind.upper()} "
+                "pipeline; give the configs of the file's architecture"
+            )
+        return kind
+    return found or SD
+
+
+def _check_xl_parts(pipe, name: str) -> None:
+    """Refuse SDXL pipelines whose UNet wants other added conditions than SDXL base's (pooled text + 6 sizes)."""
+    unet = pipe.unet.config
+    if pipe.text_encoder is None or pipe.config.get("requires_aesthetics_score", False):
+        raise PeftEditError(f"model {name!r} is an SDXL refiner (no first text encoder): use an SDXL base model")
+    wanted = unet.projection_class_embeddings_input_dim
+    given = pipe.text_encoder_2.config.projection_dim + SIZE_CONDITIONS * unet.addition_time_embed_dim
+    if unet.addition_embed_type != "text_time" or wanted != given:
+        raise PeftEditError(
+            f"model {name!r}: its UNet's added conditions ({unet.addition_embed_type}, {wanted} values) are not "
+            f"SDXL base's (text_time: pooled text and {SIZE_CONDITIONS} sizes, {given} values)"
+        )
 
 
 def is_xl(pipe) -> bool:

@@ -204,8 +204,8 @@ def test_format_1_folders_still_load_with_a_warning(make, saved, caplog):
 
 def test_other_format_versions_are_refused(saved):
     folder = saved(direct_edit)
-    _rewrite(folder, lambda header: header.update({"peftedit.format_version": "3"}))
-    with pytest.raises(ArtifactError, match="format version 3; this peftedit reads version 2"):
+    _rewrite(folder, lambda header: header.update({"peftedit.format_version": "4"}))
+    with pytest.raises(ArtifactError, match="format version 4; this peftedit reads versions 1, 2, 3"):
         Artifact.load(folder)
 
 

@@ -345,6 +345,8 @@ def test_baselines_out_of_memory_outside_their_stages_are_rows(monkeypatch):
     ]
     assert all(r.out_of_memory and r.measurement is None for r in rows)
     assert all(r.status.startswith("not measured: out of memory (CUDA out of memory. Tried") for r in rows)
+    again = memory.run_baseline(Path("unused"), argparse.Namespace(device="cpu", methods=["imagic"]), None)
+    assert [(r.method, r.stage) for r in again] == [("imagic", s) for s in ("embedding", "lora", "render")]
     monkeypatch.setattr(memory, "load_model", _stop)
     with pytest.raises(_Stopped):
         memory.run_baseline(Path("unused"), args, None)

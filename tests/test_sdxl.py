@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from peftedit import (
     ArtifactError,
     ImagicConfig,
     NullTextConfig,
+    PeftEditError,
     RuntimeConfig,
     imagic,
     load,
@@ -31,8 +33,10 @@ from peftedit.diffusion import (
     mean_denoising_loss,
     sample,
 )
+from peftedit.generate import recommended_sampling
 from peftedit.images import load_image
 from peftedit.models import SD, SDXL, _single_file_kind, check_same_base, is_xl
+from peftedit.optim import make_optimizer
 from peftedit.tiny import build_xl_pipeline
 
 RUNTIME = RuntimeConfig(device="cpu")
@@ -100,6 +104,8 @@ def test_imagic_trains_round_trips_and_renders_in_vanilla_diffusers(xl_model, xl
     assert after < 0.985 * before, (before, after)
 
     artifact.save(tmp_path / "edit")
+    with safe_open(str(tmp_path / "edit" / "edit.safetensors"), framework="pt") as handle:
+        assert handle.metadata()["peftedit.format_version"] == "3"  # SDXL's: older peftedit refuses it by version
     loaded = load(tmp_path / "edit")
     first, second = (np.asarray(imagic.render(xl_model, a, eta=0.7, seed=3)) for a in (artifact, loaded))
     assert np.array_equal(first, second)
@@ -169,11 +175,18 @@ def test_a_single_file_is_read_as_sdxl_by_its_tensor_names(tmp_path, xl_dir, eps
     xl_file, sd_file = tmp_path / "xl.safetensors", tmp_path / "sd.safetensors"
     save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(2)}, str(xl_file))
     save_file({"cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(2)}, str(sd_file))
+    other_file = tmp_path / "other.safetensors"  # a layout whose names say nothing: SD unless configs say otherwise
+    save_file({"unet.conv_in.weight": torch.zeros(2)}, str(other_file))
     assert _single_file_kind(xl_file, None) == SDXL
     assert _single_file_kind(sd_file, None) == SD
-    # Configs given: their folder decides.
-    assert _single_file_kind(sd_file, str(xl_dir)) == SDXL
-    assert _single_file_kind(xl_file, str(eps_dir)) == SD
+    assert _single_file_kind(other_file, None) == SD
+    assert _single_file_kind(other_file, str(xl_dir)) == SDXL
+    assert _single_file_kind(xl_file, str(xl_dir)) == SDXL
+    # Configs of the other architecture: one clear line instead of diffusers' weight-shape error.
+    with pytest.raises(PeftEditError, match="is an SDXL checkpoint but --single-file-config .* is an SD pipeline"):
+        _single_file_kind(xl_file, str(eps_dir))
+    with pytest.raises(PeftEditError, match="is an SD checkpoint but --single-file-config .* is an SDXL pipeline"):
+        _single_file_kind(sd_file, str(xl_dir))
 
 
 def test_cli_imagic_edit_invert_and_generate_on_sdxl(xl_dir, photo, tmp_path, monkeypatch, capsys):
@@ -193,6 +206,50 @@ def test_cli_imagic_edit_invert_and_generate_on_sdxl(xl_dir, photo, tmp_path, mo
     assert main(["inspect", "edit", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["base_pipeline"] == "StableDiffusionXLPipeline" and info["tensors"]["e_opt"] == [1, 78, 48]
+
+
+def test_refiners_and_edits_of_the_other_architecture_are_refused_in_one_line(
+    xl_dir, xl_model, eps_model, photo, tokenizer_dir, tmp_path
+):
+    refiner = build_xl_pipeline(tokenizer_dir)
+    refiner.register_modules(text_encoder=None, tokenizer=None)  # what SDXL's refiner ships
+    refiner.save_pretrained(tmp_path / "refiner")
+    with pytest.raises(PeftEditError, match="is an SDXL refiner"):
+        load_model(str(tmp_path / "refiner"), RUNTIME)
+    config = ImagicConfig(embedding_steps=1, finetune_steps=1, render_steps=2, preview_etas=[0.5])
+    sd_edit = imagic.fit(eps_model, photo, TEXT, config, RUNTIME, False)
+    with pytest.raises(ArtifactError, match="a StableDiffusionPipeline, but .* is a StableDiffusionXLPipeline"):
+        imagic.render(xl_model, sd_edit)
+    xl_edit = imagic.fit(xl_model, photo, TEXT, config, RUNTIME, False)
+    with pytest.raises(ArtifactError, match="a StableDiffusionXLPipeline, but .* is a StableDiffusionPipeline"):
+        imagic.render(eps_model, xl_edit)
+
+
+def test_generate_defaults_to_sdxls_guidance(xl_model, eps_model):
+    assert recommended_sampling(xl_model) == (50, 5.0)  # diffusers' SDXL pipeline default
+    assert recommended_sampling(eps_model) == (50, 7.5)
+
+
+def test_8bit_adamw_leaves_the_size_numbers_of_an_sdxl_sized_row_exactly_as_they_were():
+    """Real SDXL embeddings ([1, 78, 2048]) get bitsandbytes' 8-bit states (the tiny ones are under 4096 values): the
+    size numbers and padding, which ``unet_output`` detaches, must come out of training bit-identical."""
+    embedding = torch.randn(1, 78, 2048, generator=torch.Generator().manual_seed(0))
+    embedding[0, -1, 1280:1286] = torch.tensor([1024.0, 1024, 0, 0, 1024, 1024])
+    embedding[0, -1, 1286:] = 0
+    before = embedding.clone()
+    embedding.requires_grad_(True)
+    optimizer = make_optimizer([embedding], 1e-2, "adamw8bit")
+    assert type(optimizer).__name__ == "AdamW8bit"
+    for _ in range(20):
+        used = torch.cat([embedding[:, :-1].flatten(), embedding[:, -1, :1280].flatten()])
+        detached = embedding[:, -1, 1280:1286].detach()
+        loss = (used - 0.5).square().mean() + detached.sum() * 0
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert optimizer.state[embedding]["state1"].dtype == torch.uint8
+    assert torch.equal(embedding[0, -1, 1280:], before[0, -1, 1280:])
+    assert not torch.equal(embedding[0, -1, :1280], before[0, -1, :1280])
 
 
 @pytest.mark.gpu

@@ -119,4 +119,7 @@ def test_generate_draws_the_same_picture_from_the_file_as_from_the_folder(xl_dir
         assert main(argv) == 0
     file_picture, folder_picture = (np.array(Image.open(p)) for p in pictures)
     assert file_picture.shape == (16, 16, 3) and file_picture.std() > 0
-    assert np.array_equal(file_picture, folder_picture)
+    # The weights are bit-identical (above), but a tensor read from the file may sit at another memory alignment,
+    # which changes the BLAS kernel's rounding in its last bit (measured: text_projection, 2.4e-7 on the pooled text);
+    # after a few guided steps that can flip a pixel by one level.
+    assert np.abs(file_picture.astype(int) - folder_picture.astype(int)).max() <= 1

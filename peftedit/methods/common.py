@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from ..artifacts import Artifact, now_utc, package_versions
 from ..config import LOAD_TIME_SETTINGS, RuntimeConfig
 from ..diffusion import decode_latents, encode_image
+from ..errors import ArtifactError
 from ..models import Model, architecture_hash, check_same_base, fingerprint
 
 log = logging.getLogger("peftedit")
@@ -133,6 +134,12 @@ def base_meta(model: Model, recipe: dict, image_info: dict) -> tuple[dict, torch
 def check_base(model: Model, artifact: Artifact) -> None:
     """Raise when ``model`` is not the base model ``artifact`` was made on."""
     meta = artifact.meta
+    made_on, loaded = meta.get("base_pipeline"), type(model.pipe).__name__  # edits before SDXL support lack it
+    if made_on and made_on != loaded:
+        raise ArtifactError(
+            f"base model mismatch: the edit was made on {meta['base_model']!r}, a {made_on}, but {model.name!r} is a "
+            f"{loaded}; pass --model with the original base model"
+        )
     check_same_base(
         model.pipe,
         model.name,

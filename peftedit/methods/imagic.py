@@ -358,5 +358,6 @@ embedding: `e = eta * e_tgt + (1 - eta) * e_opt` from `edit.safetensors`, passed
 
 
 XL_NOTE = """ On SDXL the embeddings' last row holds the added conditions: pass `e[:, :-1]` as
-`prompt_embeds` and `e[:, -1, :p]` as `pooled_prompt_embeds` (p = `text_encoder_2.config.projection_dim`), and the
-same for `e_uncond` (peftedit's adapters/README.md, "SDXL embeddings")."""
+`prompt_embeds` and `e[:, -1, :p]` as `pooled_prompt_embeds` (p = `text_encoder_2.config.projection_dim`), the
+same for `e_uncond`, and pass `guidance_scale` (SDXL's pipeline defaults to 5; see peftedit's adapters/README.md,
+"SDXL embeddings")."""

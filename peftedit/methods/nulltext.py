@@ -119,7 +119,7 @@ class NullTextConfig:
 
 
 def optimize_null_text(unet, scheduler, pivots, cond, uncond, config, runtime, show):
-    """Per-timestep null embeddings [T, 77, d] (fp32), the final latent, and per-step statistics."""
+    """Per-timestep null embeddings [T, 77, d] (SDXL: [T, 78, d]; fp32), the final latent, and per-step statistics."""
     steps = len(scheduler.timesteps)
     null = uncond.detach().float()
     nulls, latents = [], pivots[-1]

@@ -68,12 +68,17 @@ def build_pipeline(
     scheduler_config = dict(config["scheduler"])
     scheduler = getattr(diffusers, scheduler_config.pop("_class_name")).from_config(scheduler_config)
     torch.manual_seed(seed)
-    with torch.device(device):
-        unet = UNet2DConditionModel(**config["unet"])
-        vae = AutoencoderKL(**config["vae"])
-        text_encoder = CLIPTextModel(_text_config(config["text_encoder"], tokenizer))
-        if "text_encoder_2" in config:
-            text_encoder_2 = CLIPTextModelWithProjection(_text_config(config["text_encoder_2"], tokenizer))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # drawn in ``dtype``: SDXL in bf16 needs 7 GB, not 14 in fp32 and then a copy
+    try:
+        with torch.device(device):
+            unet = UNet2DConditionModel(**config["unet"])
+            vae = AutoencoderKL(**config["vae"])
+            text_encoder = CLIPTextModel(_text_config(config["text_encoder"], tokenizer))
+            if "text_encoder_2" in config:
+                text_encoder_2 = CLIPTextModelWithProjection(_text_config(config["text_encoder_2"], tokenizer))
+    finally:
+        torch.set_default_dtype(default)
     if "text_encoder_2" in config:
         pipe = assemble_xl(unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer, scheduler)
     else:

@@ -459,3 +459,15 @@ def test_every_command_of_the_gpu_run_parses(tmp_path):
     assert {"tiny", "tiny-xl", "sd15", "sd21", "sdxl"} <= set(models)
     refused = subprocess.run(["bash", str(script), "smoke", "sd51"], env=env, capture_output=True, text=True)
     assert refused.returncode == 2 and "unknown step: sd51" in refused.stderr and not refused.stdout
+
+
+def test_vae_decode_counts_more_bytes_for_the_fp32_decode(tmp_path):
+    from benchmarks import vae_decode
+
+    rows = vae_decode.main(["--model", "tiny-xl", "--out", str(tmp_path / "vae.json")])
+    fp32, bf16 = rows
+    assert (fp32["dtype"], bf16["dtype"]) == ("fp32", "bf16")
+    assert fp32["resolution"] == vae_decode.resolution("tiny-xl")
+    assert fp32["decode_peak_gib"] > fp32["weights_gib"] > 0
+    assert fp32["decode_peak_gib"] > bf16["decode_peak_gib"]  # 2.0x at SDXL's size; fixed costs weigh more here
+    assert json.loads((tmp_path / "vae.json").read_text()) == rows

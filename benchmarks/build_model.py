@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from peftedit.models import DTYPES
+from peftedit.models import DTYPES, TEXT_ENCODERS, pipe_parts
 from peftedit.tiny import assemble, assemble_xl, write_tokenizer
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -120,13 +120,12 @@ def save_model(
 
 
 # The parts parameter_counts reports, when the pipeline has them (SD has one text encoder, SDXL two).
-COUNTED_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+COUNTED_PARTS = ("unet", "vae", *TEXT_ENCODERS)
 
 
 def parameter_counts(pipe) -> dict[str, int]:
     """Number of parameters of the UNet, VAE and text encoder(s), by part name."""
-    parts = {key: getattr(pipe, key, None) for key in COUNTED_PARTS}
-    return {key: sum(p.numel() for p in part.parameters()) for key, part in parts.items() if part is not None}
+    return {key: sum(p.numel() for p in part.parameters()) for key, part in pipe_parts(pipe, COUNTED_PARTS).items()}
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from peftedit.errors import out_of_memory
 from peftedit.methods.common import IDLE_WHILE_SAMPLING, IDLE_WHILE_VAE, OFFLOADED_PARTS, encoders_offloaded
+from peftedit.models import TEXT_ENCODERS, pipe_parts
 
 from .flops import FlopCount
 from .tensor_memory import TensorMemory
@@ -36,7 +37,6 @@ log = logging.getLogger("benchmarks")
 GIB = 2**30
 COUNTS = ("train", "optimizer", "unet")  # what a step is: see measure()
 # The pipeline's text encoders: SD has the first, SDXL both.
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 # What an out-of-memory row's status ends with (after the error's own words).
 DID_NOT_FIT = "did not fit this device"
 
@@ -230,8 +230,7 @@ def out_of_memory_status(err: BaseException) -> str | None:
 def offloaded_tensors(pipe, names: tuple[str, ...] = OFFLOADED_PARTS) -> list[torch.Tensor]:
     """The weights and buffers of these pipeline parts that ``pipe`` has (default: what ``encoders_offloaded`` moves
     off the GPU; SD has no ``text_encoder_2``)."""
-    parts = [getattr(pipe, name) for name in names if getattr(pipe, name, None) is not None]
-    return [t for m in parts for t in [*m.parameters(), *m.buffers()]]
+    return [t for m in pipe_parts(pipe, names).values() for t in [*m.parameters(), *m.buffers()]]
 
 
 @contextlib.contextmanager
@@ -264,11 +263,9 @@ def idle_offload(model):
             tracker.away(parts(IDLE_WHILE_VAE))
 
         handles = [pipe.unet.register_forward_pre_hook(lambda *_: tracker.away(parts(IDLE_WHILE_SAMPLING)))]
-        for name in TEXT_ENCODERS:
-            encoder = getattr(pipe, name, None)
-            if encoder is not None:
-                back = lambda *_, name=name: tracker.back(parts((name,)))
-                handles.append(encoder.register_forward_pre_hook(back))
+        for name, encoder in pipe_parts(pipe, TEXT_ENCODERS).items():
+            back = lambda *_, name=name: tracker.back(parts((name,)))
+            handles.append(encoder.register_forward_pre_hook(back))
         for coder in (pipe.vae.encoder, pipe.vae.decoder):
             handles.append(coder.register_forward_pre_hook(coding))
             handles.append(coder.register_forward_hook(lambda *_: tracker.back(parts(("unet",)))))

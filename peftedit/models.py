@@ -230,10 +230,20 @@ def is_xl(pipe) -> bool:
     return hasattr(pipe, "text_encoder_2")
 
 
+# A pipeline's text encoders by attribute name: SD has the first, SDXL both.
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+def pipe_parts(pipe, names) -> dict:
+    """The parts of ``pipe`` named in ``names`` that it has, by name, in that order (SD has no ``text_encoder_2``, an
+    SDXL refiner no ``text_encoder``)."""
+    found = {name: getattr(pipe, name, None) for name in names}
+    return {name: part for name, part in found.items() if part is not None}
+
+
 def text_parts(pipe) -> list:
     """The pipeline's text encoders that are present (one for SD, two for SDXL)."""
-    parts = [pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]
-    return [part for part in parts if part is not None]
+    return list(pipe_parts(pipe, TEXT_ENCODERS).values())
 
 
 def set_attention(unet, backend: str, device: torch.device) -> str:
@@ -259,10 +269,7 @@ def set_attention(unet, backend: str, device: torch.device) -> str:
 def _base_weights(pipe) -> list[tuple[str, torch.Tensor]]:
     """The UNet and text encoders' own weights by name, in a fixed order, ignoring any LoRA wrapping."""
     out = []
-    parts = [("unet", pipe.unet), ("text_encoder", pipe.text_encoder)]
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        parts.append(("text_encoder_2", pipe.text_encoder_2))
-    for prefix, module in parts:
+    for prefix, module in pipe_parts(pipe, ("unet", *TEXT_ENCODERS)).items():
         for name, tensor in module.state_dict().items():
             if "lora_" not in name:
                 out.append((f"{prefix}.{name.replace('.base_layer', '')}", tensor))

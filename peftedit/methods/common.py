@@ -14,7 +14,7 @@ from ..artifacts import Artifact, now_utc, package_versions
 from ..config import LOAD_TIME_SETTINGS, RuntimeConfig
 from ..diffusion import decode_latents, encode_image
 from ..errors import ArtifactError
-from ..models import Model, architecture_hash, check_same_base, fingerprint
+from ..models import TEXT_ENCODERS, Model, architecture_hash, check_same_base, fingerprint, pipe_parts
 
 log = logging.getLogger("peftedit")
 
@@ -41,10 +41,10 @@ def call_runtime(model: Model, runtime: RuntimeConfig | None) -> RuntimeConfig:
 
 
 # The pipeline parts ``encoders_offloaded`` moves off the GPU.
-OFFLOADED_PARTS = ("vae", "text_encoder", "text_encoder_2")
+OFFLOADED_PARTS = ("vae", *TEXT_ENCODERS)
 # The parts idle while the UNet samples, and while the VAE encodes or decodes (``runtime.offload_idle``).
-IDLE_WHILE_SAMPLING = ("vae", "text_encoder", "text_encoder_2")
-IDLE_WHILE_VAE = ("unet", "text_encoder", "text_encoder_2")
+IDLE_WHILE_SAMPLING = ("vae", *TEXT_ENCODERS)
+IDLE_WHILE_VAE = ("unet", *TEXT_ENCODERS)
 
 
 @contextlib.contextmanager
@@ -54,18 +54,18 @@ def parts_offloaded(pipe, parts: tuple[str, ...], enabled: bool):
     Parts already on the CPU stay (so blocks nest), parts the pipeline lacks are skipped (SD has no
     ``text_encoder_2``); nothing moves when ``enabled`` is false.
     """
-    parts = tuple(part for part in parts if getattr(pipe, part, None) is not None)
-    where = {part: next(getattr(pipe, part).parameters()).device for part in parts} if enabled else {}
+    present = pipe_parts(pipe, parts)
+    where = {part: next(module.parameters()).device for part, module in present.items()} if enabled else {}
     moved = [part for part, device in where.items() if device.type != "cpu"]
     for part in moved:
-        getattr(pipe, part).to("cpu")
+        present[part].to("cpu")
     if any(where[part].type == "cuda" for part in moved):
         torch.cuda.empty_cache()
     try:
         yield
     finally:
         for part in moved:
-            getattr(pipe, part).to(where[part])
+            present[part].to(where[part])
 
 
 def encode_photo(model: Model, picture: Image.Image) -> torch.Tensor:

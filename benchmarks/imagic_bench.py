@@ -23,7 +23,7 @@ from peftedit.diffusion import (
     initial_noise,
     sample,
 )
-from peftedit.methods.common import checkpointing
+from peftedit.methods.common import checkpointing, encode_photo, text_embedding, unet_placed
 from peftedit.models import Model
 
 from .measure import Recorder, StageResult, idle_offload
@@ -61,9 +61,10 @@ def ours(
 
     note = "imagic.fit (both stages, one preview render) + imagic.render"
     artifact = bench.run(METHOD, "pipeline", whole, note=note, timed=False)
-    latent, e_tgt = encode_image(pipe, picture), encode_text(pipe, TARGET)
+    latent, e_tgt = encode_photo(model, picture), text_embedding(model, TARGET)
     generator = torch.Generator("cpu").manual_seed(runtime.seed)
     scheduler = fresh_scheduler(pipe)
+    unet_placed(model)
     with (
         bench.encoders_offloaded(pipe, runtime.offload_encoders),
         checkpointing(unet, runtime.gradient_checkpointing),

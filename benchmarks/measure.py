@@ -15,7 +15,6 @@ the work a step does, the same on any device.
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import logging
 import time
@@ -26,8 +25,8 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from peftedit.errors import out_of_memory
-from peftedit.methods.common import IDLE_WHILE_SAMPLING, IDLE_WHILE_VAE, OFFLOADED_PARTS, encoders_offloaded
-from peftedit.models import TEXT_ENCODERS, pipe_parts
+from peftedit.methods.common import OFFLOADED_PARTS, encoders_offloaded
+from peftedit.models import PARTS, TEXT_ENCODERS, pipe_parts
 
 from .flops import FlopCount
 from .tensor_memory import TensorMemory
@@ -245,31 +244,22 @@ def idle_offload(model):
     """What ``runtime.offload_idle`` keeps off the GPU, as hooks for the live-tensor count on a CPU, where nothing can
     leave the device (None on a GPU, where the parts really move, or with the option off).
 
-    The VAE and text encoder(s) leave when the UNet runs (sampling, and training, whose encoders the recipes' offload
-    keeps off too) and each comes back when it runs; the UNet and text encoder(s) leave while the VAE encodes or
-    decodes, the UNet coming back after. Which parts leave is the library's (``IDLE_WHILE_SAMPLING``,
-    ``IDLE_WHILE_VAE``); every text encoder the pipeline has counts again when it runs (SDXL's second one too). The
-    library moves them per block (and back at each block's end); in between only small tensors live, so the peaks
-    are the same.
+    The library places each part before it runs (``Model.place``) and records which parts it put on the device
+    (``Model.on_device``); every other part is on the CPU. The count follows that record: when the measured block
+    starts and whenever a part runs, the parts on the device count and the others do not.
     """
     if not model.runtime.offload_idle or model.device.type != "cpu":
         return None
     pipe = model.pipe
-    parts = functools.partial(offloaded_tensors, pipe)
 
     def install(tracker) -> list:
-        def coding(*_):
-            tracker.back(parts(("vae",)))
-            tracker.away(parts(IDLE_WHILE_VAE))
+        def follow(*_):
+            tracker.away(offloaded_tensors(pipe, tuple(p for p in PARTS if p not in model.on_device)))
+            tracker.back(offloaded_tensors(pipe, model.on_device))
 
-        handles = [pipe.unet.register_forward_pre_hook(lambda *_: tracker.away(parts(IDLE_WHILE_SAMPLING)))]
-        for name, encoder in pipe_parts(pipe, TEXT_ENCODERS).items():
-            back = lambda *_, name=name: tracker.back(parts((name,)))
-            handles.append(encoder.register_forward_pre_hook(back))
-        for coder in (pipe.vae.encoder, pipe.vae.decoder):
-            handles.append(coder.register_forward_pre_hook(coding))
-            handles.append(coder.register_forward_hook(lambda *_: tracker.back(parts(("unet",)))))
-        return handles
+        follow()
+        runs = [pipe.unet, pipe.vae.encoder, pipe.vae.decoder, *pipe_parts(pipe, TEXT_ENCODERS).values()]
+        return [part.register_forward_pre_hook(follow) for part in runs]
 
     return install
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from peftedit import Artifact, RuntimeConfig
 from peftedit.diffusion import ddim_invert, decode_latents, encode_image, encode_text, fresh_scheduler, sample
-from peftedit.methods.common import checkpointing
+from peftedit.methods.common import checkpointing, encode_photo, text_embedding, unet_placed
 from peftedit.models import Model
 
 from . import reference
@@ -79,8 +79,9 @@ def ours(
 
         note = "nulltext.invert (with its reconstruction) + nulltext.run_edit"
         artifacts[method] = bench.run(method, "pipeline", whole, note=note, timed=False)
-    z0 = encode_image(pipe, picture)
-    e_src, e_uncond = encode_text(pipe, SOURCE), encode_text(pipe, "")
+    z0 = encode_photo(model, picture)
+    e_src, e_uncond = text_embedding(model, SOURCE), text_embedding(model, "")
+    unet_placed(model)
     with bench.encoders_offloaded(pipe, runtime.offload_encoders):
         pivot = lambda: ddim_invert(unet, pipe.scheduler.config, z0, e_src, steps)
         pivots = bench.run("null-text", "pivot", pivot, note="diffusion.ddim_invert at guidance 1")

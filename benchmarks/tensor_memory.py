@@ -111,8 +111,8 @@ class TensorMemory(TorchDispatchMode):
                 self._track(obj)
                 if obj.is_leaf and obj.grad is not None:  # gradients live in C++ until they are read
                     self._track(obj.grad)
-        self.resident = self.current
-        self._hooks = self.hooks(self) if self.hooks else []
+        self._hooks = self.hooks(self) if self.hooks else []  # may send some of them away at once
+        self.resident = self.peak = self.current
         return super().__enter__()
 
     def __exit__(self, *exc):

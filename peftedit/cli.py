@@ -457,9 +457,9 @@ def _control(args):
 
 def _edit_inversion(args, model, artifact, control):
     """A Prompt-to-Prompt edit (or, with no target, input | reconstruction)."""
-    from .diffusion import decode_latents
     from .images import grid
     from .methods import nulltext, p2p
+    from .methods.common import decode_pictures
 
     result = nulltext.run_edit(
         model,
@@ -473,7 +473,7 @@ def _edit_inversion(args, model, artifact, control):
     )
     image = result.image
     if len(result.images) == 1:
-        source = decode_latents(model.pipe, artifact.tensors["z_0"])[0]
+        source = decode_pictures(model, artifact.tensors["z_0"])[0]
         image = grid([source, result.image], ["input (VAE)", "reconstruction"])
     if args.save_attention:
         maps = p2p.attention_grid(model.pipe.tokenizer, result.prompts[-1], result.maps[-1], result.image)

@@ -52,9 +52,10 @@ class RuntimeConfig:
     offload_encoders: bool = option(True, "Move the VAE and text encoder off the GPU while training.")
     offload_idle: bool = option(
         False,
-        "Keep idle parts off the GPU outside training too: the VAE and text encoder while the UNet samples, the UNet "
-        "and text encoder while the VAE encodes the photo or decodes (the pipelines' memory peak). Costs moving "
-        "~2 GiB of SD weights to the CPU and back per picture; its time is not measured yet.",
+        "Only the part at work on the GPU: the model loads onto the CPU and each part (UNet, VAE, text encoders) "
+        "moves to the GPU when it runs, the others leaving, and stays there until another part needs the room. "
+        "The peak is then the UNet's stage, not all weights at once; costs each part's transfer when its turn "
+        "comes (~2 GiB of SD weights, ~6.5 of SDXL's per edit), not timed on a GPU yet.",
     )
     vae_slicing: bool = option(
         True, "Decode one picture at a time (the VAE's slicing): a P2P edit decodes two, so its peak drops."

@@ -8,8 +8,8 @@ from pathlib import Path
 from PIL import Image
 
 from .config import check_sampling
-from .diffusion import check_prompt, encode_text, fresh_scheduler, initial_noise, sample
-from .methods.common import decode_pictures, sampling, sampling_bar
+from .diffusion import check_prompt, fresh_scheduler, initial_noise, sample
+from .methods.common import decode_pictures, sampling_bar, text_embedding, unet_placed
 from .models import Model, is_xl
 
 # Sampling defaults for a model that recommends none: SD's usual 50 DDIM steps at guidance 7.5 (diffusers' SD
@@ -49,11 +49,9 @@ def generate(
     scheduler = fresh_scheduler(pipe, steps or rec_steps)
     side = pipe.unet.config.sample_size
     noise = initial_noise((1, pipe.unet.config.in_channels, side, side), seed) * scheduler.init_noise_sigma
-    cond, uncond = encode_text(pipe, prompt), encode_text(pipe, "")
-    with sampling(model):
-        guidance = rec_guidance if guidance is None else guidance
-        latents = sample(
-            pipe.unet, scheduler, noise, cond, uncond, guidance, progress=sampling_bar("generate", show_progress)
-        )
+    cond, uncond = text_embedding(model, prompt), text_embedding(model, "")
+    guidance = rec_guidance if guidance is None else guidance
+    bar = sampling_bar("generate", show_progress)
+    latents = sample(unet_placed(model), scheduler, noise, cond, uncond, guidance, progress=bar)
     image: Image.Image = decode_pictures(model, latents)[0]
     return image

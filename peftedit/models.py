@@ -36,11 +36,31 @@ class Model:
     dtype: torch.dtype
     runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)  # what it was loaded with
     single_file_config: str | None = None  # the configs a single-file checkpoint was loaded with (folder or hub id)
+    on_device: tuple[str, ...] = ()  # with runtime.offload_idle: the parts ``place`` last put on ``device``
 
     @property
     def resolution(self) -> int:
         """Image side in pixels the UNet was built for."""
         return int(self.pipe.unet.config.sample_size) * int(self.pipe.vae_scale_factor)
+
+    def place(self, *needed: str) -> None:
+        """Before a part runs. With ``runtime.offload_idle``: the ``needed`` parts on ``device`` and every other part
+        on the CPU, each staying where it is until a later call needs it, so only the part at work holds GPU memory
+        (the model is loaded onto the CPU). Without it every part stays on ``device`` and nothing moves.
+        """
+        if not self.runtime.offload_idle:
+            return
+        parts = pipe_parts(self.pipe, PARTS)
+        where = {name: next(part.parameters()).device for name, part in parts.items()}
+        leaving = [name for name in parts if name not in needed and where[name].type != "cpu"]
+        for name in leaving:  # first, so the parts coming in can reuse their memory
+            parts[name].to("cpu")
+        if leaving and self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        for name in needed:
+            if name in parts:
+                parts[name].to(self.device)  # no copy for a part already there
+        self.on_device = tuple(name for name in needed if name in parts)
 
 
 DEMO_NAME = "peftedit-demo"
@@ -140,7 +160,7 @@ def load_model(
         )
     # DDIM is what both methods are defined with; keep the model's own betas and prediction_type.
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.to(device)
+    pipe.to("cpu" if runtime.offload_idle else device)  # with offload_idle each part comes when it runs (Model.place)
     if is_xl(pipe) and dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
         pipe.vae.to(torch.float32)  # SDXL's own VAE overflows float16 (its config says so): diffusers upcasts it too
     pipe.set_progress_bar_config(disable=True)
@@ -232,6 +252,8 @@ def is_xl(pipe) -> bool:
 
 # A pipeline's text encoders by attribute name: SD has the first, SDXL both.
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+# The parts that hold weights and run on the device (``Model.place`` moves them).
+PARTS = ("unet", "vae", *TEXT_ENCODERS)
 
 
 def pipe_parts(pipe, names) -> dict:

@@ -127,16 +127,22 @@ def test_training_stages_report_the_optimizer_state(bench):
 
 def test_offloaded_encoders_are_left_out_of_training_stages(bench):
     """The recipes move the VAE and text encoder(s) off the GPU while training; on a CPU they cannot move, so the
-    estimate leaves their weights out of those stages instead (and counts them where they are used: render, edit).
-    SDXL's second text encoder too."""
+    estimate leaves their weights out of those stages instead, SDXL's second text encoder too. With the SD recipes
+    the encoders count again where they are used (a render, an edit, whose start has them on the GPU); the SDXL
+    recipes' ``offload_idle`` has only the UNet there when a render or an edit starts, as in training."""
     rows, _ = bench
     by_stage = {(r["method"], r["stage"]): r for r in rows}
     assert by_stage[("imagic", "embedding")]["runtime"]["offload_encoders"]
+    idle = by_stage[("imagic", "embedding")]["runtime"]["offload_idle"]
+    assert idle == (rows[0]["model"] == "tiny-xl")
     counts = by_stage[("imagic", "embedding")]["parameters"]
     encoders_gib = (counts["vae"] + counts["text_encoder"] + counts.get("text_encoder_2", 0)) * 4 / 2**30  # fp32
     for method, stage, used in (("imagic", "embedding", "render"), ("null-text", "null-optimization", "edit")):
         gap = by_stage[(method, used)]["tensor_resident_gib"] - by_stage[(method, stage)]["tensor_resident_gib"]
-        assert gap >= 0.95 * encoders_gib, (method, stage, gap, encoders_gib)
+        if idle:
+            assert abs(gap) < 0.5 * encoders_gib, (method, stage, gap, encoders_gib)
+        else:
+            assert gap >= 0.95 * encoders_gib, (method, stage, gap, encoders_gib)
 
 
 def test_markdown_table_has_one_line_per_row(bench):

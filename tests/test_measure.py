@@ -90,31 +90,37 @@ def test_a_stage_out_of_memory_is_a_row_and_the_next_stage_runs():
     )
 
 
-def test_idle_offload_brings_each_text_encoder_back_when_it_runs(monkeypatch):
-    """``runtime.offload_idle`` on a CPU (hooks in the live-tensor count), on SDXL's layout: the parts the library
-    keeps off while the UNet samples stop counting when it runs, and each text encoder, the second one too, counts
-    again when it runs. The library's list is widened to SDXL's second encoder here, so the hook is exercised
-    whatever the library's own list holds."""
-    from types import SimpleNamespace
-
+def test_idle_offload_counts_only_what_the_library_placed():
+    """``runtime.offload_idle`` on a CPU (hooks in the live-tensor count), on SDXL's layout: a model loaded with it
+    has nothing on the device when the count starts; then, whenever a part runs, exactly the parts ``Model.place``
+    put on the device count (the UNet alone, both text encoders, the VAE alone)."""
     from benchmarks import measure
     from benchmarks.build_model import build_pipeline
     from benchmarks.tensor_memory import TensorMemory
+    from peftedit import RuntimeConfig
+    from peftedit.models import Model
 
-    monkeypatch.setattr(measure, "IDLE_WHILE_SAMPLING", ("vae", "text_encoder", "text_encoder_2"))
     pipe = build_pipeline("tiny-xl")
-    model = SimpleNamespace(pipe=pipe, device=torch.device("cpu"), runtime=SimpleNamespace(offload_idle=True))
+    runtime = RuntimeConfig(device="cpu", offload_idle=True)
+    model = Model(pipe=pipe, name="tiny-xl", device=torch.device("cpu"), dtype=torch.float32, runtime=runtime)
     size = lambda *parts: sum(t.numel() * t.element_size() for t in measure.offloaded_tensors(pipe, parts))
     unet = pipe.unet.config
     latent, t = torch.zeros(1, 4, unet.sample_size, unet.sample_size), torch.tensor([10])
     context, ids = torch.zeros(1, 77, unet.cross_attention_dim), torch.zeros(1, 77, dtype=torch.long)
     added = {"text_embeds": torch.zeros(1, pipe.text_encoder_2.config.projection_dim), "time_ids": torch.zeros(1, 6)}
+    with TensorMemory("cpu") as plain:  # what lives in this process, weights included
+        everything = plain.current
     with torch.no_grad(), TensorMemory("cpu", hooks=measure.idle_offload(model)) as tracked:
-        everything = tracked.current
+        small = tracked.current  # the same without the weights
+        assert tracked.peak == small == everything - size("unet", "vae", "text_encoder", "text_encoder_2")
+        model.place("unet")
         pipe.unet(latent, t, encoder_hidden_states=context, added_cond_kwargs=added)
-        assert everything - tracked.current == size("vae", "text_encoder", "text_encoder_2")
+        assert tracked.current - small == size("unet")
+        model.place("text_encoder", "text_encoder_2")
         pipe.text_encoder_2(ids)
-        assert everything - tracked.current == size("vae", "text_encoder")
-        pipe.text_encoder(ids)
-        assert everything - tracked.current == size("vae")
+        assert tracked.current - small == size("text_encoder", "text_encoder_2")
+        model.place("vae")
+        pipe.vae.decoder(latent)
+        assert tracked.current - small == size("vae")
+        assert tracked.peak - small < size("unet", "vae", "text_encoder", "text_encoder_2")
     assert size("text_encoder_2") > 0 and measure.offloaded_tensors(build_pipeline("tiny"), ("text_encoder_2",)) == []

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from peftedit import ImagicConfig, NullTextConfig, RuntimeConfig, imagic, load_model, nulltext, p2p
-from peftedit.methods.common import IDLE_WHILE_SAMPLING, IDLE_WHILE_VAE, parts_offloaded
+from peftedit.generate import generate
+from peftedit.methods.common import parts_offloaded
+from peftedit.models import TEXT_ENCODERS, Model
 
 SHORT_IMAGIC = ImagicConfig(embedding_steps=3, finetune_steps=3, render_steps=3, preview_etas=[0.7])
 
@@ -102,9 +104,9 @@ class _Part:
 def test_parts_offloaded_moves_gpu_parts_out_and_each_back_where_it_was():
     log: list = []
     pipe = SimpleNamespace(**{n: _Part(n, "cuda:0", log) for n in ("unet", "vae", "text_encoder")})
-    with parts_offloaded(pipe, IDLE_WHILE_SAMPLING, True):
+    with parts_offloaded(pipe, ("vae", "text_encoder", "text_encoder_2"), True):  # SD has no text_encoder_2
         assert [p.device.type for p in (pipe.unet, pipe.vae, pipe.text_encoder)] == ["cuda", "cpu", "cpu"]
-        with parts_offloaded(pipe, IDLE_WHILE_VAE, True):  # nested: the text encoder is already out
+        with parts_offloaded(pipe, ("unet", "text_encoder"), True):  # nested: the text encoder is already out
             assert [p.device.type for p in (pipe.unet, pipe.vae, pipe.text_encoder)] == ["cpu", "cpu", "cpu"]
         assert [p.device.type for p in (pipe.unet, pipe.vae, pipe.text_encoder)] == ["cuda", "cpu", "cpu"]
     assert all(str(p.device) == "cuda:0" for p in (pipe.unet, pipe.vae, pipe.text_encoder))
@@ -113,7 +115,7 @@ def test_parts_offloaded_moves_gpu_parts_out_and_each_back_where_it_was():
         ("text_encoder", "cuda:0"),
     ]  # fmt: skip
     log.clear()
-    with parts_offloaded(pipe, IDLE_WHILE_VAE, False):
+    with parts_offloaded(pipe, ("unet", "text_encoder"), False):
         pass
     assert log == []
 
@@ -136,28 +138,94 @@ def test_offload_idle_renders_the_same_pictures(eps_dir, photo):
         assert np.array_equal(plain, idle)
 
 
+def test_place_moves_the_needed_parts_on_and_the_others_off_and_leaves_them_there():
+    """``Model.place`` with ``offload_idle``: what is needed goes to the device (a part already there is not copied:
+    ``.to`` of its own device), what was there and is not needed goes to the CPU first, and everything stays where
+    it is put until the next call; ``on_device`` says what is on the device. Without the option nothing moves."""
+    log: list = []
+    pipe = SimpleNamespace(**{n: _Part(n, "cpu", log) for n in ("unet", "vae", "text_encoder")}, text_encoder_2=None)
+    runtime = RuntimeConfig(device="cuda", offload_idle=True)
+    model = Model(pipe=pipe, name="fake", device=torch.device("cuda:0"), dtype=torch.float16, runtime=runtime)
+    assert model.on_device == ()
+    model.place("vae")
+    model.place(*TEXT_ENCODERS)
+    assert model.on_device == ("text_encoder",)  # SD has no text_encoder_2
+    model.place("unet")
+    model.place("unet")
+    assert model.on_device == ("unet",)
+    assert log == [
+        ("vae", "cuda:0"), ("vae", "cpu"), ("text_encoder", "cuda:0"), ("text_encoder", "cpu"), ("unet", "cuda:0"),
+        ("unet", "cuda:0"),
+    ]  # fmt: skip
+    assert [p.device.type for p in (pipe.unet, pipe.vae, pipe.text_encoder)] == ["cuda", "cpu", "cpu"]
+    log.clear()
+    model.runtime = dataclasses.replace(runtime, offload_idle=False)
+    model.place("vae")
+    assert log == []
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_offload_idle_leaves_only_the_part_at_work_on_the_gpu(eps_dir, photo):
-    """On a GPU: while the VAE encodes or decodes, the UNet and text encoder are on the CPU; while the UNet samples
-    an edit, the VAE and text encoder; afterwards every part is back."""
+    """On a GPU: the model loads onto the CPU; while the VAE encodes or decodes, the UNet and text encoder are on the
+    CPU; while the UNet samples an edit, the VAE and text encoder; afterwards the VAE, which ran last, stays."""
     runtime = RuntimeConfig(device="cuda", offload_idle=True)
     model = load_model(str(eps_dir), runtime)
     pipe, seen = model.pipe, {"encoder": [], "decoder": [], "unet": []}
+    assert all(p.device.type == "cpu" for p in (pipe.unet, pipe.vae, pipe.text_encoder))
 
     def where(phase, *parts):
         return lambda module, args: seen[phase].append(tuple(getattr(pipe, p).device.type for p in parts))
 
-    pipe.vae.encoder.register_forward_pre_hook(where("encoder", "unet", "text_encoder"))
-    pipe.vae.decoder.register_forward_pre_hook(where("decoder", "unet", "text_encoder"))
+    pipe.vae.encoder.register_forward_pre_hook(where("encoder", "vae", "unet", "text_encoder"))
+    pipe.vae.decoder.register_forward_pre_hook(where("decoder", "vae", "unet", "text_encoder"))
     inversion = nulltext.invert(
         model, photo, "a photo of a red circle", NullTextConfig(method="direct", steps=4), show_progress=False
     )
-    pipe.unet.register_forward_pre_hook(where("unet", "vae", "text_encoder"))
+    pipe.unet.register_forward_pre_hook(where("unet", "unet", "vae", "text_encoder"))
     nulltext.edit(model, inversion, "a photo of a blue circle")
     for phase, devices in seen.items():
-        assert devices and all(d == ("cpu", "cpu") for d in devices), (phase, devices)
-    assert all(p.device.type == "cuda" for p in (pipe.unet, pipe.vae, pipe.text_encoder))
+        assert devices and all(d == ("cuda", "cpu", "cpu") for d in devices), (phase, devices)
+    assert [p.device.type for p in (pipe.unet, pipe.vae, pipe.text_encoder)] == ["cpu", "cuda", "cpu"]
+
+
+def _placements(model) -> list:
+    """Hooks recording, each time a part runs, its name and what ``Model.place`` had put on the device then."""
+    pipe, seen = model.pipe, []
+    runs = [("unet", pipe.unet), ("vae", pipe.vae.encoder), ("vae", pipe.vae.decoder)]
+    runs += [(name, getattr(pipe, name)) for name in TEXT_ENCODERS if getattr(pipe, name, None) is not None]
+    for name, module in runs:
+        module.register_forward_pre_hook(lambda *_, name=name: seen.append((name, model.on_device)))
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_offload_idle_places_each_part_alone_before_it_runs(kind, eps_dir, tokenizer_dir, tmp_path, photo):
+    """On a CPU nothing can move, but the record ``Model.place`` keeps says what would be on a GPU: a model loaded
+    with ``offload_idle`` starts with nothing there, and through Imagic's fit and render, an inversion and its P2P
+    edit, and plain generation, every part runs with only its own kind placed (the UNet alone, the VAE alone, the
+    text encoders together)."""
+    folder = eps_dir
+    if kind == "sdxl":
+        from peftedit.tiny import build_xl_pipeline
+
+        folder = tmp_path / "xl"
+        build_xl_pipeline(tokenizer_dir).save_pretrained(folder)
+    model = load_model(str(folder), RuntimeConfig(device="cpu", offload_idle=True))
+    assert model.on_device == ()
+    encoders = tuple(name for name in TEXT_ENCODERS if getattr(model.pipe, name, None) is not None)
+    seen = _placements(model)
+    artifact = imagic.fit(model, photo, "a photo of a red circle", SHORT_IMAGIC, show_progress=False)
+    imagic.render(model, artifact, eta=0.5, steps=2)
+    inversion = nulltext.invert(
+        model, photo, "a photo of a red circle", NullTextConfig(method="direct", steps=3), show_progress=False
+    )
+    nulltext.edit(model, inversion, "a photo of a blue circle")
+    generate(model, "a red circle", steps=2)
+    ran = {name for name, _ in seen}
+    assert ran == {"unet", "vae", *encoders}
+    for name, placed in seen:
+        assert placed == (encoders if name in encoders else (name,)), (name, placed)
 
 
 def test_a_method_call_runs_and_records_the_models_load_time_settings(eps_dir, photo, caplog):

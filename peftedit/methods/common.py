@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from ..artifacts import Artifact, now_utc, package_versions
 from ..config import LOAD_TIME_SETTINGS, RuntimeConfig
-from ..diffusion import decode_latents, encode_image
+from ..diffusion import decode_latents, encode_image, encode_text
 from ..errors import ArtifactError
 from ..models import TEXT_ENCODERS, Model, architecture_hash, check_same_base, fingerprint, pipe_parts
 
@@ -42,9 +42,6 @@ def call_runtime(model: Model, runtime: RuntimeConfig | None) -> RuntimeConfig:
 
 # The pipeline parts ``encoders_offloaded`` moves off the GPU.
 OFFLOADED_PARTS = ("vae", *TEXT_ENCODERS)
-# The parts idle while the UNet samples, and while the VAE encodes or decodes (``runtime.offload_idle``).
-IDLE_WHILE_SAMPLING = ("vae", *TEXT_ENCODERS)
-IDLE_WHILE_VAE = ("unet", *TEXT_ENCODERS)
 
 
 @contextlib.contextmanager
@@ -69,20 +66,27 @@ def parts_offloaded(pipe, parts: tuple[str, ...], enabled: bool):
 
 
 def encode_photo(model: Model, picture: Image.Image) -> torch.Tensor:
-    """The photo's VAE latent; with ``runtime.offload_idle`` the UNet and text encoder are off the GPU meanwhile."""
-    with parts_offloaded(model.pipe, IDLE_WHILE_VAE, model.runtime.offload_idle):
-        return encode_image(model.pipe, picture)
+    """The photo's VAE latent, on the model's device (the VAE placed first: ``Model.place``)."""
+    model.place("vae")
+    return encode_image(model.pipe, picture).to(model.device)
 
 
 def decode_pictures(model: Model, latents: torch.Tensor) -> list[Image.Image]:
-    """The pictures of ``latents``; with ``runtime.offload_idle`` the UNet and text encoder are off the GPU then."""
-    with parts_offloaded(model.pipe, IDLE_WHILE_VAE, model.runtime.offload_idle):
-        return decode_latents(model.pipe, latents)
+    """The pictures of ``latents`` (the VAE placed first)."""
+    model.place("vae")
+    return decode_latents(model.pipe, latents)
 
 
-def sampling(model: Model):
-    """A block of UNet sampling: with ``runtime.offload_idle`` the VAE and text encoder are off the GPU inside it."""
-    return parts_offloaded(model.pipe, IDLE_WHILE_SAMPLING, model.runtime.offload_idle)
+def text_embedding(model: Model, text: str) -> torch.Tensor:
+    """``diffusion.encode_text`` on the model's device (the text encoders placed first)."""
+    model.place(*TEXT_ENCODERS)
+    return encode_text(model.pipe, text).to(model.device)
+
+
+def unet_placed(model: Model):
+    """The UNet, placed on the model's device for sampling or training (``Model.place``)."""
+    model.place("unet")
+    return model.pipe.unet
 
 
 def encoders_offloaded(pipe, enabled: bool):

@@ -20,7 +20,6 @@ from ..diffusion import (
     check_finite,
     check_prompt,
     denoising_loss,
-    encode_text,
     fresh_scheduler,
     initial_noise,
     sample,
@@ -38,8 +37,9 @@ from .common import (
     encode_photo,
     encoders_offloaded,
     progress,
-    sampling,
     sampling_bar,
+    text_embedding,
+    unet_placed,
 )
 
 METHOD = "imagic"
@@ -226,11 +226,12 @@ def fit(
     target_text = check_prompt(pipe.tokenizer, target_text)
     picture, image_info = load_image(image, model.resolution)
     latent = encode_photo(model, picture)
-    e_tgt = encode_text(pipe, target_text)
-    e_uncond = encode_text(pipe, "")
+    e_tgt = text_embedding(model, target_text)
+    e_uncond = text_embedding(model, "")
     meta, probe = base_meta(model, {"runtime": to_dict(runtime), "imagic": to_dict(config)}, image_info)
     generator = torch.Generator("cpu").manual_seed(runtime.seed)
     scheduler = fresh_scheduler(pipe)
+    unet_placed(model)
     with (
         encoders_offloaded(pipe, runtime.offload_encoders),
         checkpointing(unet, runtime.gradient_checkpointing),
@@ -312,14 +313,14 @@ def render(
     if steps > most:
         raise PeftEditError(f"steps = {steps} is more than the model's {most} training timesteps")
     pipe = model.pipe
-    device = pipe.unet.device
+    device = model.device
     e_tgt, e_opt = (
         artifact.tensors["e_tgt"].to(device),
         artifact.tensors["e_opt"].to(device),
     )
     uncond = artifact.tensors["e_uncond"].to(device)
     results = []
-    with lora_applied(pipe.unet, artifact), sampling(model):
+    with lora_applied(unet_placed(model), artifact):
         for value in etas:
             scheduler = fresh_scheduler(pipe, steps)
             side = pipe.unet.config.sample_size

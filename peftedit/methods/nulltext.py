@@ -32,7 +32,6 @@ from ..diffusion import (
     check_finite,
     check_prompt,
     ddim_invert,
-    encode_text,
     fresh_scheduler,
     guided_prediction,
     sample,
@@ -51,8 +50,9 @@ from .common import (
     encode_photo,
     encoders_offloaded,
     progress,
-    sampling,
     sampling_bar,
+    text_embedding,
+    unet_placed,
 )
 
 log = logging.getLogger("peftedit")
@@ -185,9 +185,10 @@ def invert(
     source_prompt = check_prompt(pipe.tokenizer, source_prompt)
     picture, image_info = load_image(image, model.resolution)
     z0 = encode_photo(model, picture)
-    e_src, e_uncond = encode_text(pipe, source_prompt), encode_text(pipe, "")
+    e_src, e_uncond = text_embedding(model, source_prompt), text_embedding(model, "")
     meta, probe = base_meta(model, {"runtime": to_dict(runtime), TABLE: to_dict(config)}, image_info)
     tensors: dict[str, torch.Tensor] = {}
+    unet_placed(model)
     with encoders_offloaded(pipe, runtime.offload_encoders):
         bar = partial(tqdm, desc="pivot (DDIM inversion)", disable=not show_progress, dynamic_ncols=True)
         noised = round(config.pivot_noise * config.steps)
@@ -294,7 +295,7 @@ def run_edit(
     if guidance is not None and guidance != made:
         log.warning("the inversion was made for guidance %g; at %g the source branch will drift", made, guidance)
     guidance = made if guidance is None else guidance
-    device = unet.device
+    device = model.device
     tensors = {k: v.to(device) for k, v in artifact.tensors.items()}
     prompts = [meta["prompts"]["source"]]
     if target_prompt is not None:
@@ -306,7 +307,7 @@ def run_edit(
     elif control is not None and control.blends:
         log.warning("the local blend is ignored without a target prompt")
     branches = len(prompts)
-    cond = torch.cat([tensors["e_src"]] + [encode_text(pipe, p).to(device) for p in prompts[1:]])
+    cond = torch.cat([tensors["e_src"]] + [text_embedding(model, p) for p in prompts[1:]])
     null = {"null-text": None, "negative-prompt": tensors["e_src"]}.get(artifact.method, tensors["e_uncond"])
 
     def uncond(i: int) -> torch.Tensor:
@@ -329,7 +330,8 @@ def run_edit(
     bar = sampling_bar("reconstruction" if pivots is not None else "edit", show_progress)
     # The controller's processors only where something reads or edits the attention; else the fast processors.
     attention = p2p.installed(unet, controller) if branches == 2 or maps else contextlib.nullcontext()
-    with sampling(model), attention:
+    unet_placed(model)
+    with attention:
         latents = sample(unet, scheduler, start, cond, uncond, guidance, after_step, bar)
     images = decode_pictures(model, latents)
     return EditResult(images, latents, prompts, controller.mean_maps(), errors)

@@ -25,7 +25,8 @@ import torch
 from peftedit import ImagicConfig, RuntimeConfig, imagic, load_model
 from peftedit.artifacts import now_utc, package_versions
 from peftedit.config import build, resolve_recipe
-from peftedit.diffusion import encode_image, encode_text, fresh_scheduler
+from peftedit.diffusion import fresh_scheduler
+from peftedit.methods.common import encode_photo, text_embedding, unet_placed
 
 from . import memory, options
 from .build_model import save_model
@@ -69,9 +70,10 @@ def run(args) -> list[dict]:
     config = dataclasses.replace(configs["imagic"], embedding_steps=args.steps, finetune_steps=args.steps)
     with tempfile.TemporaryDirectory(prefix="peftedit-ckpt-") as tmp:
         model = load_model(str(save_model(args.model, Path(tmp) / args.model, device=args.device)), runtime)
-    pipe, unet, device = model.pipe, model.pipe.unet, model.device
-    latent = encode_image(pipe, memory.input_photo(model.resolution))
-    e_tgt = encode_text(pipe, "a photo of a dog jumping on a bench")
+    pipe, device = model.pipe, model.device
+    latent = encode_photo(model, memory.input_photo(model.resolution))
+    e_tgt = text_embedding(model, "a photo of a dog jumping on a bench")
+    unet = unet_placed(model)  # as in imagic.fit (runtime.offload_idle loads the model onto the CPU)
     rows = []
     with encoders_away(pipe, runtime.offload_encoders) as offloaded:  # as in imagic.fit
         for setting, outer in SETTINGS.items():

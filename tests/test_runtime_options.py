@@ -158,6 +158,9 @@ def test_place_moves_the_needed_parts_on_and_the_others_off_and_leaves_them_ther
         ("unet", "cuda:0"),
     ]  # fmt: skip
     assert [p.device.type for p in (pipe.unet, pipe.vae, pipe.text_encoder)] == ["cuda", "cpu", "cpu"]
+    model.place("unet", "vae", "text_encoder", "text_encoder_2")  # README: before running model.pipe directly
+    assert model.on_device == ("unet", "vae", "text_encoder")
+    assert all(p.device.type == "cuda" for p in (pipe.unet, pipe.vae, pipe.text_encoder))
     log.clear()
     model.runtime = dataclasses.replace(runtime, offload_idle=False)
     model.place("vae")

@@ -192,22 +192,35 @@ def test_offload_idle_leaves_only_the_part_at_work_on_the_gpu(eps_dir, photo):
     assert [p.device.type for p in (pipe.unet, pipe.vae, pipe.text_encoder)] == ["cpu", "cuda", "cpu"]
 
 
-def _placements(model) -> list:
-    """Hooks recording, each time a part runs, its name and what ``Model.place`` had put on the device then."""
+def _placements(model, monkeypatch) -> list:
+    """Hooks recording, each time a part runs or its ``.device`` is read (to put tensors beside it), its name and
+    what ``Model.place`` had put on the device then."""
     pipe, seen = model.pipe, []
     runs = [("unet", pipe.unet), ("vae", pipe.vae.encoder), ("vae", pipe.vae.decoder)]
     runs += [(name, getattr(pipe, name)) for name in TEXT_ENCODERS if getattr(pipe, name, None) is not None]
     for name, module in runs:
         module.register_forward_pre_hook(lambda *_, name=name: seen.append((name, model.on_device)))
+    parts = {id(module): name for name, module in runs if name != "vae"} | {id(pipe.vae): "vae"}
+    for cls in {type(module) for module in (pipe.unet, pipe.vae, *[m for n, m in runs if n in TEXT_ENCODERS])}:
+        read = cls.device.fget
+
+        def device(module, read=read):
+            if id(module) in parts:
+                seen.append((parts[id(module)], model.on_device))
+            return read(module)
+
+        monkeypatch.setattr(cls, "device", property(device))
     return seen
 
 
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])
-def test_offload_idle_places_each_part_alone_before_it_runs(kind, eps_dir, tokenizer_dir, tmp_path, photo):
+def test_offload_idle_places_each_part_alone_before_it_runs(
+    kind, eps_dir, tokenizer_dir, tmp_path, photo, monkeypatch
+):
     """On a CPU nothing can move, but the record ``Model.place`` keeps says what would be on a GPU: a model loaded
     with ``offload_idle`` starts with nothing there, and through Imagic's fit and render, an inversion and its P2P
     edit, and plain generation, every part runs with only its own kind placed (the UNet alone, the VAE alone, the
-    text encoders together)."""
+    text encoders together), and no code puts tensors beside a part (reading its ``.device``) before placing it."""
     folder = eps_dir
     if kind == "sdxl":
         from peftedit.tiny import build_xl_pipeline
@@ -217,11 +230,11 @@ def test_offload_idle_places_each_part_alone_before_it_runs(kind, eps_dir, token
     model = load_model(str(folder), RuntimeConfig(device="cpu", offload_idle=True))
     assert model.on_device == ()
     encoders = tuple(name for name in TEXT_ENCODERS if getattr(model.pipe, name, None) is not None)
-    seen = _placements(model)
+    seen = _placements(model, monkeypatch)
     artifact = imagic.fit(model, photo, "a photo of a red circle", SHORT_IMAGIC, show_progress=False)
     imagic.render(model, artifact, eta=0.5, steps=2)
     inversion = nulltext.invert(
-        model, photo, "a photo of a red circle", NullTextConfig(method="direct", steps=3), show_progress=False
+        model, photo, "a photo of a red circle", NullTextConfig(method="null-text", steps=3, inner_steps=2), show_progress=False
     )
     nulltext.edit(model, inversion, "a photo of a blue circle")
     generate(model, "a red circle", steps=2)

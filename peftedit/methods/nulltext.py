@@ -315,6 +315,7 @@ def run_edit(
         return row.expand(branches, -1, -1)
 
     scheduler = fresh_scheduler(pipe, meta["steps"])
+    unet_placed(model)  # before the controller, which puts its tensors on the UNet's device
     controller = p2p.Controller(unet, pipe.tokenizer, prompts, control, meta["steps"])
     errors: list[float] = []
 
@@ -330,7 +331,6 @@ def run_edit(
     bar = sampling_bar("reconstruction" if pivots is not None else "edit", show_progress)
     # The controller's processors only where something reads or edits the attention; else the fast processors.
     attention = p2p.installed(unet, controller) if branches == 2 or maps else contextlib.nullcontext()
-    unet_placed(model)
     with attention:
         latents = sample(unet, scheduler, start, cond, uncond, guidance, after_step, bar)
     images = decode_pictures(model, latents)

@@ -1,9 +1,10 @@
-"""Live tensor bytes of one VAE decode at an architecture's resolution, per dtype: what the CPU estimate of
-``benchmarks.memory`` misses for SDXL.
+"""Live tensor bytes of one VAE decode, and of one encode of a photo, at an architecture's resolution, per dtype:
+what the CPU estimate of ``benchmarks.memory`` misses for SDXL.
 
 On a GPU the shipped recipes run SDXL in fp16, and ``peftedit.load_model`` then keeps SDXL's VAE in fp32 (its config
 asks for it: it overflows fp16). The CPU estimate runs the recipes as bf16, where the VAE stays bf16, so its decode
-counts half the bytes. This measures both on the same latent, with VAE slicing on as in the recipes:
+counts half the bytes. This measures both on the same latent (and the same photo, for the encode), with VAE
+slicing on as in the recipes:
 
     python -m benchmarks.vae_decode --model sdxl --out benchmarks/results/vae-decode-sdxl-cpu-<date>.json
 """
@@ -26,7 +27,8 @@ GIB = 2**30
 
 
 def decode_peaks(model: str, dtypes: list[str]) -> list[dict]:
-    """One row per dtype: the decode's peak live bytes (weights included) and the VAE's weights, in GiB."""
+    """One row per dtype: the decode's and the encode's peak live bytes (weights included) and the VAE's weights,
+    in GiB."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
@@ -39,9 +41,15 @@ def decode_peaks(model: str, dtypes: list[str]) -> list[dict]:
         vae.to(DTYPES[name])
         with torch.no_grad(), TensorMemory("cpu") as tracked:
             vae.decode(latent.to(DTYPES[name]))
+        photo = torch.rand(1, 3, resolution(model), resolution(model), generator=torch.Generator().manual_seed(0))
+        photo = (photo * 2 - 1).to(DTYPES[name])  # made after the decode, so that count does not hold it
+        with torch.no_grad(), TensorMemory("cpu") as encoding:
+            vae.encode(photo)
+        del photo
         weights = sum(p.numel() * p.element_size() for p in vae.parameters())
         rows.append(
             {"model": model, "resolution": resolution(model), "dtype": name, "decode_peak_gib": tracked.peak / GIB}
+            | {"encode_peak_gib": encoding.peak / GIB}
             | {"weights_gib": weights / GIB, "command": "python -m benchmarks.vae_decode " + " ".join(sys.argv[1:])}
         )
     return rows
@@ -55,7 +63,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     rows = decode_peaks(args.model, args.dtypes)
     for row in rows:
-        print(f"{row['model']} {row['dtype']}: decode peak {row['decode_peak_gib']:.2f} GiB")
+        print(
+            f"{row['model']} {row['dtype']}: decode peak {row['decode_peak_gib']:.2f} GiB, "
+            f"encode peak {row['encode_peak_gib']:.2f} GiB"
+        )
     write_json(args.out or f"benchmarks/results/vae-decode-{args.model}-cpu-{date.today()}.json", rows)
     return rows
 

@@ -476,4 +476,5 @@ def test_vae_decode_counts_more_bytes_for_the_fp32_decode(tmp_path):
     assert fp32["resolution"] == vae_decode.resolution("tiny-xl")
     assert fp32["decode_peak_gib"] > fp32["weights_gib"] > 0
     assert fp32["decode_peak_gib"] > bf16["decode_peak_gib"]  # 2.0x at SDXL's size; fixed costs weigh more here
+    assert fp32["encode_peak_gib"] > fp32["weights_gib"] and fp32["encode_peak_gib"] > bf16["encode_peak_gib"]
     assert json.loads((tmp_path / "vae.json").read_text()) == rows

@@ -234,7 +234,11 @@ def test_offload_idle_places_each_part_alone_before_it_runs(
     artifact = imagic.fit(model, photo, "a photo of a red circle", SHORT_IMAGIC, show_progress=False)
     imagic.render(model, artifact, eta=0.5, steps=2)
     inversion = nulltext.invert(
-        model, photo, "a photo of a red circle", NullTextConfig(method="null-text", steps=3, inner_steps=2), show_progress=False
+        model,
+        photo,
+        "a photo of a red circle",
+        NullTextConfig(method="null-text", steps=3, inner_steps=2),
+        show_progress=False,
     )
     nulltext.edit(model, inversion, "a photo of a blue circle")
     generate(model, "a red circle", steps=2)

@@ -3,6 +3,7 @@ guided sampler. Every target and step goes through the scheduler, so epsilon and
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
 
@@ -257,7 +258,10 @@ def ddim_invert(
     """
     from diffusers import DDIMInverseScheduler
 
-    inverse = DDIMInverseScheduler.from_config(scheduler_config)
+    # Only the keys it takes: a config converted from another scheduler (SDXL ships Euler's) carries keys diffusers
+    # would warn about, one line per inversion.
+    takes = inspect.signature(DDIMInverseScheduler.__init__).parameters
+    inverse = DDIMInverseScheduler.from_config({k: v for k, v in dict(scheduler_config).items() if k in takes})
     inverse.set_timesteps(steps)
     forward = DDIMScheduler.from_config(scheduler_config)
     forward.set_timesteps(steps)

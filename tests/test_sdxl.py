@@ -26,6 +26,7 @@ from peftedit import (
 )
 from peftedit.cli import main
 from peftedit.diffusion import (
+    ddim_invert,
     encode_image,
     encode_text,
     fresh_scheduler,
@@ -265,3 +266,33 @@ def test_sdxl_trains_and_renders_in_half_precision_on_cuda(xl_dir, photo):
     assert picture.shape == (SIDE, SIDE, 3)
     inverted = nulltext.invert(model, photo, TEXT, NullTextConfig(steps=4, inner_steps=2), show_progress=False)
     assert torch.isfinite(inverted.tensors["null_embeddings"]).all()
+
+
+def test_inversion_gives_the_inverse_scheduler_only_its_own_keys(xl_model, photo):
+    """SDXL base ships an Euler scheduler config, whose keys the DDIM scheduler peftedit loads keeps; DDIM inversion
+    builds its DDIMInverseScheduler from the keys that class takes, so diffusers does not warn about the others on
+    every inversion, and inverts the same."""
+    import logging
+
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+    from benchmarks.build_model import load_config
+
+    euler = EulerDiscreteScheduler.from_config(load_config("sdxl")["scheduler"])  # SDXL base's own config
+    config = DDIMScheduler.from_config(euler.config).config  # as load_model converts it
+    assert "use_karras_sigmas" in config  # Euler's keys are there to leave out
+    pipe = xl_model.pipe
+    latent, embedding = encode_image(pipe, load_image(photo, xl_model.resolution)[0]), encode_text(pipe, TEXT)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("diffusers")
+    logger.addHandler(handler)
+    try:
+        inverted = ddim_invert(pipe.unet, config, latent, embedding, 2)
+    finally:
+        logger.removeHandler(handler)
+    assert not [r for r in records if "DDIMInverseScheduler" in r.getMessage()]
+    plain = {k: v for k, v in config.items() if k not in ("use_karras_sigmas", "interpolation_type", "skip_prk_steps")}
+    for ours, reference in zip(inverted, ddim_invert(pipe.unet, plain, latent, embedding, 2), strict=True):
+        assert torch.equal(ours, reference)

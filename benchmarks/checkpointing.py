@@ -30,7 +30,7 @@ from peftedit.methods.common import encode_photo, text_embedding, unet_placed
 
 from . import memory, options
 from .build_model import save_model
-from .measure import GIB, encoders_away, measure, release
+from .measure import GIB, encoders_away, idle_offload, measure, release
 from .output import publish
 
 log = logging.getLogger("benchmarks")
@@ -103,7 +103,8 @@ def _stage(model, stage, latent, e_tgt, config, runtime, warmup: int, offloaded)
     generator = torch.Generator("cpu").manual_seed(runtime.seed)
     release(device)  # the previous stage's garbage must not count as resident (measure() would free it after)
     held = torch.cuda.memory_allocated(device) / GIB if device.type == "cuda" else None
-    with measure(device, "train", pipe.unet, warmup, track, offloaded) as result:
+    hooks = idle_offload(model)  # runtime.offload_idle on a CPU: only what the library placed counts
+    with measure(device, "train", pipe.unet, warmup, track, offloaded, hooks) as result:
         fn(pipe.unet, fresh_scheduler(pipe), latent, e_tgt, config, runtime, generator, False)
     if track:
         peak, resident = result.tensor_peak_gib, result.tensor_resident_gib

@@ -45,7 +45,8 @@ EXAMPLES = {
   peftedit inspect adapters/dog-sitting --json""",
     "generate": """\
   peftedit generate "a large red circle on the left" --seed 1 -o circle.png
-  peftedit generate "a photo of a dog" --model stable-diffusion-v1-5/stable-diffusion-v1-5 --steps 30""",
+  peftedit generate "a photo of a dog" --model stable-diffusion-v1-5/stable-diffusion-v1-5 --steps 30
+  peftedit generate "a photo of a dog" --model <SDXL> --set runtime.offload_idle=true   # SDXL in 8 GB""",
 }
 FOOTER = "With no --model, commands use the built-in demo model (coloured shapes). --debug shows tracebacks."
 EPILOG = "examples:\n{}\n\n{}".format("\n".join(EXAMPLES[n] for n in ("imagic", "invert", "edit", "batch")), FOOTER)
@@ -247,6 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None, help="guidance (default: the model's recommendation)")
     p.add_argument("-o", "--output", help="picture to write (default generated.png, or -2, -3… when taken)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output picture")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="runtime.KEY=VALUE",
+        help="a runtime setting to load the model with (runtime.offload_idle=true: only the part at work on the GPU)",
+    )
     return parser
 
 
@@ -555,14 +563,16 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from .config import RuntimeConfig, build
     from .diffusion import require_text
     from .generate import generate
     from .models import load_model
 
+    runtime = build({"runtime": RuntimeConfig}, None, args.set)["runtime"]
     output = check_picture_output(args.output or free_name(Path("generated.png")), args.overwrite)
     check_sampling_args(args)
     require_text(args.prompt)
-    model = load_model(args.model, single_file_config=args.single_file_config)
+    model = load_model(args.model, runtime, single_file_config=args.single_file_config)
     show = not args.quiet
     image = generate(model, args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance, show_progress=show)
     print(f"wrote {save_image_atomic(image, output)}")
@@ -571,12 +581,13 @@ def cmd_generate(args) -> int:
 
 # What a command stopped part way (interrupted, out of memory) leaves, where it is more than nothing.
 LEFT_BEHIND = {"batch": "finished entries are kept (see batch.json)"}
-# What lowers the peak, by command: training takes recipes and --set; edit and generate take the recorded settings.
+# What lowers the peak, by command: training takes recipes and --set, generate --set; edit takes the recorded settings.
 _LOWER_PEAK = "--set runtime.offload_idle=true, fewer other programs on the GPU"
 OUT_OF_MEMORY = {
     "imagic": f"to lower the peak: --recipe sd15-8gb, {_LOWER_PEAK}",
     "invert": f"to lower the peak: --recipe nulltext-sd15-8gb, {_LOWER_PEAK}",
     "batch": f"to lower the peak: the 8 GB recipes, {_LOWER_PEAK}",
+    "generate": f"to lower the peak: {_LOWER_PEAK}",
 }
 OUT_OF_MEMORY_OTHERWISE = "free memory on the device (other programs hold some) and run it again"
 COMMANDS = {

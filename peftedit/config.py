@@ -53,7 +53,7 @@ class RuntimeConfig:
     offload_idle: bool = option(
         False,
         "Only the part at work on the GPU: the model loads onto the CPU and each part (UNet, VAE, text encoders) "
-        "moves to the GPU when it runs, the others leaving, and stays there until another part needs the room. "
+        "moves to the GPU when it runs, the others leaving, and stays there until another part runs. "
         "The peak is then the UNet's stage, not all weights at once; costs each part's transfer when its turn "
         "comes (~2 GiB of SD weights, ~6.5 of SDXL's per edit), not timed on a GPU yet.",
     )

@@ -101,7 +101,8 @@ def load_model(
     ``.safetensors`` checkpoint.
 
     Returns a :class:`Model` on the runtime's device and dtype with the attention backend, VAE slicing, the UNet's
-    memory format and its compilation set.
+    memory format and its compilation set; with ``runtime.offload_idle`` its parts are on the CPU, in that dtype,
+    until the library places each one on the device as it runs (:meth:`Model.place`).
     ``announce_demo``: say in one line that the demo model is used (off when the demo was recorded as an edit's base
     model).
     """
@@ -160,7 +161,8 @@ def load_model(
         )
     # DDIM is what both methods are defined with; keep the model's own betas and prediction_type.
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.to("cpu" if runtime.offload_idle else device)  # with offload_idle each part comes when it runs (Model.place)
+    if not runtime.offload_idle:  # with it the parts stay on the CPU they load onto, each placed when it runs
+        pipe.to(device)
     if is_xl(pipe) and dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
         pipe.vae.to(torch.float32)  # SDXL's own VAE overflows float16 (its config says so): diffusers upcasts it too
     pipe.set_progress_bar_config(disable=True)

@@ -248,6 +248,11 @@ def test_checkpointing_levels_trade_memory_for_work(tmp_path, one_thread):
     # the encoders are off the GPU for training (the recipe), so they are not counted as resident
     argv = ["--model", "tiny", "--device", "cpu", "--set", "runtime.dtype=fp32"]
     kept = checkpointing.main([*argv, "--set", "runtime.offload_encoders=false", "--out", str(tmp_path / "kept.json")])
+    # runtime.offload_idle keeps them off as well (the count follows Model.place), encoder offload or not
+    idle = ["--set", "runtime.offload_idle=true", "--set", "runtime.offload_encoders=false"]
+    placed = checkpointing.main([*argv, *idle, "--out", str(tmp_path / "idle.json")])
+    for offloaded, idle_row in zip(rows, placed, strict=True):
+        assert idle_row["resident_gib"] == pytest.approx(offloaded["resident_gib"], abs=1e-9)
     pipe = build_pipeline("tiny")
     parts = (pipe.vae, pipe.text_encoder)
     encoders = sum(t.numel() * t.element_size() for m in parts for t in [*m.parameters(), *m.buffers()])

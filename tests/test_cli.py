@@ -615,3 +615,26 @@ def test_an_inversion_redone_in_place_from_inside_its_folder(eps_dir, photo, tmp
 def test_inspect_of_a_file_says_it_is_not_a_folder(photo, capsys):
     code, _, err = _run(capsys, "inspect", photo)
     _one_line_error(code, err, "is a file; give the edit folder")
+
+
+def test_generate_takes_runtime_settings(eps_dir, tmp_path, capsys, monkeypatch):
+    """`generate --set runtime.offload_idle=true` (SDXL in 8 GB) loads the model with it and draws the same picture;
+    a key of another table, or no such key, is a one-line error before anything is written."""
+    from peftedit import models
+
+    loaded = []
+    real = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loaded.append(real(*a, **k)) or loaded[-1])
+    pictures = []
+    for extra in ([], ["--set", "runtime.offload_idle=true"]):
+        pictures.append(tmp_path / f"g{len(pictures)}.png")
+        code, _, err = _run(capsys, "generate", "a red circle", "--model", eps_dir, "--steps", 3, *extra, "-o",
+                            pictures[-1])  # fmt: skip
+        assert code == 0, err
+    assert [m.runtime.offload_idle for m in loaded] == [False, True]
+    assert loaded[1].on_device == ("vae",)  # the decode ran last
+    assert np.array_equal(np.array(Image.open(pictures[0])), np.array(Image.open(pictures[1])))
+    for bad, said in (("imagic.lora_rank=4", "imagic"), ("runtime.offload=true", "unknown key runtime.offload")):
+        code, _, err = _run(capsys, "generate", "a dog", "--model", eps_dir, "--set", bad, "-o", tmp_path / "x.png")
+        _one_line_error(code, err, said)
+        assert not (tmp_path / "x.png").exists()

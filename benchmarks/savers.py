@@ -5,12 +5,13 @@ one setting changed at a time.
     python -m benchmarks.savers --model sd15 --device cpu --set runtime.dtype=bf16   # live-tensor estimate
 
 Runs ``benchmarks.memory`` (no baselines) once with the recipes as shipped, once per saver switched off and once per
-option they leave off (``offload_idle``, channels-last UNet, ``torch.compile``) switched on, on one model built once,
-and reports per method and stage the peak memory of each variant against the recipe's: CUDA peak reserved on a GPU,
-the live-tensor estimate (``tensor_peak_gib``) elsewhere; on a GPU the table also gives the change in seconds per
-step. Rows go to ``benchmarks/results/savers-<device>-<date>.json``. Encoder offloading and the compiled UNet run only
-on a GPU: on a CPU the encoders are on the "device" either way, and the live-tensor count does not see inside
-compiled kernels.
+option they leave off (``offload_idle``, channels-last UNet, ``torch.compile``) switched on, on one model built once
+(``offload_idle`` is on in the SDXL recipes: there its variant switches it off; a variant equal to the recipe is
+skipped), and reports per method and stage the peak memory of each variant against the recipe's: CUDA peak reserved
+on a GPU, the live-tensor estimate (``tensor_peak_gib``) elsewhere; on a GPU the table also gives the change in
+seconds per step. Rows go to ``benchmarks/results/savers-<device>-<date>.json``. Encoder offloading and the compiled
+UNet run only on a GPU: on a CPU the encoders are on the "device" either way, and the live-tensor count does not see
+inside compiled kernels.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ from __future__ import annotations
 import argparse
 import logging
 import tempfile
+import tomllib
 from pathlib import Path
 
 from . import memory, options
 from .build_model import save_model
 from .output import publish, write_json
+
+log = logging.getLogger("benchmarks")
 
 # (name, override): the first is the recipes as shipped; then each memory saver they use switched off, and each
 # option they leave off switched on: a further memory saver, and the speed options (whose worth is seconds per step,
@@ -35,9 +39,11 @@ VARIANTS = [
     ("encoders stay on the GPU", "runtime.offload_encoders=false"),
     ("batched VAE decode", "runtime.vae_slicing=false"),
     ("idle parts off the GPU", "runtime.offload_idle=true"),
+    ("every part kept on the GPU", "runtime.offload_idle=false"),  # the SDXL recipes have it on
     ("channels-last UNet", "runtime.channels_last=true"),
     ("compiled UNet", "runtime.compile=true"),
 ]
+# A variant the recipe already is (offload_idle: on for SDXL, off for SD) is skipped: it would run the recipe again.
 # Skipped off CUDA: a CPU cannot move the encoders off its "device", and the live-tensor count does not see inside
 # inductor's compiled kernels (nor would CPU timings say what compiling buys on a GPU).
 GPU_ONLY = {"encoders stay on the GPU", "compiled UNet"}
@@ -150,12 +156,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for variant, override in VARIANTS:
             if variant != "recipe" and variant not in chosen:
                 continue
+            if override and _same_as_recipe(runs["recipe"], override):
+                log.info("skipping %r: the recipe already has %s", variant, override)
+                continue
             extra = [f"--set={override}"] if override else []
             out = Path(tmp) / f"{len(runs)}.json"
             runs[variant] = memory.main([*common, *extra, "--model-dir", str(folder), "--out", str(out)])
             write_json(path, rows())  # after each variant, so a run stopped part way keeps the variants done
     final = rows()
     return publish(path, final, markdown(final))
+
+
+def _same_as_recipe(recipe_rows: list[dict], override: str) -> bool:
+    """Whether ``runtime.KEY=VALUE`` is what the recipe run already had (its rows record their runtime)."""
+    key, _, value = override.removeprefix("runtime.").partition("=")
+    had = {row["runtime"].get(key) for row in recipe_rows if row.get("runtime")}
+    return had == {tomllib.loads(f"v = {value}")["v"]}
 
 
 if __name__ == "__main__":

@@ -337,6 +337,13 @@ def test_savers_estimate_what_keeping_idle_parts_off_the_gpu_buys(tmp_path, one_
             assert saved >= 0.99 * encoders, (method, stage, saved)
         elif stage != "pipeline":
             assert saved == 0, (method, stage, saved)
+    # the other way round on the SDXL layout, whose recipes have it on; the variant equal to the recipe is not run
+    argv = ["--model", "tiny-xl", "--device", "cpu", "--set", "runtime.dtype=fp32", "--out", str(tmp_path / "x.json")]
+    rows = savers.main([*argv, "--variants", "idle parts off the GPU", "every part kept on the GPU"])
+    assert {r["variant"] for r in rows} == {"recipe", "every part kept on the GPU"}
+    kept = {(r["method"], r["stage"]): r for r in rows if r["variant"] == "every part kept on the GPU"}
+    assert all(not r["runtime"]["offload_idle"] for r in kept.values())
+    assert kept[("imagic", "render")]["saver_buys_gib"] > 0 and kept[("null-text", "edit")]["saver_buys_gib"] > 0
 
 
 def _out_of_memory(*args, **kwargs):

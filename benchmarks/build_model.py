@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from peftedit.models import DTYPES, TEXT_ENCODERS, pipe_parts
+from peftedit.models import DTYPES, PARTS, pipe_parts
 from peftedit.tiny import assemble, assemble_xl, write_tokenizer
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -119,13 +119,9 @@ def save_model(
     return folder
 
 
-# The parts parameter_counts reports, when the pipeline has them (SD has one text encoder, SDXL two).
-COUNTED_PARTS = ("unet", "vae", *TEXT_ENCODERS)
-
-
 def parameter_counts(pipe) -> dict[str, int]:
     """Number of parameters of the UNet, VAE and text encoder(s), by part name."""
-    return {key: sum(p.numel() for p in part.parameters()) for key, part in pipe_parts(pipe, COUNTED_PARTS).items()}
+    return {key: sum(p.numel() for p in part.parameters()) for key, part in pipe_parts(pipe, PARTS).items()}
 
 
 def main() -> None:

@@ -35,7 +35,6 @@ log = logging.getLogger("benchmarks")
 
 GIB = 2**30
 COUNTS = ("train", "optimizer", "unet")  # what a step is: see measure()
-# The pipeline's text encoders: SD has the first, SDXL both.
 # What an out-of-memory row's status ends with (after the error's own words).
 DID_NOT_FIT = "did not fit this device"
 

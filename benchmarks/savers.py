@@ -19,8 +19,10 @@ from __future__ import annotations
 import argparse
 import logging
 import tempfile
-import tomllib
 from pathlib import Path
+
+from peftedit import RuntimeConfig
+from peftedit.config import build
 
 from . import memory, options
 from .build_model import save_model
@@ -169,9 +171,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def _same_as_recipe(recipe_rows: list[dict], override: str) -> bool:
     """Whether ``runtime.KEY=VALUE`` is what the recipe run already had (its rows record their runtime)."""
-    key, _, value = override.removeprefix("runtime.").partition("=")
-    had = {row["runtime"].get(key) for row in recipe_rows if row.get("runtime")}
-    return had == {tomllib.loads(f"v = {value}")["v"]}
+    key = override.partition("=")[0].removeprefix("runtime.")
+    wanted = getattr(build({"runtime": RuntimeConfig}, None, [override])["runtime"], key)  # parsed as --set is
+    return {row["runtime"].get(key) for row in recipe_rows if row.get("runtime")} == {wanted}
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from PIL import Image
 
 from .config import check_sampling
 from .diffusion import check_prompt, fresh_scheduler, initial_noise, sample
-from .methods.common import decode_pictures, sampling_bar, text_embedding, unet_placed
+from .methods.common import check_steps, decode_pictures, sampling_bar, text_embedding, unet_placed
 from .models import Model, is_xl
 
 # Sampling defaults for a model that recommends none: SD's usual 50 DDIM steps at guidance 7.5 (diffusers' SD
@@ -46,7 +46,9 @@ def generate(
     check_sampling(seed=seed, guidance=guidance, steps=steps)
     prompt = check_prompt(pipe.tokenizer, prompt)
     rec_steps, rec_guidance = recommended_sampling(model)
-    scheduler = fresh_scheduler(pipe, steps or rec_steps)
+    steps = steps or rec_steps
+    check_steps(model, steps)
+    scheduler = fresh_scheduler(pipe, steps)
     side = pipe.unet.config.sample_size
     noise = initial_noise((1, pipe.unet.config.in_channels, side, side), seed) * scheduler.init_noise_sigma
     cond, uncond = text_embedding(model, prompt), text_embedding(model, "")

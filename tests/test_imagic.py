@@ -7,7 +7,7 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from peftedit import Artifact, ImagicConfig, RuntimeConfig, imagic
+from peftedit import Artifact, ImagicConfig, NullTextConfig, PeftEditError, RuntimeConfig, generate, imagic, nulltext
 from peftedit.diffusion import (
     encode_image,
     encode_text,
@@ -152,3 +152,21 @@ def test_half_precision_base_trains_fp32_parameters(eps_dir, photo):
     assert all(t.dtype == torch.float32 for t in artifact.lora.values())
     assert {p.dtype for p in model.pipe.unet.parameters()} == {torch.bfloat16}
     assert not torch.equal(artifact.tensors["e_opt"], artifact.tensors["e_tgt"])
+
+
+def test_too_many_sampling_steps_are_refused_before_any_work(eps_model, photo, monkeypatch):
+    """imagic.render_steps = 1001 trained both stages, then failed in the preview render (the LoRA lost)."""
+
+    def started(*args, **kwargs):
+        raise AssertionError("work started before the step count was checked")
+
+    monkeypatch.setattr(imagic, "encode_photo", started)
+    monkeypatch.setattr(nulltext, "encode_photo", started)
+    monkeypatch.setattr(generate, "text_embedding", started)
+    config = ImagicConfig(**{**FAST, "render_steps": 1001})
+    with pytest.raises(PeftEditError, match="imagic.render_steps = 1001 is more than the model's 1000 training"):
+        imagic.fit(eps_model, photo, "a red circle", config, RUNTIME, False)
+    with pytest.raises(PeftEditError, match="nulltext.steps = 1001 is more than the model's 1000 training"):
+        nulltext.invert(eps_model, photo, "a red circle", NullTextConfig(steps=1001, lr_decay=0), RUNTIME, False)
+    with pytest.raises(PeftEditError, match="steps = 1001 is more than the model's 1000 training"):
+        generate.generate(eps_model, "a red circle", steps=1001)

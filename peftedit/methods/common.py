@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from ..artifacts import Artifact, now_utc, package_versions
 from ..config import LOAD_TIME_SETTINGS, RuntimeConfig
 from ..diffusion import decode_latents, encode_image, encode_text
-from ..errors import ArtifactError
+from ..errors import ArtifactError, PeftEditError
 from ..models import TEXT_ENCODERS, Model, architecture_hash, check_same_base, fingerprint, pipe_parts
 
 log = logging.getLogger("peftedit")
@@ -63,6 +63,14 @@ def parts_offloaded(pipe, parts: tuple[str, ...], enabled: bool):
     finally:
         for part in moved:
             present[part].to(where[part])
+
+
+def check_steps(model: Model, steps: int, name: str = "steps") -> None:
+    """Raise when ``steps`` sampling steps are more than the model's scheduler has training timesteps (checked before
+    any work, so a bad value does not surface after training)."""
+    most = model.pipe.scheduler.config.num_train_timesteps
+    if steps > most:
+        raise PeftEditError(f"{name} = {steps} is more than the model's {most} training timesteps")
 
 
 def encode_photo(model: Model, picture: Image.Image) -> torch.Tensor:

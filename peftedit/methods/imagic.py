@@ -32,6 +32,7 @@ from .common import (
     base_meta,
     call_runtime,
     check_base,
+    check_steps,
     checkpointing,
     decode_pictures,
     encode_photo,
@@ -224,6 +225,7 @@ def fit(
     runtime = call_runtime(model, runtime)
     pipe, unet = model.pipe, model.pipe.unet
     target_text = check_prompt(pipe.tokenizer, target_text)
+    check_steps(model, config.render_steps, "imagic.render_steps")  # the preview renders after both stages
     picture, image_info = load_image(image, model.resolution)
     latent = encode_photo(model, picture)
     e_tgt = text_embedding(model, target_text)
@@ -309,9 +311,7 @@ def render(
         check_sampling(eta=value)
     check_sampling(seed=seed, guidance=guidance, steps=steps)
     etas, steps = [float(e) for e in etas], int(steps)
-    most = model.pipe.scheduler.config.num_train_timesteps
-    if steps > most:
-        raise PeftEditError(f"steps = {steps} is more than the model's {most} training timesteps")
+    check_steps(model, steps)
     pipe = model.pipe
     device = model.device
     e_tgt, e_opt = (

@@ -45,6 +45,7 @@ from .common import (
     base_meta,
     call_runtime,
     check_base,
+    check_steps,
     checkpointing,
     decode_pictures,
     encode_photo,
@@ -104,8 +105,6 @@ class NullTextConfig:
         if self.method not in METHODS:
             raise PeftEditError(f"nulltext.method = {self.method!r}: choose one of {', '.join(METHODS)}")
         positive("nulltext.steps", self.steps)
-        if self.steps > 1000:
-            raise PeftEditError(f"nulltext.steps = {self.steps} is more than the model's 1000 training timesteps")
         positive("nulltext.inner_steps", self.inner_steps, zero_ok=True)
         if not 0.0 <= self.pivot_noise <= 1.0:
             raise PeftEditError(f"nulltext.pivot_noise = {self.pivot_noise!r} must be between 0 and 1")
@@ -183,6 +182,7 @@ def invert(
     runtime = call_runtime(model, runtime)
     pipe, unet = model.pipe, model.pipe.unet
     source_prompt = check_prompt(pipe.tokenizer, source_prompt)
+    check_steps(model, config.steps, "nulltext.steps")
     picture, image_info = load_image(image, model.resolution)
     z0 = encode_photo(model, picture)
     e_src, e_uncond = text_embedding(model, source_prompt), text_embedding(model, "")

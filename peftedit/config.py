@@ -79,6 +79,9 @@ class RuntimeConfig:
             ("auto", "cpu", "cuda", "mps"),
             prefix_ok=("cuda:",),
         )
+        index = self.device.removeprefix("cuda:")
+        if index != self.device and not (index.isascii() and index.isdigit()):
+            raise PeftEditError(f"runtime.device = {self.device!r}: a CUDA device is cuda or cuda:N (N = 0, 1, …)")
         _choice("runtime.dtype", self.dtype, ("auto", "fp32", "fp16", "bf16"))
         _choice("runtime.attention", self.attention, ("auto", "sdpa", "xformers"))
         _choice("runtime.optimizer", self.optimizer, ("adamw8bit", "adamw"))

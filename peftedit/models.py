@@ -79,6 +79,10 @@ def resolve_device(runtime: RuntimeConfig) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if runtime.device.startswith("cuda") and not torch.cuda.is_available():
         raise PeftEditError(f"runtime.device = {runtime.device!r} but CUDA is not available here; use cpu")
+    index = runtime.device.removeprefix("cuda:")
+    if index != runtime.device and int(index) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise PeftEditError(f"runtime.device = {runtime.device!r} but this machine has {count} CUDA device(s)")
     if runtime.device == "mps" and not torch.backends.mps.is_available():
         raise PeftEditError("runtime.device = 'mps' but Apple's MPS is not available here; use cpu")
     return torch.device(runtime.device)

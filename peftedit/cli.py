@@ -35,7 +35,8 @@ EXAMPLES = {
   peftedit edit adapters/cat                                             # inversion: input | reconstruction
   peftedit edit adapters/cat "a photo of a tiger" --blend cat tiger -o tiger.png
   peftedit edit adapters/cat "a photo of a cat" --p2p reweight --reweight cat=2.0 -o more-cat.png
-  peftedit edit adapters/circle "a large red circle on the right" --cross-replace 0 --self-replace 0  # move""",
+  peftedit edit adapters/circle "a large red circle on the right" --cross-replace 0 --self-replace 0  # move
+  peftedit edit adapters/dog-sitting --set runtime.offload_idle=true     # only the part at work on the GPU""",
     "batch": """\
   peftedit batch tedbench/input_list.json --images tedbench/originals --recipe sd15-8gb --model <SD 1.5>
   peftedit batch pairs.json --method null-text -o adapters/pairs   # entries with "source" (and "target")
@@ -220,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--self-replace", type=float, help="share of steps with the source's self-attention (0.4)")
     p.add_argument("--save-attention", metavar="PNG", help="write the per-word cross-attention maps as a grid")
     p.add_argument("--overwrite", action="store_true", help="replace existing output pictures")
+    _add_runtime_set(p, "over the edit's recorded ones; runtime.offload_idle=true: only the part at work on the GPU")
 
     p = _command(sub, "batch", "make the edits of a JSON list (TEdBench's input_list.json reads as it is)")
     p.add_argument("list", help='JSON array of {"image", "target", "source"} (or img_name, target_text, source_text)')
@@ -248,14 +250,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None, help="guidance (default: the model's recommendation)")
     p.add_argument("-o", "--output", help="picture to write (default generated.png, or -2, -3… when taken)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output picture")
+    _add_runtime_set(p, "runtime.offload_idle=true: only the part at work on the GPU")
+    return parser
+
+
+def _add_runtime_set(p: argparse.ArgumentParser, note: str) -> None:
+    """--set for the commands that train nothing (edit, generate): load-time runtime settings only."""
     p.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="runtime.KEY=VALUE",
-        help="a runtime setting to load the model with (runtime.offload_idle=true: only the part at work on the GPU)",
+        help=f"a runtime setting to load the model with ({note})",
     )
-    return parser
+
+
+def runtime_sets(items: list[str], command: str) -> dict:
+    """The runtime settings ``--set`` gives a command that trains nothing, parsed and checked as a recipe's; a
+    training setting (seed, optimizer…) is refused rather than ignored."""
+    from .config import LOAD_TIME_SETTINGS, RuntimeConfig, build
+
+    parsed = build({"runtime": RuntimeConfig}, None, items)["runtime"]
+    keys = [item.partition("=")[0].strip().removeprefix("runtime.") for item in items]
+    for key in keys:
+        if key not in LOAD_TIME_SETTINGS:
+            raise ValueError(
+                f"--set runtime.{key}: {command} trains nothing, so only these runtime settings apply: "
+                f"{', '.join(LOAD_TIME_SETTINGS)}"
+            )
+    return {key: getattr(parsed, key) for key in keys}
 
 
 def recipe_sections() -> dict[str, type]:
@@ -356,10 +379,11 @@ def cmd_edit(args) -> int:
         maps_to = check_picture_output(args.save_attention, args.overwrite)
         if maps_to.resolve() == output.resolve():
             raise ValueError(f"--save-attention and -o both name {output}; give the attention maps their own file")
+    given = runtime_sets(args.set, "edit")
     base = args.model or artifact.meta["base_model"]
     configs = args.single_file_config or _recorded_configs(artifact, args.model, args.folder)
     # The edit records its base model: no "using the demo model" notice when that is where the edit came from.
-    runtime = _runtime_from(artifact, args.folder)
+    runtime = _runtime_from(artifact, args.folder, given)
     model = load_model(base, runtime, configs, announce_demo=args.model is not None)
     show = not args.quiet
     if artifact.method == "imagic":
@@ -489,14 +513,18 @@ def _edit_inversion(args, model, artifact, control):
     return image
 
 
-def _runtime_from(artifact, folder: str | Path):
-    """The runtime config an artifact was made with, for re-rendering on this machine: device and precision picked
-    afresh, no compilation (one render is too few UNet calls to win back the compile time), and settings this version
-    does not know (an edit made by a newer peftedit) left out with a warning."""
+def _runtime_from(artifact, folder: str | Path, given: dict | None = None):
+    """The runtime config an artifact was made with, for re-rendering on this machine: device, precision and
+    attention backend picked afresh (the edit may come from a machine with CUDA or xformers), no compilation (one
+    render is too few UNet calls to win back the compile time), settings this version does not know (an edit made by
+    a newer peftedit) left out with a warning, and the ``given`` ones (``--set``) over all that. A precision lower
+    than the edit was made in is said in a warning (an inversion's null embeddings fit the precision they were made
+    in)."""
     import dataclasses
 
     from .config import RuntimeConfig
     from .errors import ArtifactError
+    from .models import DTYPES, resolve_device, resolve_dtype
 
     saved = dict(artifact.meta.get("recipe", {}).get("runtime", {}))
     known = {f.name for f in dataclasses.fields(RuntimeConfig)}
@@ -506,11 +534,19 @@ def _runtime_from(artifact, folder: str | Path):
             "ignoring runtime settings this peftedit does not know: %s", ", ".join(unknown)
         )
     saved = {k: v for k, v in saved.items() if k in known}
-    saved.update(device="auto", dtype="auto", compile=False)
+    made_in = saved.get("dtype")
+    saved.update(device="auto", dtype="auto", attention="auto", compile=False)
     try:
-        return RuntimeConfig(**saved)
+        runtime = RuntimeConfig(**{**saved, **(given or {})})
     except (TypeError, ValueError) as err:  # only a format-1 edit (no header checksum) can carry a changed value
         raise ArtifactError(f"{folder}: damaged metadata: recorded runtime settings: {err}") from None
+    dtype = resolve_dtype(runtime, resolve_device(runtime))
+    if made_in in DTYPES and dtype not in (DTYPES[made_in], DTYPES["fp32"]):
+        name = next(key for key, value in DTYPES.items() if value == dtype)
+        logging.getLogger("peftedit").warning(
+            "the edit was made in %s; rendering in %s (--set runtime.dtype=%s to match)", made_in, name, made_in
+        )
+    return runtime
 
 
 def describe(artifact, folder: str | Path) -> dict:
@@ -563,12 +599,12 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .config import RuntimeConfig, build
+    from .config import RuntimeConfig
     from .diffusion import require_text
     from .generate import generate
     from .models import load_model
 
-    runtime = build({"runtime": RuntimeConfig}, None, args.set)["runtime"]
+    runtime = RuntimeConfig(**runtime_sets(args.set, "generate"))
     output = check_picture_output(args.output or free_name(Path("generated.png")), args.overwrite)
     check_sampling_args(args)
     require_text(args.prompt)
@@ -581,13 +617,14 @@ def cmd_generate(args) -> int:
 
 # What a command stopped part way (interrupted, out of memory) leaves, where it is more than nothing.
 LEFT_BEHIND = {"batch": "finished entries are kept (see batch.json)"}
-# What lowers the peak, by command: training takes recipes and --set, generate --set; edit takes the recorded settings.
+# What lowers the peak, by command: training takes recipes and --set, edit and generate --set runtime.KEY=VALUE.
 _LOWER_PEAK = "--set runtime.offload_idle=true, fewer other programs on the GPU"
 OUT_OF_MEMORY = {
     "imagic": f"to lower the peak: --recipe sd15-8gb, {_LOWER_PEAK}",
     "invert": f"to lower the peak: --recipe nulltext-sd15-8gb, {_LOWER_PEAK}",
     "batch": f"to lower the peak: the 8 GB recipes, {_LOWER_PEAK}",
     "generate": f"to lower the peak: {_LOWER_PEAK}",
+    "edit": f"to lower the peak: {_LOWER_PEAK}",
 }
 OUT_OF_MEMORY_OTHERWISE = "free memory on the device (other programs hold some) and run it again"
 COMMANDS = {

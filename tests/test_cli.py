@@ -186,7 +186,8 @@ def test_running_out_of_gpu_memory_is_one_line_with_what_to_try(eps_dir, photo, 
 
 
 def test_running_out_of_host_memory_in_edit_says_so_with_edit_advice(edit_dir, tmp_path, capsys, monkeypatch):
-    """torch's CPU allocator raises a plain RuntimeError; edit takes no recipe, so the advice must not name one."""
+    """torch's CPU allocator raises a plain RuntimeError; edit takes no recipe, so the advice must not name one (it
+    names edit's --set runtime.offload_idle=true)."""
     from peftedit.methods import imagic
 
     def oom(*args, **kwargs):
@@ -194,7 +195,7 @@ def test_running_out_of_host_memory_in_edit_says_so_with_edit_advice(edit_dir, t
 
     monkeypatch.setattr(imagic, "render", oom)
     code, _, err = _run(capsys, "edit", edit_dir, "-o", tmp_path / "x.png")
-    _one_line_error(code, err, "out of memory ([enforce fail", "free memory on the device")
+    _one_line_error(code, err, "out of memory ([enforce fail", "--set runtime.offload_idle=true")
     assert "--recipe" not in err and not (tmp_path / "x.png").exists()
 
 
@@ -451,10 +452,17 @@ def test_rerender_runtime_drops_compile_and_unknown_settings(caplog):
 
     from peftedit.cli import _runtime_from
 
-    made = {"device": "cuda", "dtype": "fp16", "channels_last": True, "compile": True, "from_the_future": 1}
-    runtime = _runtime_from(SimpleNamespace(meta={"recipe": {"runtime": made}}), "e")
+    made = {"device": "cuda", "dtype": "fp16", "attention": "xformers", "channels_last": True, "compile": True}
+    runtime = _runtime_from(SimpleNamespace(meta={"recipe": {"runtime": {**made, "from_the_future": 1}}}), "e")
     assert (runtime.device, runtime.dtype, runtime.channels_last, runtime.compile) == ("auto", "auto", True, False)
+    assert runtime.attention == "auto"  # an xformers edit re-renders where xformers is missing
     assert "from_the_future" in caplog.text
+    assert "rendering in" not in caplog.text  # fp16 made, fp32 here on the CPU: not less precise
+    given = _runtime_from(SimpleNamespace(meta={"recipe": {"runtime": made}}), "e", {"offload_idle": True})
+    assert given.offload_idle and given.channels_last  # --set over the recorded ones
+    fp32 = {**made, "dtype": "fp32"}
+    _runtime_from(SimpleNamespace(meta={"recipe": {"runtime": fp32}}), "e", {"device": "cpu", "dtype": "bf16"})
+    assert "the edit was made in fp32; rendering in bf16 (--set runtime.dtype=fp32 to match)" in caplog.text
     older = _runtime_from(SimpleNamespace(meta={"recipe": {"runtime": {"gradient_checkpointing": False}}}), "e")
     assert not older.gradient_checkpointing and not older.channels_last  # edits made before a setting existed
 
@@ -466,7 +474,7 @@ def test_a_bad_recorded_runtime_names_the_edit_folder():
     from peftedit.cli import _runtime_from
     from peftedit.errors import ArtifactError
 
-    for bad in ({"attention": "warp-drive"}, {"gradient_checkpointing": "often"}):
+    for bad in ({"optimizer": "warp-drive"}, {"gradient_checkpointing": "often"}):
         with pytest.raises(ArtifactError, match=r"^adapters/old: damaged metadata: recorded runtime settings"):
             _runtime_from(SimpleNamespace(meta={"recipe": {"runtime": bad}}), "adapters/old")
 
@@ -634,7 +642,37 @@ def test_generate_takes_runtime_settings(eps_dir, tmp_path, capsys, monkeypatch)
     assert [m.runtime.offload_idle for m in loaded] == [False, True]
     assert loaded[1].on_device == ("vae",)  # the decode ran last
     assert np.array_equal(np.array(Image.open(pictures[0])), np.array(Image.open(pictures[1])))
-    for bad, said in (("imagic.lora_rank=4", "imagic"), ("runtime.offload=true", "unknown key runtime.offload")):
+    for bad, said in (
+        ("imagic.lora_rank=4", "imagic"),
+        ("runtime.offload=true", "unknown key runtime.offload"),
+        ("runtime.seed=4", "--set runtime.seed: generate trains nothing, so only these runtime settings apply"),
+        ("optimizer=adamw", "--set runtime.optimizer: generate trains nothing"),
+    ):
         code, _, err = _run(capsys, "generate", "a dog", "--model", eps_dir, "--set", bad, "-o", tmp_path / "x.png")
+        _one_line_error(code, err, said)
+        assert not (tmp_path / "x.png").exists()
+
+
+def test_edit_takes_runtime_settings_over_the_recorded_ones(edit_dir, tmp_path, capsys, monkeypatch):
+    """`edit --set runtime.offload_idle=true` (an SDXL edit on 8 GB: the recorded settings were all edit had) draws
+    the same picture; a training setting or another table's key is a one-line error before anything is written."""
+    from peftedit import models
+
+    loaded = []
+    real = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loaded.append(real(*a, **k)) or loaded[-1])
+    pictures = []
+    for extra in ([], ["--set", "runtime.offload_idle=true"]):
+        pictures.append(tmp_path / f"e{len(pictures)}.png")
+        code, _, err = _run(capsys, "edit", edit_dir, "--steps", 3, *extra, "-o", pictures[-1])
+        assert code == 0, err
+    assert [m.runtime.offload_idle for m in loaded] == [False, True]
+    assert np.array_equal(np.array(Image.open(pictures[0])), np.array(Image.open(pictures[1])))
+    for bad, said in (
+        ("runtime.gradient_checkpointing=false", "--set runtime.gradient_checkpointing: edit trains nothing"),
+        ("imagic.eta=0.5", "imagic"),
+        ("runtime.dtype=fp8", "runtime.dtype = 'fp8' is not one of"),
+    ):
+        code, _, err = _run(capsys, "edit", edit_dir, "--set", bad, "-o", tmp_path / "x.png")
         _one_line_error(code, err, said)
         assert not (tmp_path / "x.png").exists()

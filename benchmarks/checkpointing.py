@@ -70,12 +70,12 @@ def run(args) -> list[dict]:
     config = dataclasses.replace(configs["imagic"], embedding_steps=args.steps, finetune_steps=args.steps)
     with tempfile.TemporaryDirectory(prefix="peftedit-ckpt-") as tmp:
         model = load_model(str(save_model(args.model, Path(tmp) / args.model, device=args.device)), runtime)
-    pipe, device = model.pipe, model.device
+    device = model.device
     latent = encode_photo(model, memory.input_photo(model.resolution))
     e_tgt = text_embedding(model, "a photo of a dog jumping on a bench")
     unet = unet_placed(model)  # as in imagic.fit (runtime.offload_idle loads the model onto the CPU)
     rows = []
-    with encoders_away(pipe, runtime.offload_encoders) as offloaded:  # as in imagic.fit
+    with encoders_away(model, runtime.offload_encoders) as offloaded:  # as in imagic.fit
         for setting, outer in SETTINGS.items():
             checkpoint(unet, outer)
             for stage in ("embedding", "lora"):

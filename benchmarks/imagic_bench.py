@@ -66,7 +66,7 @@ def ours(
     scheduler = fresh_scheduler(pipe)
     unet_placed(model)
     with (
-        bench.encoders_offloaded(pipe, runtime.offload_encoders),
+        bench.encoders_offloaded(model, runtime.offload_encoders),
         checkpointing(unet, runtime.gradient_checkpointing),
     ):
 

@@ -232,11 +232,12 @@ def offloaded_tensors(pipe, names: tuple[str, ...] = OFFLOADED_PARTS) -> list[to
 
 
 @contextlib.contextmanager
-def encoders_away(pipe, enabled: bool):
+def encoders_away(model, enabled: bool):
     """The library's ``encoders_offloaded`` over the block; yields the tensors it moves, which the live-tensor count
-    leaves out (on a GPU they are gone from the device, on a CPU they cannot move): none when ``enabled`` is false."""
-    with encoders_offloaded(pipe, enabled):
-        yield offloaded_tensors(pipe) if enabled else []
+    leaves out (on a GPU they are gone from the device, on a CPU they cannot move): none when ``enabled`` is false, or
+    with ``runtime.offload_idle``, where nothing moves there (``idle_offload`` follows ``Model.place`` instead)."""
+    with encoders_offloaded(model, enabled):
+        yield offloaded_tensors(model.pipe) if enabled and not model.runtime.offload_idle else []
 
 
 def idle_offload(model):
@@ -273,11 +274,11 @@ class Recorder:
         self.off_device: list[torch.Tensor] = []
 
     @contextlib.contextmanager
-    def encoders_offloaded(self, pipe, enabled: bool):
+    def encoders_offloaded(self, model, enabled: bool):
         """:func:`encoders_away` over the block, for the stages measured inside it."""
         before = self.off_device
         try:
-            with encoders_away(pipe, enabled) as away:
+            with encoders_away(model, enabled) as away:
                 self.off_device = [*before, *away]
                 yield
         finally:

@@ -82,7 +82,7 @@ def ours(
     z0 = encode_photo(model, picture)
     e_src, e_uncond = text_embedding(model, SOURCE), text_embedding(model, "")
     unet_placed(model)
-    with bench.encoders_offloaded(pipe, runtime.offload_encoders):
+    with bench.encoders_offloaded(model, runtime.offload_encoders):
         pivot = lambda: ddim_invert(unet, pipe.scheduler.config, z0, e_src, steps)
         pivots = bench.run("null-text", "pivot", pivot, note="diffusion.ddim_invert at guidance 1")
         if pivots is None:

@@ -13,7 +13,7 @@ import torch
 
 from peftedit import ImagicConfig, NullTextConfig, RuntimeConfig, imagic, load_model, nulltext, p2p
 from peftedit.generate import generate
-from peftedit.methods.common import parts_offloaded
+from peftedit.methods.common import encoders_offloaded, parts_offloaded
 from peftedit.models import TEXT_ENCODERS, Model
 
 SHORT_IMAGIC = ImagicConfig(embedding_steps=3, finetune_steps=3, render_steps=3, preview_etas=[0.7])
@@ -165,6 +165,25 @@ def test_place_moves_the_needed_parts_on_and_the_others_off_and_leaves_them_ther
     model.runtime = dataclasses.replace(runtime, offload_idle=False)
     model.place("vae")
     assert log == []
+
+
+def test_encoders_offloaded_leaves_placement_to_place_with_offload_idle():
+    """With ``offload_idle`` the training stages' encoder offload moves nothing: moving parts back where they were on
+    exit undid a ``place`` made inside the block (the VAE back on the GPU beside the UNet, ``on_device`` wrong)."""
+    log: list = []
+    pipe = SimpleNamespace(**{n: _Part(n, "cpu", log) for n in ("unet", "vae", "text_encoder")}, text_encoder_2=None)
+    runtime = RuntimeConfig(device="cuda", offload_idle=True)
+    model = Model(pipe=pipe, name="fake", device=torch.device("cuda:0"), dtype=torch.float16, runtime=runtime)
+    model.place("vae")
+    with encoders_offloaded(model, True):
+        model.place("unet")
+    assert model.on_device == ("unet",)
+    assert [p.device.type for p in (pipe.unet, pipe.vae, pipe.text_encoder)] == ["cuda", "cpu", "cpu"]
+    model.runtime = dataclasses.replace(runtime, offload_idle=False)  # without it: off inside the block, back after
+    pipe.vae.to("cuda:0")
+    with encoders_offloaded(model, True):
+        assert pipe.vae.device.type == "cpu"
+    assert pipe.vae.device.type == "cuda"
 
 
 @pytest.mark.gpu

@@ -97,9 +97,13 @@ def unet_placed(model: Model):
     return model.pipe.unet
 
 
-def encoders_offloaded(pipe, enabled: bool):
-    """The VAE and text encoders off the GPU inside the block (the training stages)."""
-    return parts_offloaded(pipe, OFFLOADED_PARTS, enabled)
+def encoders_offloaded(model: Model, enabled: bool):
+    """The VAE and text encoders off the GPU inside the block (the training stages, ``runtime.offload_encoders``).
+
+    With ``runtime.offload_idle`` nothing moves: ``Model.place`` has already put them on the CPU when the UNet was
+    placed, and moving parts back on exit would undo what a ``place`` inside the block did.
+    """
+    return parts_offloaded(model.pipe, OFFLOADED_PARTS, enabled and not model.runtime.offload_idle)
 
 
 @contextlib.contextmanager

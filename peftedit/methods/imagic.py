@@ -235,7 +235,7 @@ def fit(
     scheduler = fresh_scheduler(pipe)
     unet_placed(model)
     with (
-        encoders_offloaded(pipe, runtime.offload_encoders),
+        encoders_offloaded(model, runtime.offload_encoders),
         checkpointing(unet, runtime.gradient_checkpointing),
     ):
         e_opt, embedding_loss = optimize_embedding(

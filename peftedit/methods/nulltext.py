@@ -189,7 +189,7 @@ def invert(
     meta, probe = base_meta(model, {"runtime": to_dict(runtime), TABLE: to_dict(config)}, image_info)
     tensors: dict[str, torch.Tensor] = {}
     unet_placed(model)
-    with encoders_offloaded(pipe, runtime.offload_encoders):
+    with encoders_offloaded(model, runtime.offload_encoders):
         bar = partial(tqdm, desc="pivot (DDIM inversion)", disable=not show_progress, dynamic_ncols=True)
         noised = round(config.pivot_noise * config.steps)
         pivots = ddim_invert(unet, pipe.scheduler.config, z0, e_src, config.steps, bar, noised, config.seed)

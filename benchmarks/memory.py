@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw
 
 from peftedit import ImagicConfig, RuntimeConfig, load_model
 from peftedit.artifacts import now_utc, package_versions
-from peftedit.config import build, resolve_recipe, to_dict
+from peftedit.config import LOAD_TIME_SETTINGS, build, resolve_recipe, to_dict
 
 from . import imagic_bench, nulltext_bench, options
 from .build_model import load_config, parameter_counts, save_model
@@ -106,8 +106,6 @@ def _recipe(name: str) -> str | None:
         return None
 
 
-# Runtime settings the loaded model carries (both methods' stages share one load).
-LOAD_SETTINGS = ("device", "dtype", "attention", "vae_slicing", "channels_last", "compile", "offload_idle")
 # Compiled graphs one run may need: every stage's grad mode, batch size and attention processors make their own.
 COMPILE_RECOMPILE_LIMIT = 32
 
@@ -157,8 +155,10 @@ def run_ours(
             config, nt_runtime = (
                 (nulltext_cfg["nulltext"], nulltext_cfg["runtime"]) if nulltext_cfg else (None, runtime)
             )
-            if any(getattr(nt_runtime, k) != getattr(runtime, k) for k in LOAD_SETTINGS):
-                log.warning("the null-text recipe differs in %s; the model is loaded as the Imagic one", LOAD_SETTINGS)
+            if any(getattr(nt_runtime, k) != getattr(runtime, k) for k in LOAD_TIME_SETTINGS):
+                log.warning(  # both methods' stages share one load
+                    "the null-text recipe differs in %s; the model is loaded as the Imagic one", LOAD_TIME_SETTINGS
+                )
             results += nulltext_bench.ours(
                 model, picture, config, nt_runtime, args.steps, args.warmup, args.track_tensors
             )

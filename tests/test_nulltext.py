@@ -331,6 +331,7 @@ def eps_inverted(eps_model, photo):
         (dict(steps=0), "must be > 0"),
         (dict(steps=200), "lr_decay"),
         (dict(inner_steps=-1), "must be >= 0"),
+        (dict(guidance=1.0), "nulltext.guidance = 1 leaves null-text nothing to optimize"),
     ],
 )
 def test_bad_config_is_refused(kwargs, fragment):

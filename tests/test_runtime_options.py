@@ -13,7 +13,7 @@ import torch
 
 from peftedit import ImagicConfig, NullTextConfig, RuntimeConfig, imagic, load_model, nulltext, p2p
 from peftedit.generate import generate
-from peftedit.methods.common import encoders_offloaded, parts_offloaded
+from peftedit.methods.common import checkpointing, encoders_offloaded, parts_offloaded
 from peftedit.models import TEXT_ENCODERS, Model
 
 SHORT_IMAGIC = ImagicConfig(embedding_steps=3, finetune_steps=3, render_steps=3, preview_etas=[0.7])
@@ -283,3 +283,19 @@ def test_a_method_call_runs_and_records_the_models_load_time_settings(eps_dir, p
     assert (recorded["optimizer"], recorded["gradient_checkpointing"], recorded["seed"]) == ("adamw", False, 3)
     assert (recorded["vae_slicing"], recorded["offload_idle"]) == (False, True)
     assert "runtime.vae_slicing, runtime.offload_idle are set when the model is loaded" in caplog.text
+
+
+def test_checkpointing_block_leaves_a_unet_that_had_it_on_as_it_was():
+    calls: list = []
+    unet = SimpleNamespace(is_gradient_checkpointing=True)
+    unet.enable_gradient_checkpointing = lambda: calls.append("on")
+    unet.disable_gradient_checkpointing = lambda: calls.append("off")
+    with checkpointing(unet, True):
+        pass
+    assert calls == []  # it was on: not switched off on the way out
+    unet.is_gradient_checkpointing = False
+    with checkpointing(unet, True):
+        pass
+    with checkpointing(unet, False):
+        pass
+    assert calls == ["on", "off"]

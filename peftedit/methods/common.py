@@ -108,13 +108,14 @@ def encoders_offloaded(model: Model, enabled: bool):
 
 @contextlib.contextmanager
 def checkpointing(unet, enabled: bool):
-    """Gradient checkpointing on the UNet inside the block only."""
-    if enabled:
+    """Gradient checkpointing on the UNet inside the block only (left on when it was on before)."""
+    switch = enabled and not unet.is_gradient_checkpointing
+    if switch:
         unet.enable_gradient_checkpointing()
     try:
         yield
     finally:
-        if enabled:
+        if switch:
             unet.disable_gradient_checkpointing()
 
 

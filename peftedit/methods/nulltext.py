@@ -111,6 +111,11 @@ class NullTextConfig:
         for name in ("guidance", "lr_decay", "early_stop", "early_stop_slope"):
             positive(f"nulltext.{name}", getattr(self, name), zero_ok=True)
         positive("nulltext.lr", self.lr)
+        if self.method == "null-text" and self.guidance == 1:
+            raise PeftEditError(
+                "nulltext.guidance = 1 leaves null-text nothing to optimize (guided sampling at 1 does not use the "
+                "null embedding); --method ddim inverts for guidance 1 as it is"
+            )
         if self.lr_decay * (self.steps - 1) >= 1:
             raise PeftEditError(
                 f"nulltext.lr_decay = {self.lr_decay} makes the learning rate reach 0 within {self.steps} steps"

@@ -6,13 +6,15 @@ A list is a JSON array of objects. TEdBench's ``input_list.json`` reads as it is
 
 Keys: ``image`` (or ``img_name``), a path relative to the images folder; ``target`` (or ``target_text``), Imagic's
 target text or the prompt an inversion is edited to (optional there); ``source`` (or ``source_text``), what the photo
-shows (inversions need it; Imagic does not use it). Entry ``i`` is saved as ``<out>/<iii>-<image>-<prompt>/``; an
-inversion with a target also renders its Prompt-to-Prompt edit beside it as ``<iii>-<image>-<prompt>.png``.
+shows (inversions need it; Imagic does not use it). Entry ``i`` is saved as ``<out>/<iii>-<image>-<prompt>/``, the
+prompt being Imagic's target or an inversion's source; an inversion with a target also renders its Prompt-to-Prompt
+edit beside it as ``<iii>-<image>-<prompt>.png`` (again when a resumed run's target changed).
 
 Runs resume: an entry whose folder already holds its edit (same method, prompt, photo and base model) is not redone,
 even when the settings changed (a warning names them; ``--overwrite`` redoes it). An entry that fails (a NaN loss, a
 folder holding another edit) is recorded and the run goes on. ``<out>/batch.json`` lists every entry of the run
-(``pending`` until it is reached) and those of earlier runs into the same folder, and is rewritten after each one.
+(``pending`` until it is reached, ``interrupted`` for the one a Ctrl-C stopped) and those of earlier runs into the same
+folder, and is rewritten after each one.
 At the end ``<out>/batch.png`` shows the run: a row per entry with its preview grid (and P2P edit), or what failed.
 """
 
@@ -56,7 +58,7 @@ KEYS = {
 SUMMARY_FILE = "batch.json"
 SHEET_FILE = "batch.png"
 PICTURE_TAG = "peftedit.target"  # a P2P picture's PNG text: the target it was rendered for
-DONE, EARLIER, FAILED, PENDING = "done", "done earlier", "failed", "pending"
+DONE, EARLIER, FAILED, PENDING, INTERRUPTED = "done", "done earlier", "failed", "pending", "interrupted"
 REPORTED_MISTAKES = 3  # a list with more bad entries names this many in its one-line error
 
 
@@ -71,8 +73,9 @@ class Item:
 
     @property
     def name(self) -> str:
-        """The entry's folder name: its number, the photo's name and its prompt."""
-        return f"{self.index:03d}-{slug(self.image.stem, self.target or self.source or '')}"
+        """The entry's folder name: its number, the photo's name and the prompt its edit is made from (an inversion's
+        source, so a new target reuses the inversion; Imagic's target, its items having no source)."""
+        return f"{self.index:03d}-{slug(self.image.stem, self.source or self.target or '')}"
 
 
 def method_of(config: ImagicConfig | NullTextConfig) -> str:
@@ -213,7 +216,12 @@ def run(
     for number, item in enumerate(items, start=1):
         prompt = item.target if method == "imagic" else item.source
         log.info("[%d/%d] %s: %s", number, len(items), item.image.name, shorten(prompt, 80))
-        records[number - 1] = _one(model, item, method, config, runtime, out, overwrite, show_progress)
+        try:
+            records[number - 1] = _one(model, item, method, config, runtime, out, overwrite, show_progress)
+        except KeyboardInterrupt:
+            records[number - 1] = {**records[number - 1], "status": INTERRUPTED}
+            _write_summary(out, method, model.name, started, records, earlier)
+            raise
         _write_summary(out, method, model.name, started, records, earlier)
     overview = contact_sheet(out, records)
     if overview is not None:
@@ -364,7 +372,7 @@ def _earlier(model: Model, folder: Path, item: Item, method: str, config) -> Art
 
 def tally(records: list[dict]) -> dict[str, int]:
     """How many records are done, done earlier, failed and pending."""
-    counts = dict.fromkeys((DONE, EARLIER, FAILED, PENDING), 0)
+    counts = dict.fromkeys((DONE, EARLIER, FAILED, PENDING, INTERRUPTED), 0)
     for record in records:
         counts[record["status"].split(":")[0]] += 1
     return counts

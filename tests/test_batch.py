@@ -185,7 +185,7 @@ def test_imagic_batch_resumes_and_goes_on_past_a_failed_entry(eps_dir, photos, t
     assert "001-shapes-a-red-circle was made with other settings (finetune_steps); kept" in err
     summary = _summary(out)
     assert [i["status"] for i in summary["items"]] == ["done earlier", "done"]
-    assert summary["counts"] == {"done": 1, "done earlier": 1, "failed": 0, "pending": 0}
+    assert summary["counts"] == {"done": 1, "done earlier": 1, "failed": 0, "pending": 0, "interrupted": 0}
     assert (first / "edit.safetensors").stat().st_mtime_ns == made
     assert summary["items"][1]["losses"]["finetune"] > 0
     assert Image.open(out / "batch.png").height == 2 * ROW  # the overview: each entry's preview under a caption
@@ -227,13 +227,13 @@ def test_inversion_batch_renders_each_edit_and_a_missing_picture_again(
     argv = ["batch", listed, "--method", "negative-prompt", "--model", eps_dir, "-o", out, *INVERSION_FAST]
     code, _, err = _run(capsys, *argv)
     assert code == 0, err
-    picture = out / "001-shapes-a-blue-circle.png"
-    inversion = Artifact.load(out / "001-shapes-a-blue-circle")
+    picture = out / "001-shapes-a-red-circle.png"  # named as the inversion: after its source
+    inversion = Artifact.load(out / "001-shapes-a-red-circle")
     assert inversion.method == "negative-prompt" and inversion.meta["prompts"]["source"] == "a red circle"
     assert Image.open(picture).size == (inversion.meta["resolution"],) * 2
     assert sorted(p.name for p in out.glob("*.png")) == [picture.name, "batch.png"]
     overview = Image.open(out / "batch.png")
-    preview = Image.open(out / "001-shapes-a-blue-circle" / "preview.png")
+    preview = Image.open(out / "001-shapes-a-red-circle" / "preview.png")
     assert overview.height == 2 * ROW
     assert overview.width == max(640, round(preview.width * 160 / preview.height) + 160)  # preview, then the edit
     assert Image.open(picture).text["peftedit.target"] == "a blue circle"
@@ -243,13 +243,17 @@ def test_inversion_batch_renders_each_edit_and_a_missing_picture_again(
     assert picture.is_file()
     assert json.loads((out / "batch.json").read_text())["counts"]["done earlier"] == 2
 
-    # A target changed only in what the folder name drops (case, punctuation): the inversion is kept (its source is
-    # the same), the picture rendered again for the new target.
-    entries[0]["target"] = "A BLUE circle!"
+    # A new target: the inversion is kept (its source is the same; it was named after the target, so a new target
+    # inverted the photo again), the picture rendered again for the new target.
+    made = (out / "001-shapes-a-red-circle" / "edit.safetensors").read_bytes()
+    entries[0]["target"] = "a green square"
     _list(photos, entries)
     code, _, err = _run(capsys, *argv)
     assert code == 0, err
-    assert Image.open(picture).text["peftedit.target"] == "A BLUE circle!"
+    assert Image.open(picture).text["peftedit.target"] == "a green square"
+    assert (out / "001-shapes-a-red-circle" / "edit.safetensors").read_bytes() == made
+    assert json.loads((out / "batch.json").read_text())["counts"]["done earlier"] == 2
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["001-shapes-a-red-circle", "002-dog-a-dog"]
 
     # A picture peftedit did not render is not replaced by a resumed run.
     Image.new("RGB", (8, 8)).save(picture)
@@ -258,15 +262,17 @@ def test_inversion_batch_renders_each_edit_and_a_missing_picture_again(
     assert code == 1 and "was not rendered by peftedit batch" in status
     assert Image.open(picture).size == (8, 8)
 
-    # Interrupted before any entry is reached: the summary still says what earlier runs finished (the second entry;
-    # the first failed last time, so it is pending).
+    # Interrupted in the first entry: the summary says so, and still says what earlier runs finished (the second).
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(batch, "_one", interrupted)
     code, _, err = _run(capsys, *argv)
     assert code == 130 and "finished entries are kept" in err
-    assert [i["status"] for i in json.loads((out / "batch.json").read_text())["items"]] == ["pending", "done earlier"]
+    assert [i["status"] for i in json.loads((out / "batch.json").read_text())["items"]] == [
+        "interrupted",
+        "done earlier",
+    ]
     monkeypatch.undo()
 
     # resumed on another base model: the earlier edits are not this run's

@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-o",
         "--output",
-        help="picture to write, .png/.jpg/.webp… (default <folder>-<settings>.png, -2, -3… when taken)",
+        help="picture to write, .png/.jpg/.webp… (default <folder name>-<settings>.png here, or beside the edit "
+        "folder when run inside it; -2, -3… when taken)",
     )
     p.add_argument("--p2p", choices=("replace", "refine", "reweight"), help="Prompt-to-Prompt edit (inversions)")
     p.add_argument("--blend", nargs="+", metavar="WORD", help="local blend: only where these words attend may change")
@@ -374,7 +375,7 @@ def cmd_edit(args) -> int:
     if args.target is not None:
         require_text(args.target, "the target prompt", " (or leave it out)")
     control = _control(args) if artifact.method != "imagic" else None
-    output = check_picture_output(args.output or free_name(Path(default)), args.overwrite)
+    output = check_picture_output(args.output or free_name(_outside(args.folder) / default), args.overwrite)
     if args.save_attention:
         maps_to = check_picture_output(args.save_attention, args.overwrite)
         if maps_to.resolve() == output.resolve():
@@ -511,6 +512,13 @@ def _edit_inversion(args, model, artifact, control):
         maps = p2p.attention_grid(model.pipe.tokenizer, result.prompts[-1], result.maps[-1], result.image)
         print(f"wrote {save_image_atomic(maps, args.save_attention)}")
     return image
+
+
+def _outside(folder: str | Path) -> Path:
+    """Where ``edit`` writes its default picture: the current folder, or beside the edit folder when run inside it (a
+    picture in an edit folder would stop ``--overwrite`` from replacing the edit)."""
+    here, edit = Path.cwd().resolve(), Path(folder).resolve()
+    return edit.parent if here == edit or edit in here.parents else Path()
 
 
 def _runtime_from(artifact, folder: str | Path, given: dict | None = None):

@@ -524,14 +524,6 @@ def test_options_after_the_command_and_progress_bars(edit_dir, tmp_path, capsys)
         assert "examples:" in capsys.readouterr().out
 
 
-def test_default_picture_name_of_an_edit_run_inside_its_folder(edit_dir, capsys, monkeypatch):
-    monkeypatch.chdir(edit_dir)
-    code, out, err = _run(capsys, "edit", ".", "--steps", 3)
-    assert code == 0, err
-    written = [p.name for p in edit_dir.glob("*.png") if p.name != "preview.png"]
-    assert len(written) == 1 and written[0].startswith(f"{edit_dir.name}-eta"), written
-
-
 def test_a_local_model_is_recorded_by_its_absolute_path(eps_dir, monkeypatch):
     from peftedit import RuntimeConfig, load_model
 
@@ -618,6 +610,21 @@ def test_an_inversion_redone_in_place_from_inside_its_folder(eps_dir, photo, tmp
     assert code == 0, err
     assert not _leftovers(tmp_path)
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "edit.safetensors", "preview.png"]
+
+
+def test_edit_run_inside_its_folder_writes_the_picture_beside_it(edit_dir, photo, tmp_path, capsys, monkeypatch):
+    """`peftedit edit .` (the edit folder's README suggests it) wrote into the folder, and the picture then stopped
+    `imagic ... -o <folder> --overwrite` from replacing the edit."""
+    made = sorted(p.name for p in edit_dir.iterdir())
+    monkeypatch.chdir(edit_dir)
+    code, _, err = _run(capsys, "edit", ".", "--steps", 2)
+    assert code == 0, err
+    assert sorted(p.name for p in edit_dir.iterdir()) == made
+    assert (edit_dir.parent / f"{edit_dir.name}-eta0.7-seed0.png").is_file()  # named after the folder, not "."
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _run(capsys, "edit", edit_dir, "--steps", 2)
+    assert code == 0, err
+    assert (tmp_path / "edit-eta0.7-seed0.png").is_file()  # elsewhere: the current folder, as before
 
 
 def test_inspect_of_a_file_says_it_is_not_a_folder(photo, capsys):

@@ -135,7 +135,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _command(sub, name: str, help: str) -> argparse.ArgumentParser:
-    epilog = f"examples:\n{EXAMPLES[name]}\n\n{FOOTER}"
+    epilog = f"examples:\n{EXAMPLES[name]}" + (f"\n\n{FOOTER}" if name != "inspect" else "")  # inspect loads no model
     p = sub.add_parser(name, help=help, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     # also after the command (peftedit edit F --quiet); SUPPRESS keeps a value given before it
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
@@ -143,9 +143,17 @@ def _command(sub, name: str, help: str) -> argparse.ArgumentParser:
     return p
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with peftedit's one-line errors (argparse prints its usage block, then "peftedit edit: error: ...");
+    its subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"peftedit: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="peftedit",
         description="Edit real photos with a sentence; keep each edit as a small safetensors folder.",
         epilog=EPILOG,
@@ -245,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "generate", "plain text-to-image with any model")
     p.add_argument("prompt", help="what to draw")
     p.add_argument("--model", help=MODEL_HELP)
-    p.add_argument("--single-file-config", help=argparse.SUPPRESS)
+    p.add_argument("--single-file-config", help="diffusers config folder/id for a single .safetensors checkpoint")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's recommendation)")
     p.add_argument("--guidance", type=float, default=None, help="guidance (default: the model's recommendation)")
@@ -308,6 +316,7 @@ def _prepare(args, table: str, flags: dict[str, str], prompt: str):
     overrides = list(args.set)
     overrides += [f"{key}={getattr(args, flag)}" for flag, key in flags.items() if getattr(args, flag) is not None]
     configs = build(_sections("runtime", table), args.recipe, overrides)
+    require_text(prompt)  # first: an empty prompt's default folder is the photo's name, maybe taken already
     output = Path(args.output or Path("adapters") / slug(Path(args.image).stem, prompt))
     if output.name in ("", ".", ".."):  # "-o ." inside an edit folder: it is replaced by its real path
         output = output.resolve()
@@ -315,7 +324,6 @@ def _prepare(args, table: str, flags: dict[str, str], prompt: str):
     check_creatable(output)
     # The photo and the prompt are checked before the model loads (minutes for Stable Diffusion).
     open_image(args.image)
-    require_text(prompt)
     model = load_model(args.model, configs["runtime"], args.single_file_config)
     return configs, output, model
 
@@ -674,7 +682,10 @@ def _setup_logging(debug: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``peftedit`` command; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "output", None) == "":  # it fell back to the default output silently
+        parser.error("-o/--output is empty; give a path or leave the option out")
     left = LEFT_BEHIND.get(args.command, "nothing was saved")
     try:
         _setup_logging(args.debug)

@@ -364,6 +364,24 @@ def test_help_has_examples(capsys):
     assert "examples:" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        (["edit", "e", "--eta", "0.5,,0.6"], "argument --eta: '0.5,,0.6': give float values separated by commas"),
+        (["frob"], "argument COMMAND: invalid choice: 'frob'"),
+        (["generate"], "the following arguments are required: prompt"),
+        (["generate", "a dog", "-o", ""], "-o/--output is empty"),
+    ],
+)
+def test_usage_mistakes_are_one_line(argv, said, capsys):
+    """argparse's own errors printed its usage block, then "peftedit edit: error: ..."."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"peftedit: error: {said}") and "--help)" in err, err
+
+
 @pytest.mark.parametrize("command", ["imagic", "invert", "edit", "inspect", "generate"])
 def test_each_command_shows_its_own_examples(command, capsys):
     with pytest.raises(SystemExit):
@@ -683,3 +701,13 @@ def test_edit_takes_runtime_settings_over_the_recorded_ones(edit_dir, tmp_path, 
         code, _, err = _run(capsys, "edit", edit_dir, "--set", bad, "-o", tmp_path / "x.png")
         _one_line_error(code, err, said)
         assert not (tmp_path / "x.png").exists()
+
+
+def test_an_empty_prompt_is_named_before_its_default_folder_is_checked(photo, tmp_path, capsys, monkeypatch):
+    """The empty prompt's default folder is adapters/<photo>, which an earlier edit may hold: the error said that
+    folder already exists instead of naming the prompt."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "adapters" / Path(photo).stem).mkdir(parents=True)
+    for command in ("imagic", "invert"):
+        code, _, err = _run(capsys, command, photo, "  ")
+        _one_line_error(code, err, "prompt is empty")

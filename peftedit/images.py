@@ -85,14 +85,21 @@ def open_image(path: str | Path) -> tuple[Image.Image, str]:
     path = Path(path)
     if path.is_dir():
         raise PeftEditError(f"{path} is a folder, not an image file")
+    if path.exists() and not path.is_file():
+        raise PeftEditError(f"{path} is not a regular file (a device, a pipe?); give an image file")
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
     try:
         with Image.open(path) as raw:
+            frames = getattr(raw, "n_frames", 1)
+            if frames > 1:
+                log.warning("%s has %d frames (animated or multi-page): the first is used", path, frames)
             return normalise(raw, str(path)), raw.mode
     except UnidentifiedImageError:
         raise PeftEditError(f"{path}: not an image file (or a format Pillow cannot read)") from None
-    except (OSError, SyntaxError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:  # Pillow refuses far past MAX_PIXELS before ``normalise`` can
+        raise PeftEditError(f"{path}: too large (max {MAX_PIXELS} pixels; {err})") from None
+    except (OSError, SyntaxError) as err:
         raise PeftEditError(f"{path}: corrupt or truncated image ({err})") from None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,30 @@ def test_huge_image_is_refused_before_decoding(tmp_path, monkeypatch):
     monkeypatch.setattr(images_mod, "MAX_PIXELS", 1000)
     with pytest.raises(PeftEditError, match="too large"):
         load_image(_save(tmp_path, Image.new("RGB", (100, 100))), 64)
+
+
+def test_an_image_pillow_calls_a_decompression_bomb_is_too_large(tmp_path, monkeypatch):
+    """Pillow refuses to open far past its own limit; that was reported as a corrupt image."""
+    path = _save(tmp_path, Image.new("RGB", (100, 100)))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(PeftEditError, match=r"too large \(max 80000000 pixels; Image size \(10000 pixels\)"):
+        load_image(path, 64)
+
+
+def test_a_file_that_is_not_regular_is_not_called_missing(tmp_path):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(PeftEditError, match="is not a regular file"):
+        load_image(fifo, 64)
+
+
+def test_an_animated_image_warns_that_its_first_frame_is_used(tmp_path, caplog):
+    path = tmp_path / "two.gif"
+    first, second = Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue")
+    first.save(path, save_all=True, append_images=[second])
+    picture, _ = load_image(path, 64)
+    assert "has 2 frames (animated or multi-page): the first is used" in caplog.text
+    assert picture.getpixel((5, 5))[0] > 200  # red: the first frame
 
 
 def test_missing_corrupt_truncated_and_non_image_files(tmp_path):

@@ -129,6 +129,8 @@ def load_model(
     elif path.exists():
         name = str(path.resolve())  # recorded in edits as their base: found again from any working folder
     kwargs: dict = {"dtype": dtype}
+    if single_file_config and not (path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES):
+        log.warning("--single-file-config is only for a single .safetensors checkpoint; %s is not one: ignored", name)
     try:
         if path.suffix.lower() in PICKLE_SUFFIXES:
             raise PeftEditError(f"{path}: pickle checkpoints are not loaded (unsafe); convert it to .safetensors")

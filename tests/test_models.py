@@ -84,3 +84,8 @@ def test_an_inpainting_unet_is_refused_in_one_line(tokenizer_dir, tmp_path):
     pipe.save_pretrained(tmp_path / "inpaint")
     with pytest.raises(PeftEditError, match="takes 9 input channels, not the 4 of an image latent"):
         load_model(str(tmp_path / "inpaint"), RuntimeConfig(device="cpu"))
+
+
+def test_single_file_configs_for_a_folder_are_said_to_be_ignored(eps_dir, caplog):
+    load_model(str(eps_dir), RuntimeConfig(device="cpu"), single_file_config="somewhere")
+    assert "--single-file-config is only for a single .safetensors checkpoint" in caplog.text

@@ -341,11 +341,10 @@ def cmd_imagic(args) -> int:
         model, args.image, args.text, configs["imagic"], configs["runtime"], show_progress=not args.quiet
     )
     artifact.save(output, overwrite=args.overwrite)
-    losses = artifact.meta["losses"]
-    print(
-        f"saved {output} (final losses: embedding {losses['embedding']:.4f}, LoRA {losses['finetune']:.4f}); "
-        f"preview: {output / 'preview.png'}"
-    )
+    said = [f"{name} {'skipped' if value is None else f'{value:.4f}'}" for name, value in zip(
+        ("embedding", "LoRA"), (artifact.meta["losses"][key] for key in ("embedding", "finetune")), strict=True
+    )]  # fmt: skip
+    print(f"saved {output} (final losses: {', '.join(said)}); preview: {output / 'preview.png'}")
     return 0
 
 

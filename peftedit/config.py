@@ -235,6 +235,10 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+# The method tables recipes hold, and what reads each: a recipe of one method given to another says so.
+METHOD_TABLES = {"imagic": "Imagic (peftedit imagic)", "nulltext": "inversions (peftedit invert)"}
+
+
 def build(
     sections: dict[str, type],
     recipe: str | Path | None = None,
@@ -257,6 +261,11 @@ def build(
                 f"recipe {path} is not a text file (a recipe is TOML, e.g. recipes/sd15-8gb.toml)"
             ) from None
         for table, values in data.items():
+            if table in METHOD_TABLES and table not in sections and isinstance(values, dict):
+                raise PeftEditError(
+                    f"recipe {path} is for {METHOD_TABLES[table]}, with a [{table}] table; this command reads "
+                    f"{' and '.join(f'[{t}]' for t in sections)}"
+                )
             if table not in sections or not isinstance(values, dict):
                 raise PeftEditError(f"recipe {path}: unknown table [{table}] (known: {', '.join(sections)})")
             raw[table].update(values)

@@ -711,3 +711,15 @@ def test_an_empty_prompt_is_named_before_its_default_folder_is_checked(photo, tm
     for command in ("imagic", "invert"):
         code, _, err = _run(capsys, command, photo, "  ")
         _one_line_error(code, err, "prompt is empty")
+
+
+def test_a_skipped_stage_says_skipped_not_nan(eps_dir, photo, tmp_path, capsys):
+    """0 steps in a stage printed and stored its loss as nan, which reads as the NaN failure the stages refuse."""
+    from peftedit import Artifact
+
+    out = tmp_path / "adapters" / "none"
+    argv = ["imagic", photo, "a red circle", "--model", eps_dir, "-o", out, *FAST]
+    code, stdout, err = _run(capsys, *argv, "--embedding-steps", 0, "--finetune-steps", 0)
+    assert code == 0, err
+    assert "final losses: embedding skipped, LoRA skipped" in stdout
+    assert Artifact.load(out).meta["losses"] == {"embedding": None, "finetune": None}

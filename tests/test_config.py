@@ -7,7 +7,7 @@ import tomllib
 
 import pytest
 
-from peftedit import ImagicConfig, PeftEditError, RuntimeConfig, build
+from peftedit import ImagicConfig, NullTextConfig, PeftEditError, RuntimeConfig, build
 from peftedit.cli import recipe_sections
 from peftedit.config import RECIPES_DIR, field_kinds
 
@@ -40,6 +40,7 @@ def test_overrides_reach_the_right_table_and_type():
         ('imagic.preview_etas=["a"]', r"imagic.preview_etas\[0\] = 'a' must be a number"),
         ("imagic.preview_etas=[0.5, inf]", r"imagic.preview_etas\[1\] = inf must be a finite number"),
         ("imagic.preview_etas=0.5", "imagic.preview_etas = 0.5 must be a list"),
+        ("imagic.preview_etas=[]", r"imagic.preview_etas = \[\]: the preview needs at least one eta"),
         ("imagic.lora_targets=[1]", r"imagic.lora_targets\[0\] = 1 must be a string"),
         ("runtime.seed=99999999999999999999999", "runtime.seed = 99999999999999999999999 is out of range"),
         ("runtime.seed=-1", "runtime.seed = -1 is out of range"),
@@ -185,3 +186,12 @@ def test_seeds_must_fit_the_generator(key):
     table, name = key.split(".")
     with pytest.raises(PeftEditError, match="out of range"):
         recipe_sections()[table](**{name: 2**64})
+
+
+def test_a_recipe_for_the_other_method_says_so():
+    with pytest.raises(
+        PeftEditError, match=r"sd15-8gb.toml is for Imagic \(peftedit imagic\), with a \[imagic\]"
+    ):
+        build({"runtime": SECTIONS["runtime"], "nulltext": NullTextConfig}, "sd15-8gb")
+    with pytest.raises(PeftEditError, match=r"is for inversions \(peftedit invert\), with a \[nulltext\] table; this"):
+        build({"runtime": SECTIONS["runtime"], "imagic": SECTIONS["imagic"]}, "nulltext-sd15-8gb")

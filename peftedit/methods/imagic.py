@@ -100,6 +100,8 @@ class ImagicConfig:
         ):
             positive(f"imagic.{name}", getattr(self, name))
         positive("imagic.guidance", self.guidance, zero_ok=True)
+        if not self.preview_etas:
+            raise PeftEditError("imagic.preview_etas = []: the preview needs at least one eta, e.g. [0.7]")
         unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
         if unknown or not self.lora_targets:
             raise PeftEditError(f"imagic.lora_targets = {self.lora_targets!r}: choose from {', '.join(LORA_TARGETS)}")
@@ -119,14 +121,15 @@ class ImagicConfig:
 
 def _train(
     unet, scheduler, latent, cond, params, lr, steps, runtime, generator, stage, advice, show, first_advice=None
-) -> float:
-    """Minimise the denoising loss over ``params`` for ``steps`` steps; returns the last loss.
+) -> float | None:
+    """Minimise the denoising loss over ``params`` for ``steps`` steps; returns the last loss (None for 0 steps: the
+    stage was skipped).
 
     ``advice`` ends the error raised when the loss, the optimizer step or the trained values stop being finite;
     ``first_advice``, where given, replaces it for a loss that is not finite before any update."""
     optimizer = make_optimizer(params, lr, runtime.optimizer)
     scaler = loss_scaler(unet.dtype, latent.device)
-    loss_value = float("nan")
+    loss_value = None
     bar = progress(steps, f"imagic {stage}", show)
     for step in bar:
         loss = denoising_loss(unet, scheduler, latent, cond, generator)
@@ -139,7 +142,9 @@ def _train(
     return loss_value
 
 
-def optimize_embedding(unet, scheduler, latent, e_tgt, config, runtime, generator, show) -> tuple[torch.Tensor, float]:
+def optimize_embedding(
+    unet, scheduler, latent, e_tgt, config, runtime, generator, show
+) -> tuple[torch.Tensor, float | None]:
     """Stage 1: optimize a copy of e_tgt (fp32) so the frozen UNet denoises the photo; returns it and the last loss."""
     embedding = e_tgt.detach().clone().float().requires_grad_(True)
     loss = _train(
@@ -178,7 +183,7 @@ def lora_parameters(unet) -> list[torch.nn.Parameter]:
     return params
 
 
-def finetune_lora(unet, scheduler, latent, e_opt, config, runtime, generator, show) -> tuple[dict, float]:
+def finetune_lora(unet, scheduler, latent, e_opt, config, runtime, generator, show) -> tuple[dict, float | None]:
     """Stage 2: train a LoRA on the UNet with e_opt fixed; returns its state dict (peft keys, fp32) and last loss."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict

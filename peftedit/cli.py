@@ -633,7 +633,7 @@ def cmd_generate(args) -> int:
 # What a command stopped part way (interrupted, out of memory) leaves, where it is more than nothing.
 LEFT_BEHIND = {"batch": "finished entries are kept (see batch.json)"}
 # What lowers the peak, by command: training takes recipes and --set, edit and generate --set runtime.KEY=VALUE.
-_LOWER_PEAK = "--set runtime.offload_idle=true, fewer other programs on the GPU"
+_LOWER_PEAK = "--set runtime.offload_idle=true, fewer other programs using the device's memory"
 OUT_OF_MEMORY = {
     "imagic": f"to lower the peak: --recipe sd15-8gb, {_LOWER_PEAK}",
     "invert": f"to lower the peak: --recipe nulltext-sd15-8gb, {_LOWER_PEAK}",

@@ -59,6 +59,12 @@ def loss_scaler(model_dtype: torch.dtype, device: torch.device) -> torch.amp.Gra
     return torch.amp.GradScaler(device.type, enabled=model_dtype == torch.float16)
 
 
+def numeric_advice(setting: str, model_dtype: torch.dtype) -> str:
+    """What a :class:`NumericalError` advises: a lower ``setting`` (a learning rate), and full precision where the
+    model runs in half (advising it where the model is already fp32 sends the user nowhere)."""
+    return f"try a lower {setting}" + (" or runtime.dtype=fp32" if model_dtype != torch.float32 else "")
+
+
 def descend(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,

@@ -9,7 +9,7 @@ import torch
 from peftedit import ImagicConfig, NullTextConfig, RuntimeConfig, imagic, load_model, nulltext
 from peftedit.diffusion import denoising_loss, encode_text, fresh_scheduler
 from peftedit.errors import NumericalError
-from peftedit.optim import descend, loss_scaler, make_optimizer
+from peftedit.optim import descend, loss_scaler, make_optimizer, numeric_advice
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -108,3 +108,9 @@ def test_the_recipes_training_settings_train_on_cuda(eps_dir, photo):
     assert any(v.abs().max() > 0 for k, v in fitted.lora.items() if "lora_B" in k)  # B starts at zero
     nulls, start = inverted.tensors["null_embeddings"], inverted.tensors["e_uncond"][0]
     assert all(not torch.equal(null, start) for null in nulls)
+
+
+def test_numeric_advice_names_full_precision_only_for_a_half_precision_model():
+    assert numeric_advice("imagic.lora_lr", torch.float32) == "try a lower imagic.lora_lr"
+    for dtype in (torch.float16, torch.bfloat16):
+        assert numeric_advice("nulltext.lr", dtype) == "try a lower nulltext.lr or runtime.dtype=fp32"

@@ -27,7 +27,7 @@ from ..diffusion import (
 from ..errors import ArtifactError, NumericalError, PeftEditError
 from ..images import grid, load_image
 from ..models import Model
-from ..optim import descend, loss_scaler, make_optimizer
+from ..optim import descend, loss_scaler, make_optimizer, numeric_advice
 from .common import (
     base_meta,
     call_runtime,
@@ -45,7 +45,6 @@ from .common import (
 
 METHOD = "imagic"
 ADAPTER = "peftedit"
-EMBEDDING_ADVICE = "try a lower imagic.embedding_lr or runtime.dtype=fp32"
 # LoRA target groups: module-name suffixes inside the UNet (peft matches suffixes).
 LORA_TARGETS = {
     "attention": ["to_q", "to_k", "to_v", "to_out.0"],
@@ -158,7 +157,7 @@ def optimize_embedding(
         runtime,
         generator,
         "stage 1/2 (embedding)",
-        EMBEDDING_ADVICE,
+        numeric_advice("imagic.embedding_lr", unet.dtype),
         show,
     )
     return embedding.detach(), loss
@@ -203,10 +202,11 @@ def finetune_lora(unet, scheduler, latent, e_opt, config, runtime, generator, sh
             runtime,
             generator,
             "stage 2/2 (LoRA fine-tune)",
-            "try a lower imagic.lora_lr or runtime.dtype=fp32",
+            numeric_advice("imagic.lora_lr", unet.dtype),
             show,
             # At step 0 the adapter is a no-op (LoRA B starts at zero): a loss that is not finite comes from stage 1.
-            first_advice=f"the adapter does nothing yet, so the stage 1 embedding is to blame; {EMBEDDING_ADVICE}",
+            first_advice="the adapter does nothing yet, so the stage 1 embedding is to blame; "
+            + numeric_advice("imagic.embedding_lr", unet.dtype),
         )
         state = get_peft_model_state_dict(unet, adapter_name=ADAPTER)
         return {k: v.detach().float().cpu().clone() for k, v in state.items()}, loss

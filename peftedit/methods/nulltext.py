@@ -39,7 +39,7 @@ from ..diffusion import (
 from ..errors import ArtifactError, NumericalError, PeftEditError
 from ..images import grid, load_image, psnr
 from ..models import Model
-from ..optim import descend, loss_scaler, make_optimizer
+from ..optim import descend, loss_scaler, make_optimizer, numeric_advice
 from . import p2p
 from .common import (
     base_meta,
@@ -61,7 +61,6 @@ log = logging.getLogger("peftedit")
 METHODS = INVERSIONS  # one list: artifact checks, the CLI and the config read the same
 TABLE = "nulltext"
 STAGE = "null-text optimization"
-ADVICE = "try runtime.dtype=fp32 or a lower nulltext.lr"
 # Scheduler settings an edit must share with its inversion (the timesteps and the noise schedule).
 SCHEDULER_KEYS = (
     "num_train_timesteps",
@@ -129,6 +128,7 @@ def optimize_null_text(unet, scheduler, pivots, cond, uncond, config, runtime, s
     nulls, latents = [], pivots[-1]
     stats = {"inner_steps": [], "loss": [], "pivot_error": []}
     scaler = loss_scaler(unet.dtype, latents.device)  # one for the run: the scale it finds carries over
+    advice = numeric_advice("nulltext.lr", unet.dtype)
     bar = progress(steps, "null-text", show)
     for i in bar:
         t, target = scheduler.timesteps[i], pivots[steps - 1 - i]
@@ -142,11 +142,11 @@ def optimize_null_text(unet, scheduler, pivots, cond, uncond, config, runtime, s
             pred_uncond = guided_prediction(unet, latents, t, null, None, 1.0)
             pred = pred_uncond + config.guidance * (pred_cond - pred_uncond)
             loss = torch.nn.functional.mse_loss(scheduler.step(pred, t, latents).prev_sample, target)
-            value = check_finite(loss, STAGE, i, ADVICE)
+            value = check_finite(loss, STAGE, i, advice)
             used = j + 1
             if value < threshold:
                 break
-            descend(optimizer, scaler, loss, STAGE, ADVICE)
+            descend(optimizer, scaler, loss, STAGE, advice)
         null = null.detach()
         nulls.append(null)
         with torch.no_grad():
@@ -154,7 +154,7 @@ def optimize_null_text(unet, scheduler, pivots, cond, uncond, config, runtime, s
             latents = scheduler.step(pred, t, latents).prev_sample.float()
         error = float(torch.nn.functional.mse_loss(latents, target))
         if not math.isfinite(error):  # the last inner step's update, which no loss has seen, broke the null embedding
-            raise NumericalError(f"{STAGE}: the sampled latents became {error} at step {i}; {ADVICE}")
+            raise NumericalError(f"{STAGE}: the sampled latents became {error} at step {i}; {advice}")
         stats["inner_steps"].append(used)
         stats["loss"].append(value)
         stats["pivot_error"].append(error)

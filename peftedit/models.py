@@ -66,6 +66,19 @@ class Model:
 DEMO_NAME = "peftedit-demo"
 
 
+def _no_pickled_weights(folder: Path) -> None:
+    """Raise for a diffusers folder a part of which has pickled weights only (``.bin``, ``.pt``…: unpickling runs
+    code), rather than let diffusers' error about missing safetensors files stand for it."""
+    for part in sorted(p for p in folder.iterdir() if p.is_dir()):
+        files = [f for f in part.iterdir() if f.is_file()]
+        pickled = [f for f in files if f.suffix.lower() in PICKLE_SUFFIXES]
+        if pickled and not any(f.suffix == ".safetensors" for f in files):
+            raise PeftEditError(
+                f"{part}: only pickled weights ({pickled[0].name}), which are not loaded (unsafe); save the model "
+                "with safetensors (diffusers: pipe.save_pretrained(folder, safe_serialization=True))"
+            )
+
+
 def demo_model_dir() -> Path:
     """Folder of the built-in demo model (diffusers layout)."""
     from .demo import DEMO_MODEL_DIR
@@ -144,7 +157,9 @@ def load_model(
             if not (path / "model_index.json").is_file():
                 raise PeftEditError(f"{path} is not a diffusers model folder (no model_index.json)")
             pipeline = pipeline_class(_folder_kind(str(path)))
-            pipe = pipeline.from_pretrained(str(path), **kwargs, **_extra_kwargs(pipeline))
+            _no_pickled_weights(path)
+            # use_safetensors: without it diffusers falls back to a folder's pickled .bin weights
+            pipe = pipeline.from_pretrained(str(path), use_safetensors=True, **kwargs, **_extra_kwargs(pipeline))
         elif path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
             raise PeftEditError(f"model {name!r}: not a diffusers folder, a .safetensors file or a hub id")
         else:

@@ -189,9 +189,7 @@ def test_seeds_must_fit_the_generator(key):
 
 
 def test_a_recipe_for_the_other_method_says_so():
-    with pytest.raises(
-        PeftEditError, match=r"sd15-8gb.toml is for Imagic \(peftedit imagic\), with a \[imagic\]"
-    ):
+    with pytest.raises(PeftEditError, match=r"sd15-8gb.toml is for Imagic \(peftedit imagic\), with a \[imagic\]"):
         build({"runtime": SECTIONS["runtime"], "nulltext": NullTextConfig}, "sd15-8gb")
     with pytest.raises(PeftEditError, match=r"is for inversions \(peftedit invert\), with a \[nulltext\] table; this"):
         build({"runtime": SECTIONS["runtime"], "imagic": SECTIONS["imagic"]}, "nulltext-sd15-8gb")

@@ -89,3 +89,22 @@ def test_an_inpainting_unet_is_refused_in_one_line(tokenizer_dir, tmp_path):
 def test_single_file_configs_for_a_folder_are_said_to_be_ignored(eps_dir, caplog):
     load_model(str(eps_dir), RuntimeConfig(device="cpu"), single_file_config="somewhere")
     assert "--single-file-config is only for a single .safetensors checkpoint" in caplog.text
+
+
+def test_a_folder_with_pickled_weights_is_refused(eps_dir, tmp_path, capsys):
+    """diffusers' from_pretrained falls back to a folder's .bin weights (torch.load) unless told safetensors only."""
+    from peftedit.errors import PeftEditError
+
+    pipe = load_model(str(eps_dir), RuntimeConfig(device="cpu")).pipe
+    folder = tmp_path / "pickled"
+    pipe.save_pretrained(folder, safe_serialization=False)
+    assert list(folder.glob("unet/*.bin")) and not list(folder.glob("unet/*.safetensors"))
+    with pytest.raises(PeftEditError, match=r"only pickled weights \(diffusion_pytorch_model.bin\), which are not"):
+        load_model(str(folder), RuntimeConfig(device="cpu"))
+    mixed = tmp_path / "mixed"  # one part pickled, the others safetensors
+    pipe.save_pretrained(mixed, safe_serialization=True)
+    for weights in (mixed / "vae").glob("*.safetensors"):
+        weights.unlink()
+    pipe.vae.save_pretrained(mixed / "vae", safe_serialization=False)
+    with pytest.raises(PeftEditError, match="vae: only pickled weights"):
+        load_model(str(mixed), RuntimeConfig(device="cpu"))

@@ -68,7 +68,9 @@ OPTIONAL_META = (
     ("base_pipeline", TEXT),
 )
 LORA_REQUIRED = (("r", COUNT), ("lora_alpha", NUMBER), ("target_modules", NAMES))
-LORA_OTHER = ("init_lora_weights", "lora_dropout", "bias")  # also written by ImagicConfig.lora_config()
+# Also written by ImagicConfig.lora_config(), always with these values: another (dropout, say, which makes a render
+# random) is not an edit peftedit made.
+LORA_OTHER = {"init_lora_weights": True, "lora_dropout": 0.0, "bias": "none"}
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -118,11 +120,69 @@ def check_contents(
     unknown = sorted(set(lora_config) - {k for k, _ in LORA_REQUIRED} - set(LORA_OTHER))
     if unknown:
         raise damaged(f"lora_config has settings this peftedit does not know: {', '.join(unknown)}")
+    for key, value in LORA_OTHER.items():
+        if key in lora_config and (lora_config[key] != value or type(lora_config[key]) is not type(value)):
+            raise damaged(f"lora_config.{key} is {lora_config[key]!r:.40}; peftedit writes {value!r}")
+
+
+# Each method's tensors by shape: letters name sizes that must agree across the tensors (and with the model: see
+# ``methods.common.check_fits``): B the batch (1), L the text length, D the text width, T the sampling steps, C, H and
+# W the latent's channels and sides; N the base model probe's length.
+_TEXT, _LATENT = "BLD", "BCHW"
+SHAPES = {
+    IMAGIC: {"e_tgt": _TEXT, "e_opt": _TEXT, "e_uncond": _TEXT, "base_probe": "N"},
+    **{
+        method: {
+            "z_T": _LATENT,
+            "z_0": _LATENT,
+            "timesteps": "T",
+            "e_src": _TEXT,
+            "e_uncond": _TEXT,
+            "base_probe": "N",
+            **({"null_embeddings": "TLD"} if method == "null-text" else {}),
+            **({"offsets": "TCHW"} if method == "direct" else {}),
+        }
+        for method in INVERSIONS
+    },
+}
+
+
+def check_tensors(where: str, method: str, tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, int]:
+    """Raise :class:`ArtifactError` unless the tensors have the shapes their method's renderer reads (sizes that agree,
+    a batch of one, as many steps as ``meta.steps``), floating-point values that are all finite (``timesteps``:
+    integers); returns the sizes by letter (see ``SHAPES``)."""
+    import torch
+
+    sizes: dict[str, int] = {"B": 1}
+    if method != IMAGIC:
+        sizes["T"] = meta["steps"]
+    for name, letters in SHAPES[method].items():
+        tensor = tensors[name]
+        integral = name == "timesteps"
+        if tensor.dtype.is_floating_point == integral or tensor.dtype == torch.bool:
+            kind = "integers" if integral else "floating-point values"
+            raise ArtifactError(f"{where}: {name} is {str(tensor.dtype).removeprefix('torch.')}, expected {kind}")
+        if tensor.dim() != len(letters):
+            raise ArtifactError(f"{where}: {name} has shape {list(tensor.shape)}, expected {len(letters)} dimensions")
+        for letter, size in zip(letters, tensor.shape, strict=True):
+            if sizes.setdefault(letter, size) != size:
+                raise ArtifactError(
+                    f"{where}: {name} has shape {list(tensor.shape)}, which does not agree with the edit's other "
+                    "tensors or its step count (modified or damaged)"
+                )
+        if not integral and not bool(torch.isfinite(tensor).all()):
+            raise ArtifactError(f"{where}: {name} holds values that are not finite (modified or damaged)")
+    return sizes
 
 
 def check_lora_rank(where: str, lora: dict[str, torch.Tensor], rank: int) -> None:
-    """Raise unless every LoRA matrix has the rank ``lora_config`` names (peft would dump a size mismatch)."""
+    """Raise unless every LoRA matrix has the rank ``lora_config`` names (peft would dump a size mismatch) and holds
+    finite floating-point values."""
+    import torch
+
     for name, tensor in lora.items():
+        if not tensor.dtype.is_floating_point or not bool(torch.isfinite(tensor).all()):
+            raise ArtifactError(f"{where}: {name} is not finite floating-point values (modified or damaged)")
         axis = 0 if ".lora_A." in name else 1 if ".lora_B." in name else None
         if axis is not None and (tensor.dim() < 2 or tensor.shape[axis] != rank):
             raise ArtifactError(

@@ -30,8 +30,8 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .artifact_checks import HEADER_CHECKSUM, check_contents, check_lora_rank, header_sha256
-from .errors import ArtifactError
+from .artifact_checks import HEADER_CHECKSUM, check_contents, check_lora_rank, check_tensors, header_sha256
+from .errors import ArtifactError, first_line
 from .images import read_picture
 
 FORMAT_VERSION = "2"  # 2: the header carries HEADER_CHECKSUM
@@ -188,10 +188,11 @@ class Artifact:
             meta = json.loads(header["peftedit.meta"])
             files = json.loads(header["peftedit.files"])
             lora_config = json.loads(header["peftedit.lora_config"]) if "peftedit.lora_config" in header else None
-        except (KeyError, json.JSONDecodeError) as err:
-            raise ArtifactError(f"{path}: damaged metadata ({err})") from None
+        except (KeyError, json.JSONDecodeError, RecursionError) as err:  # RecursionError: JSON nested too deep
+            raise ArtifactError(f"{path}: damaged metadata ({type(err).__name__}: {first_line(err)})") from None
         method = header.get("peftedit.method")
         check_contents(str(path), method, list(tensors), meta, files, lora_config, LORA_FILE)
+        check_tensors(str(path), method, tensors, meta)
         for name, digest in files.items():
             if not (folder / name).is_file():
                 raise ArtifactError(f"{folder} is incomplete: {name} is missing")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import pytest
 import torch
@@ -349,3 +350,75 @@ def test_cli_overwrites_an_earlier_edit(eps_dir, photo, tmp_path, capsys):
     assert code == 0, err
     assert Artifact.load(folder).method == "ddim"
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", EDIT_FILE, "preview.png"]
+
+
+def _changed(make, **tensors):
+    """``make()`` with some tensors replaced (saved normally: its checksums fit, as a hand-made edit's would)."""
+
+    def changed():
+        artifact = make()
+        artifact.tensors.update(tensors)
+        return artifact
+
+    return changed
+
+
+def _nan(shape):
+    values = torch.randn(*shape)
+    values[0, 0] = float("nan")
+    return values
+
+
+# (edit, what its tensors become, what loading it says)
+BAD_TENSORS = {
+    "e_opt narrower": (_changed(imagic_edit, e_opt=torch.randn(1, 77, 4)), "does not agree with the edit's other"),
+    "e_opt a batch of 2": (_changed(imagic_edit, e_opt=torch.randn(2, 77, 8)), "does not agree"),
+    "e_tgt flattened": (_changed(imagic_edit, e_tgt=torch.randn(77 * 8)), "expected 3 dimensions"),
+    "e_opt with a NaN": (_changed(imagic_edit, e_opt=_nan((1, 77, 8))), "e_opt holds values that are not finite"),
+    "e_opt integers": (_changed(imagic_edit, e_opt=torch.ones(1, 77, 8, dtype=torch.int32)), "expected floating"),
+    "offsets for 2 of 3 steps": (_changed(direct_edit, offsets=torch.randn(2, 4, 2, 2)), "or its step count"),
+    "z_T with 3 channels": (
+        _changed(direct_edit, z_T=torch.randn(1, 3, 2, 2)),
+        "z_0 has shape [1, 4, 2, 2], which does not",
+    ),
+    "z_T with an inf": (_changed(direct_edit, z_T=torch.full((1, 4, 2, 2), float("inf"))), "not finite"),
+    "timesteps floats": (_changed(direct_edit, timesteps=torch.tensor([667.0, 334.0, 1.0])), "expected integers"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_TENSORS)
+def test_tensors_a_renderer_would_trip_over_are_refused_on_load(case, saved, capsys):
+    """A hand-made edit (checksums recomputed) with wrong shapes or non-finite values gave a traceback from deep in
+    the renderer or, worse, a black picture with exit status 0."""
+    make, said = BAD_TENSORS[case]
+    folder = saved(make)
+    with pytest.raises(ArtifactError, match=re.escape(said)):
+        Artifact.load(folder)
+    code, _, err = _run(capsys, "edit", str(folder))
+    _one_line_error(code, err, said)
+
+
+def test_lora_weights_and_settings_peftedit_never_writes_are_refused(saved):
+    def nan_lora():
+        artifact = imagic_edit()
+        artifact.lora["down.ff.lora_B.weight"] = _nan((16, RANK))
+        return artifact
+
+    with pytest.raises(ArtifactError, match="down.ff.lora_B.weight is not finite floating-point values"):
+        Artifact.load(saved(nan_lora, "nan"))
+    for key, value in (("lora_dropout", 0.9), ("init_lora_weights", "bogus"), ("bias", "all")):
+
+        def other(key=key, value=value):
+            artifact = imagic_edit()
+            artifact.lora_config = {**artifact.lora_config, key: value}
+            return artifact
+
+        with pytest.raises(ArtifactError, match=f"lora_config.{key} is {value!r}; peftedit writes"):
+            Artifact.load(saved(other, key))
+
+
+def test_metadata_nested_too_deep_is_damaged_not_a_crash(saved):
+    folder = saved(imagic_edit)
+    _rewrite(folder, lambda header: header.update({"peftedit.meta": "[" * 100_000 + "]" * 100_000}), format_1=True)
+    with pytest.raises(ArtifactError, match=r"damaged metadata \(RecursionError"):
+        Artifact.load(folder)

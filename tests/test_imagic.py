@@ -7,7 +7,17 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from peftedit import Artifact, ImagicConfig, NullTextConfig, PeftEditError, RuntimeConfig, generate, imagic, nulltext
+from peftedit import (
+    Artifact,
+    ArtifactError,
+    ImagicConfig,
+    NullTextConfig,
+    PeftEditError,
+    RuntimeConfig,
+    generate,
+    imagic,
+    nulltext,
+)
 from peftedit.diffusion import (
     encode_image,
     encode_text,
@@ -170,3 +180,32 @@ def test_too_many_sampling_steps_are_refused_before_any_work(eps_model, photo, m
         nulltext.invert(eps_model, photo, "a red circle", NullTextConfig(steps=1001, lr_decay=0), RUNTIME, False)
     with pytest.raises(PeftEditError, match="steps = 1001 is more than the model's 1000 training"):
         generate.generate(eps_model, "a red circle", steps=1001)
+
+
+def test_a_failed_render_leaves_the_model_usable_and_renders_leave_the_global_rng(fitted, tiny_model):
+    """An adapter that failed to go on (peft refused its settings) left diffusers' UNet marked as holding adapters,
+    so every later fit and render failed; a LoRA for other layer sizes gave torch's multi-line size mismatch; peft's
+    random init of the adapter (overwritten at once) moved the global torch RNG."""
+    bad = Artifact(
+        fitted.method, fitted.tensors, fitted.meta, lora=fitted.lora,
+        lora_config={**fitted.lora_config, "init_lora_weights": "bogus"},
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="bogus"):
+        imagic.render(tiny_model, bad, steps=2)
+    narrow = {k: v[:, :-1] if "lora_A" in k else v for k, v in fitted.lora.items()}
+    wrong = Artifact(fitted.method, fitted.tensors, fitted.meta, lora=narrow, lora_config=fitted.lora_config)
+    with pytest.raises(ArtifactError, match="LoRA weights do not fit this UNet .size mismatch for"):
+        imagic.render(tiny_model, wrong, steps=2)
+    state = torch.random.get_rng_state()
+    first = imagic.render(tiny_model, fitted, steps=2)
+    assert torch.equal(state, torch.random.get_rng_state())
+    assert np.array_equal(np.asarray(first), np.asarray(imagic.render(tiny_model, fitted, steps=2)))
+    assert not any("lora" in name for name, _ in tiny_model.pipe.unet.named_modules())
+
+
+def test_embeddings_that_do_not_fit_the_model_are_refused(fitted, tiny_model):
+    """Consistent with each other (so the load checks pass) but not with the base model's text width."""
+    narrow = {**fitted.tensors, **{k: fitted.tensors[k][..., :4] for k in ("e_tgt", "e_opt", "e_uncond")}}
+    artifact = Artifact(fitted.method, narrow, fitted.meta, lora=fitted.lora, lora_config=fitted.lora_config)
+    with pytest.raises(ArtifactError, match=r"e_tgt has shape \[1, 77, 4\], but .* takes \[1, 77, "):
+        imagic.render(tiny_model, artifact, steps=2)

@@ -14,7 +14,7 @@ from ..artifacts import Artifact, now_utc, package_versions
 from ..config import LOAD_TIME_SETTINGS, RuntimeConfig
 from ..diffusion import decode_latents, encode_image, encode_text
 from ..errors import ArtifactError, PeftEditError
-from ..models import TEXT_ENCODERS, Model, architecture_hash, check_same_base, fingerprint, pipe_parts
+from ..models import TEXT_ENCODERS, Model, architecture_hash, check_same_base, fingerprint, is_xl, pipe_parts
 
 log = logging.getLogger("peftedit")
 
@@ -164,3 +164,20 @@ def check_base(model: Model, artifact: Artifact) -> None:
         meta["base_architecture"],
         artifact.tensors["base_probe"],
     )
+    check_fits(model, artifact)
+
+
+def check_fits(model: Model, artifact: Artifact) -> None:
+    """Raise unless the artifact's embeddings and latents have the sizes this model's UNet takes (``Artifact.load``
+    has checked that they agree with each other; a hand-made edit can still disagree with its base model)."""
+    pipe = model.pipe
+    unet = pipe.unet.config
+    text = (pipe.tokenizer.model_max_length + (1 if is_xl(pipe) else 0), unet.cross_attention_dim)
+    latent = (unet.in_channels, unet.sample_size, unet.sample_size)
+    for name, sizes in (("e_tgt", text), ("e_src", text), ("z_T", latent)):
+        tensor = artifact.tensors.get(name)
+        if tensor is not None and tuple(tensor.shape[1:]) != sizes:
+            raise ArtifactError(
+                f"{name} has shape {list(tensor.shape)}, but {model.name!r} takes [1, {', '.join(map(str, sizes))}] "
+                "(the edit was modified, or made for another model)"
+            )

@@ -24,7 +24,7 @@ from ..diffusion import (
     initial_noise,
     sample,
 )
-from ..errors import ArtifactError, NumericalError, PeftEditError
+from ..errors import ArtifactError, NumericalError, PeftEditError, first_line
 from ..images import grid, load_image
 from ..models import Model
 from ..optim import descend, loss_scaler, make_optimizer, numeric_advice
@@ -271,10 +271,15 @@ def lora_applied(unet, artifact: Artifact):
     from peft import LoraConfig
     from peft.utils import set_peft_model_state_dict
 
-    unet.add_adapter(LoraConfig(**artifact.lora_config), adapter_name=ADAPTER)
     try:
+        with torch.random.fork_rng(devices=[]):  # peft's random init, overwritten below: no trace in global state
+            unet.add_adapter(LoraConfig(**artifact.lora_config), adapter_name=ADAPTER)
         lora_parameters(unet)
-        result = set_peft_model_state_dict(unet, artifact.lora, adapter_name=ADAPTER)
+        try:
+            result = set_peft_model_state_dict(unet, artifact.lora, adapter_name=ADAPTER)
+        except RuntimeError as err:  # torch's "size mismatch for ...": a LoRA made for other layer sizes
+            said = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), first_line(err))
+            raise ArtifactError(f"LoRA weights do not fit this UNet ({said[:200]})") from None
         missing = [k for k in result.missing_keys if f".{ADAPTER}" in k]
         if missing or result.unexpected_keys:
             raise ArtifactError(
@@ -285,7 +290,12 @@ def lora_applied(unet, artifact: Artifact):
             param.requires_grad_(False)
         yield unet
     finally:
-        remove_adapter(unet)
+        if ADAPTER in (getattr(unet, "peft_config", None) or {}):
+            remove_adapter(unet)
+        elif not getattr(unet, "peft_config", None):
+            # add_adapter failed: diffusers marks a model as holding adapters before injecting one, and a model so
+            # marked without any fails every later add_adapter
+            unet._hf_peft_config_loaded = False
 
 
 def render(

@@ -27,7 +27,9 @@ DROPPED_QUOTE_CHARS = 40
 def require_text(text: str, what: str = "the prompt", hint: str = "") -> str:
     """``text`` with its whitespace collapsed; raises when nothing is left (needs no tokenizer, so the CLI checks
     prompts with it before the model loads)."""
-    text = " ".join(str(text).split())
+    if not isinstance(text, str):  # str(None) would be the prompt "None"
+        raise PeftEditError(f"{what} must be a string, not {type(text).__name__}")
+    text = " ".join(text.split())
     if not text:
         raise PeftEditError(f"{what} is empty: describe the picture you want{hint}")
     return text

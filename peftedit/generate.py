@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .config import check_sampling
+from .config import check_sampling, check_seed
 from .diffusion import check_prompt, fresh_scheduler, initial_noise, sample
 from .methods.common import check_steps, decode_pictures, sampling_bar, text_embedding, unet_placed
 from .models import Model, is_xl
@@ -43,7 +43,8 @@ def generate(
 ):
     """One image for ``prompt`` (PIL); steps and guidance default to the model's recommendation."""
     pipe = model.pipe
-    check_sampling(seed=seed, guidance=guidance, steps=steps)
+    check_seed("seed", seed)  # always: None is not "the default" here
+    check_sampling(guidance=guidance, steps=steps)
     prompt = check_prompt(pipe.tokenizer, prompt)
     rec_steps, rec_guidance = recommended_sampling(model)
     steps = steps or rec_steps

@@ -209,3 +209,28 @@ def test_embeddings_that_do_not_fit_the_model_are_refused(fitted, tiny_model):
     artifact = Artifact(fitted.method, narrow, fitted.meta, lora=fitted.lora, lora_config=fitted.lora_config)
     with pytest.raises(ArtifactError, match=r"e_tgt has shape \[1, 77, 4\], but .* takes \[1, 77, "):
         imagic.render(tiny_model, artifact, steps=2)
+
+
+def test_api_misuse_is_named(eps_model, photo, fitted, tiny_model):
+    with pytest.raises(PeftEditError, match="the prompt must be a string, not NoneType"):
+        imagic.fit(eps_model, photo, None, ImagicConfig(**FAST), RUNTIME, False)  # it trained on the prompt "None"
+    with pytest.raises(TypeError, match="config must be an ImagicConfig, not NullTextConfig"):
+        imagic.fit(eps_model, photo, "a red circle", NullTextConfig(), RUNTIME, False)
+    with pytest.raises(TypeError, match="runtime must be a RuntimeConfig .* not dict"):
+        imagic.fit(eps_model, photo, "a red circle", ImagicConfig(**FAST), {"seed": 1}, False)
+    with pytest.raises(TypeError, match="config must be a NullTextConfig, not ImagicConfig"):
+        nulltext.invert(eps_model, photo, "a red circle", ImagicConfig(), RUNTIME, False)
+    with pytest.raises(PeftEditError, match="seed = None must be an integer"):
+        imagic.render(tiny_model, fitted, seed=None)
+
+
+def test_an_imagic_edit_is_refused_on_another_prediction_type(fitted, tiny_model, tiny_dir):
+    """The epsilon and v-prediction tiny models share their weights: only the scheduler tells them apart, and an
+    Imagic LoRA trained for one target renders garbage under the other."""
+    from peftedit import load_model
+
+    other = "epsilon" if tiny_model.pipe.scheduler.config.prediction_type == "v_prediction" else "v_prediction"
+    model = load_model(str(tiny_dir), RUNTIME)
+    model.pipe.scheduler.register_to_config(prediction_type=other)
+    with pytest.raises(ArtifactError, match=f"scheduler differs .*prediction_type '.*' -> '{other}'"):
+        imagic.render(model, fitted, steps=2)

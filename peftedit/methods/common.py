@@ -28,6 +28,8 @@ def call_runtime(model: Model, runtime: RuntimeConfig | None) -> RuntimeConfig:
     """
     if runtime is None:
         return model.runtime
+    if not isinstance(runtime, RuntimeConfig):
+        raise TypeError(f"runtime must be a RuntimeConfig (or None for the model's), not {type(runtime).__name__}")
     loaded = {name: getattr(model.runtime, name) for name in LOAD_TIME_SETTINGS}
     differ = [f"runtime.{name}" for name, value in loaded.items() if getattr(runtime, name) != value]
     if differ:
@@ -165,6 +167,32 @@ def check_base(model: Model, artifact: Artifact) -> None:
         artifact.tensors["base_probe"],
     )
     check_fits(model, artifact)
+    check_schedule(model, artifact, TRAINING_SCHEDULE)
+
+
+# The scheduler settings that define what a UNet is trained to predict: an edit is made for them (an Imagic LoRA
+# trained for epsilon renders garbage on a v-prediction scheduler, with the same weights).
+TRAINING_SCHEDULE = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "prediction_type",
+)
+
+
+def check_schedule(model: Model, artifact: Artifact, keys: tuple[str, ...]) -> None:
+    """Raise unless the model's scheduler has the ``keys`` settings the artifact was made with."""
+    saved, current = artifact.meta["scheduler"], dict(model.pipe.scheduler.config)
+    differ = [k for k in keys if _plain(saved.get(k)) != _plain(current.get(k))]
+    if differ:
+        what = ", ".join(f"{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in differ)
+        raise ArtifactError(f"the model's scheduler differs from the one this edit was made with ({what})")
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def check_fits(model: Model, artifact: Artifact) -> None:

@@ -227,6 +227,8 @@ def fit(
     The model is left as it was: the LoRA lives in the artifact, not in ``model``.
     """
     config = config or ImagicConfig()
+    if not isinstance(config, ImagicConfig):
+        raise TypeError(f"config must be an ImagicConfig, not {type(config).__name__}")
     runtime = call_runtime(model, runtime)
     pipe, unet = model.pipe, model.pipe.unet
     target_text = check_prompt(pipe.tokenizer, target_text)
@@ -324,7 +326,8 @@ def render(
     steps = recipe["render_steps"] if steps is None else steps
     for value in etas:
         check_sampling(eta=value)
-    check_sampling(seed=seed, guidance=guidance, steps=steps)
+    check_seed("seed", seed)  # always: None is not "the default" here
+    check_sampling(guidance=guidance, steps=steps)
     etas, steps = [float(e) for e in etas], int(steps)
     check_steps(model, steps)
     pipe = model.pipe

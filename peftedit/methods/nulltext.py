@@ -42,9 +42,11 @@ from ..models import Model
 from ..optim import descend, loss_scaler, make_optimizer, numeric_advice
 from . import p2p
 from .common import (
+    TRAINING_SCHEDULE,
     base_meta,
     call_runtime,
     check_base,
+    check_schedule,
     check_steps,
     checkpointing,
     decode_pictures,
@@ -63,12 +65,7 @@ TABLE = "nulltext"
 STAGE = "null-text optimization"
 # Scheduler settings an edit must share with its inversion (the timesteps and the noise schedule).
 SCHEDULER_KEYS = (
-    "num_train_timesteps",
-    "beta_start",
-    "beta_end",
-    "beta_schedule",
-    "trained_betas",
-    "prediction_type",
+    *TRAINING_SCHEDULE,
     "timestep_spacing",
     "steps_offset",
     "set_alpha_to_one",
@@ -184,6 +181,8 @@ def invert(
 ) -> Artifact:
     """Invert one photo with ``config.method``; returns the edit artifact (preview: input | reconstruction)."""
     config = config or NullTextConfig()
+    if not isinstance(config, NullTextConfig):
+        raise TypeError(f"config must be a NullTextConfig, not {type(config).__name__}")
     runtime = call_runtime(model, runtime)
     pipe, unet = model.pipe, model.pipe.unet
     source_prompt = check_prompt(pipe.tokenizer, source_prompt)
@@ -265,18 +264,10 @@ def check_inversion(model: Model, artifact: Artifact, steps: int | None = None, 
         )
     if check:
         check_base(model, artifact)
-    saved, current = artifact.meta["scheduler"], dict(model.pipe.scheduler.config)
-    differ = [k for k in SCHEDULER_KEYS if _plain(saved.get(k)) != _plain(current.get(k))]
-    if differ:
-        what = ", ".join(f"{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in differ)
-        raise ArtifactError(f"the model's scheduler differs from the one this inversion was made with ({what})")
+    check_schedule(model, artifact, SCHEDULER_KEYS)
     timesteps = fresh_scheduler(model.pipe, made).timesteps.cpu()
     if not torch.equal(timesteps, artifact.tensors["timesteps"]):
         raise ArtifactError("the scheduler's timesteps differ from the ones this inversion was made with")
-
-
-def _plain(value):
-    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 @torch.no_grad()

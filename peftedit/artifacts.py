@@ -200,9 +200,7 @@ class Artifact:
                 raise ArtifactError(f"{folder / name} does not match its recorded checksum (modified or damaged)")
         lora = None
         if LORA_FILE in files:
-            prefix = "unet."
-            lora = {k[len(prefix) :]: v for k, v in load_file(str(folder / LORA_FILE)).items() if k.startswith(prefix)}
-            check_lora_rank(str(folder / LORA_FILE), lora, lora_config["r"])
+            lora = _read_lora(folder / LORA_FILE, lora_config)
         # rendering does not need the preview, so a broken one only warns
         return cls(method, tensors, meta, lora, lora_config, read_picture(folder / PREVIEW_FILE))
 
@@ -211,6 +209,47 @@ class Artifact:
         missing = [n for n in names if n not in self.tensors]
         if missing:
             raise ArtifactError(f"{self.method} edit is missing tensors: {', '.join(missing)}")
+
+
+def _read_lora(path: Path, lora_config: dict) -> dict[str, torch.Tensor]:
+    """The UNet LoRA weights of ``path`` (peft keys, ``unet.`` dropped), checked: only UNet weights, the rank
+    ``lora_config`` names, and the file's own adapter config (``lora_adapter_metadata``, what diffusers'
+    ``load_lora_weights`` reads) saying what ``lora_config`` says, so vanilla diffusers renders the same edit."""
+    prefix = "unet."
+    weights = load_file(str(path))
+    other = sorted(k for k in weights if not k.startswith(prefix))
+    if other:
+        raise ArtifactError(f"{path}: holds weights peftedit does not write ({other[0]}; only {prefix}* LoRA weights)")
+    lora = {k[len(prefix) :]: v for k, v in weights.items()}
+    check_lora_rank(str(path), lora, lora_config["r"])
+    with safe_open(str(path), framework="pt") as handle:
+        text = (handle.metadata() or {}).get("lora_adapter_metadata")
+    try:
+        declared = json.loads(text) if text else None
+    except (json.JSONDecodeError, RecursionError):
+        declared = {}
+    if declared is not None:
+        same = isinstance(declared, dict) and all(  # diffusers writes the UNet's settings as "unet.<key>"
+            _plain(declared.get(prefix + key)) == _plain(lora_config.get(key))
+            for key in ("r", "lora_alpha", "target_modules")
+        )
+        if not same:
+            raise ArtifactError(
+                f"{path}: its lora_adapter_metadata (what diffusers reads) differs from peftedit.lora_config "
+                "(modified or damaged)"
+            )
+    return lora
+
+
+def _plain(value: Any) -> Any:
+    """A LoRA setting as compared: numbers as floats, name lists sorted."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, list):
+        return sorted(map(str, value))
+    return value
 
 
 def _shareable(folder: Path) -> None:

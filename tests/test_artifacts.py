@@ -422,3 +422,40 @@ def test_metadata_nested_too_deep_is_damaged_not_a_crash(saved):
     _rewrite(folder, lambda header: header.update({"peftedit.meta": "[" * 100_000 + "]" * 100_000}), format_1=True)
     with pytest.raises(ArtifactError, match=r"damaged metadata \(RecursionError"):
         Artifact.load(folder)
+
+
+def _relisted(folder) -> None:
+    """Record the LoRA file's new digest in the header (both checksums recomputed: a deliberate hand edit)."""
+    import hashlib
+
+    from peftedit.artifact_checks import header_sha256
+
+    digest = hashlib.sha256((folder / LORA_FILE).read_bytes()).hexdigest()
+    header, tensors = _header(folder), load_file(str(folder / EDIT_FILE))
+    header["peftedit.files"] = json.dumps({LORA_FILE: digest})
+    header[HEADER_CHECKSUM] = header_sha256(header)
+    save_file(tensors, str(folder / EDIT_FILE), metadata=header)
+
+
+def test_a_lora_file_that_says_other_settings_or_holds_other_weights_is_refused(saved):
+    """diffusers' load_lora_weights reads the LoRA file's own adapter config: one changed there rendered differently
+    in vanilla diffusers than in peftedit; text-encoder weights were dropped by peftedit and refused by diffusers."""
+    folder = saved(imagic_edit)
+    path = folder / LORA_FILE
+    with safe_open(str(path), framework="pt") as handle:
+        weights, meta = {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata())
+    declared = json.loads(meta["lora_adapter_metadata"])
+    save_file(
+        weights, str(path), metadata={**meta, "lora_adapter_metadata": json.dumps({**declared, "unet.lora_alpha": 32})}
+    )
+    _relisted(folder)
+    with pytest.raises(ArtifactError, match="lora_adapter_metadata .what diffusers reads. differs"):
+        Artifact.load(folder)
+    extra = {**weights, "text_encoder.layer.lora_A.weight": torch.zeros(RANK, 4)}
+    save_file(extra, str(path), metadata=meta)
+    _relisted(folder)
+    with pytest.raises(ArtifactError, match="holds weights peftedit does not write .text_encoder.layer.lora_A.weight"):
+        Artifact.load(folder)
+    save_file(weights, str(path), metadata=meta)
+    _relisted(folder)
+    assert Artifact.load(folder).lora_config["lora_alpha"] == 8.0  # as written: loads

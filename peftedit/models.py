@@ -358,12 +358,13 @@ def fingerprint(pipe) -> tuple[str, torch.Tensor]:
 
 def check_same_base(pipe, model_name: str, saved_name: str, saved_arch: str, saved_probe: torch.Tensor) -> None:
     """Raise :class:`ArtifactError` naming both models when ``pipe`` is not the base an artifact was made on."""
-    same = architecture_hash(pipe) == saved_arch
-    if same:
+    same = built_alike = architecture_hash(pipe) == saved_arch
+    if built_alike:
         probe = weight_probe(pipe)
         same = probe.shape == saved_probe.shape and torch.allclose(probe, saved_probe, rtol=PROBE_RTOL, atol=1e-3)
     if not same:
+        what = "different weights" if built_alike else "a different architecture"
         raise ArtifactError(
             f"base model mismatch: the edit was made on {saved_name!r} but the loaded model is {model_name!r} "
-            "(different weights); pass --model with the original base model"
+            f"({what}); pass --model with the original base model"
         )

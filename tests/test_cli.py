@@ -352,8 +352,13 @@ def _flip_last_byte(path):
 
 
 def test_other_base_model_is_named_in_the_error(edit_dir, other_dir, eps_dir, tmp_path, capsys):
+    from peftedit.models import demo_model_dir
+
     code, _, err = _run(capsys, "edit", edit_dir, "--model", other_dir, "-o", tmp_path / "x.png")
-    _one_line_error(code, err, "base model mismatch", str(eps_dir), str(other_dir))
+    _one_line_error(code, err, "base model mismatch", str(eps_dir), str(other_dir), "(different weights)")
+    demo = demo_model_dir()  # built otherwise
+    code, _, err = _run(capsys, "edit", edit_dir, "--model", demo, "-o", tmp_path / "x.png")
+    _one_line_error(code, err, "base model mismatch", "(a different architecture)")
     code, _, err = _run(capsys, "edit", edit_dir, "a cat", "-o", tmp_path / "x.png")
     _one_line_error(code, err, "drop the prompt")
 

@@ -656,14 +656,20 @@ def test_inspect_of_a_file_says_it_is_not_a_folder(photo, capsys):
     _one_line_error(code, err, "is a file; give the edit folder")
 
 
-def test_generate_takes_runtime_settings(eps_dir, tmp_path, capsys, monkeypatch):
-    """`generate --set runtime.offload_idle=true` (SDXL in 8 GB) loads the model with it and draws the same picture;
-    a key of another table, or no such key, is a one-line error before anything is written."""
+@pytest.fixture
+def loaded(monkeypatch) -> list:
+    """Every model the CLI loads in the test, in order."""
     from peftedit import models
 
-    loaded = []
+    models_loaded: list = []
     real = models.load_model
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: loaded.append(real(*a, **k)) or loaded[-1])
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: models_loaded.append(real(*a, **k)) or models_loaded[-1])
+    return models_loaded
+
+
+def test_generate_takes_runtime_settings(eps_dir, tmp_path, capsys, loaded):
+    """`generate --set runtime.offload_idle=true` (SDXL in 8 GB) loads the model with it and draws the same picture;
+    a key of another table, or no such key, is a one-line error before anything is written."""
     pictures = []
     for extra in ([], ["--set", "runtime.offload_idle=true"]):
         pictures.append(tmp_path / f"g{len(pictures)}.png")
@@ -684,14 +690,9 @@ def test_generate_takes_runtime_settings(eps_dir, tmp_path, capsys, monkeypatch)
         assert not (tmp_path / "x.png").exists()
 
 
-def test_edit_takes_runtime_settings_over_the_recorded_ones(edit_dir, tmp_path, capsys, monkeypatch):
+def test_edit_takes_runtime_settings_over_the_recorded_ones(edit_dir, tmp_path, capsys, loaded):
     """`edit --set runtime.offload_idle=true` (an SDXL edit on 8 GB: the recorded settings were all edit had) draws
     the same picture; a training setting or another table's key is a one-line error before anything is written."""
-    from peftedit import models
-
-    loaded = []
-    real = models.load_model
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: loaded.append(real(*a, **k)) or loaded[-1])
     pictures = []
     for extra in ([], ["--set", "runtime.offload_idle=true"]):
         pictures.append(tmp_path / f"e{len(pictures)}.png")

@@ -420,12 +420,13 @@ def _imagic_pictures(model, artifact, etas: list[float], seeds: list[int], guida
     from .images import grid, sheet
     from .methods import imagic
 
+    pictures = imagic.render(model, artifact, etas, seeds, guidance, steps, show_progress=show)
+    if len(pictures) == 1:
+        return pictures[0]
     rows = []
-    for seed in seeds:
-        pictures = imagic.render(model, artifact, etas, seed, guidance, steps, show_progress=show)
-        if len(etas) * len(seeds) == 1:
-            return pictures[0]
-        rows.append((f"seed {seed}", [grid(pictures, [f"eta {e:g}" for e in etas])], "black"))
+    for row, seed in enumerate(seeds):
+        cells = pictures[row * len(etas) : (row + 1) * len(etas)]
+        rows.append((f"seed {seed}", [grid(cells, [f"eta {e:g}" for e in etas])], "black"))
     return sheet(rows, height=rows[0][1][0].height)
 
 

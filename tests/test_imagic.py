@@ -258,3 +258,13 @@ def test_the_documented_vanilla_render_is_peftedits_picture(tiny_dir, tiny_model
     ).images[0]  # fmt: skip
     ours = imagic.render(tiny_model, fitted, eta=eta, seed=seed)
     assert np.abs(np.asarray(theirs, dtype=int) - np.asarray(ours, dtype=int)).max() <= 1
+
+
+def test_several_seeds_render_in_one_call_like_one_call_each(fitted, tiny_model):
+    """A seed list renders under one LoRA application (and, with offload_idle, one UNet and one VAE placement)."""
+    together = imagic.render(tiny_model, fitted, eta=[0.5, 0.9], seed=[1, 2], steps=3)
+    apart = [imagic.render(tiny_model, fitted, eta=e, seed=s, steps=3) for s in (1, 2) for e in (0.5, 0.9)]
+    assert len(together) == 4
+    for one, other in zip(together, apart, strict=True):
+        assert np.array_equal(np.asarray(one), np.asarray(other))
+    assert len(imagic.render(tiny_model, fitted, eta=0.5, seed=[1], steps=3)) == 1  # a list in, a list out

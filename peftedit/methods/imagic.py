@@ -304,13 +304,15 @@ def render(
     model: Model,
     artifact: Artifact,
     eta: float | list[float] | None = None,
-    seed: int = 0,
+    seed: int | list[int] = 0,
     guidance: float | None = None,
     steps: int | None = None,
     check: bool = True,
     show_progress: bool = False,
 ) -> Image.Image | list[Image.Image]:
-    """Render an Imagic edit at ``eta`` (a list gives one image per eta); returns PIL image(s).
+    """Render an Imagic edit at ``eta`` with ``seed``; returns a PIL image, or for a list of etas or seeds a list:
+    every eta for the first seed, then every eta for the next (the LoRA goes on, and with ``runtime.offload_idle``
+    the UNet and then the VAE onto the GPU, once for them all).
 
     Guidance and steps default to the artifact's recipe. Raises :class:`ArtifactError` for another base model.
     """
@@ -326,7 +328,9 @@ def render(
     steps = recipe["render_steps"] if steps is None else steps
     for value in etas:
         check_sampling(eta=value)
-    check_seed("seed", seed)  # always: None is not "the default" here
+    seeds = seed if isinstance(seed, list) else [seed]
+    for value in seeds:
+        check_seed("seed", value)  # always: None is not "the default" here
     check_sampling(guidance=guidance, steps=steps)
     etas, steps = [float(e) for e in etas], int(steps)
     check_steps(model, steps)
@@ -339,15 +343,18 @@ def render(
     uncond = artifact.tensors["e_uncond"].to(device)
     results = []
     with lora_applied(unet_placed(model), artifact):
-        for value in etas:
-            scheduler = fresh_scheduler(pipe, steps)
-            side = pipe.unet.config.sample_size
-            noise = initial_noise((1, pipe.unet.config.in_channels, side, side), seed) * scheduler.init_noise_sigma
-            cond = value * e_tgt + (1 - value) * e_opt
-            bar = sampling_bar(f"render eta {value:g}", show_progress)
-            results.append(sample(pipe.unet, scheduler, noise, cond, uncond, guidance, progress=bar))
+        for number in seeds:
+            for value in etas:
+                scheduler = fresh_scheduler(pipe, steps)
+                side = pipe.unet.config.sample_size
+                shape = (1, pipe.unet.config.in_channels, side, side)
+                noise = initial_noise(shape, number) * scheduler.init_noise_sigma
+                cond = value * e_tgt + (1 - value) * e_opt
+                said = f"render eta {value:g}" + (f", seed {number}" if len(seeds) > 1 else "")
+                bar = sampling_bar(said, show_progress)
+                results.append(sample(pipe.unet, scheduler, noise, cond, uncond, guidance, progress=bar))
     images = [image for latents in results for image in decode_pictures(model, latents)]
-    return images if isinstance(eta, list) else images[0]
+    return images if isinstance(eta, list) or isinstance(seed, list) else images[0]
 
 
 def model_card(artifact: Artifact) -> str:

@@ -67,10 +67,15 @@ DEMO_NAME = "peftedit-demo"
 
 
 def _no_pickled_weights(folder: Path) -> None:
-    """Raise for a diffusers folder a part of which has pickled weights only (``.bin``, ``.pt``…: unpickling runs
-    code), rather than let diffusers' error about missing safetensors files stand for it."""
-    for part in sorted(p for p in folder.iterdir() if p.is_dir()):
-        files = [f for f in part.iterdir() if f.is_file()]
+    """Raise for a diffusers folder one of whose parts peftedit loads has pickled weights only (``.bin``, ``.pt``…:
+    unpickling runs code), rather than let diffusers' error about missing safetensors files stand for it. Other
+    subfolders (a training run's ``checkpoint-N/``, a safety checker peftedit does not load) are not its business."""
+    for name in PARTS:
+        part = folder / name
+        try:
+            files = [f for f in part.iterdir() if f.is_file()] if part.is_dir() else []
+        except OSError:
+            continue  # unreadable: diffusers' own error says so
         pickled = [f for f in files if f.suffix.lower() in PICKLE_SUFFIXES]
         if pickled and not any(f.suffix == ".safetensors" for f in files):
             raise PeftEditError(

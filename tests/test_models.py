@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from peftedit import PeftEditError, RuntimeConfig, load_model
 from peftedit.demo import DEMO_MODEL_DIR
@@ -108,3 +111,18 @@ def test_a_folder_with_pickled_weights_is_refused(eps_dir, tmp_path, capsys):
     pipe.vae.save_pretrained(mixed / "vae", safe_serialization=False)
     with pytest.raises(PeftEditError, match="vae: only pickled weights"):
         load_model(str(mixed), RuntimeConfig(device="cpu"))
+    # pickled beside a variant's safetensors: diffusers took the .bin unless told to load safetensors only
+    variant = next((mixed / "vae").glob("*.bin")).with_name("diffusion_pytorch_model.fp16.safetensors")
+    save_file({"x": torch.zeros(1)}, str(variant))
+    with pytest.raises(PeftEditError, match="could not load model"):
+        load_model(str(mixed), RuntimeConfig(device="cpu"))
+
+
+def test_pickles_in_folders_peftedit_does_not_load_are_left_alone(eps_dir, tmp_path):
+    """A training run's checkpoint-N/ (optimizer.bin, random_states_0.pkl) or an old safety_checker/ is not loaded."""
+    folder = tmp_path / "trained"
+    shutil.copytree(eps_dir, folder)
+    for junk in ("checkpoint-500/optimizer.bin", "checkpoint-500/random_states_0.pkl", "safety_checker/model.bin"):
+        (folder / junk).parent.mkdir(exist_ok=True)
+        (folder / junk).write_bytes(b"not for us")
+    assert load_model(str(folder), RuntimeConfig(device="cpu")).pipe.unet is not None

@@ -40,7 +40,7 @@ from .errors import ArtifactError, PeftEditError, one_line, shorten
 from .files import save_image_atomic, slug, write_atomic, write_json
 from .images import file_sha256, open_image, read_picture, sheet
 from .methods import imagic, nulltext
-from .methods.common import check_base
+from .methods.common import check_base, check_steps
 from .methods.imagic import ImagicConfig
 from .methods.nulltext import NullTextConfig
 from .models import Model
@@ -85,6 +85,13 @@ def method_of(config: ImagicConfig | NullTextConfig) -> str:
     if isinstance(config, NullTextConfig):
         return config.method
     raise TypeError(f"config must be an ImagicConfig or a NullTextConfig, not {type(config).__name__}")
+
+
+def method_steps(config: ImagicConfig | NullTextConfig) -> tuple[int, str]:
+    """The sampling step count a config asks of the model, and its name (for ``methods.common.check_steps``)."""
+    if isinstance(config, ImagicConfig):
+        return config.render_steps, "imagic.render_steps"
+    return config.steps, "nulltext.steps"
 
 
 def needed_prompt(method: str) -> str:
@@ -204,6 +211,7 @@ def run(
             _require({"target": item.target, "source": item.source}, method)
         except PeftEditError as err:
             raise PeftEditError(f"entry {item.index}: {err} (read the list with method={method!r})") from None
+    check_steps(model, *method_steps(config))  # once, not as every entry's failure
     out = Path(out)
     check_batch_folder(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -280,3 +280,13 @@ def test_inversion_batch_renders_each_edit_and_a_missing_picture_again(
     assert code == 1 and "2 failed of 2" in stdout
     statuses = [i["status"] for i in json.loads((out / "batch.json").read_text())["items"]]
     assert all("base model mismatch" in s for s in statuses), statuses
+
+
+def test_too_many_steps_fail_the_run_once_before_any_entry(eps_dir, photos, tmp_path, capsys):
+    """It failed every entry with the same config error (after loading the model), and exited 1 as if some worked."""
+    entries = [{"image": "shapes.png", "source": "a red circle"}, {"image": "dog.png", "source": "a dog"}]
+    out = tmp_path / "out"
+    argv = ["batch", _list(photos, entries), "--method", "ddim", "--model", eps_dir, "-o", out]
+    code, _, err = _run(capsys, *argv, "--set", "nulltext.steps=1001", "--set", "nulltext.lr_decay=0")
+    assert code == 2 and "nulltext.steps = 1001 is more than the model's 1000 training timesteps" in err
+    assert not out.exists()

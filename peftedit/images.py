@@ -80,8 +80,10 @@ def normalise(image: Image.Image, where: str) -> Image.Image:
         raise PeftEditError(f"{where}: mode {upright.mode} cannot be converted to RGB ({err})") from None
 
 
-def open_image(path: str | Path) -> tuple[Image.Image, str]:
-    """Decode an image file fully, apply its EXIF orientation; returns it as 8-bit RGB and its original mode."""
+def open_image(path: str | Path, note_frames: bool = False) -> tuple[Image.Image, str]:
+    """Decode an image file fully, apply its EXIF orientation; returns it as 8-bit RGB and its original mode.
+    ``note_frames``: warn that an animated or multi-page file gives its first frame (``load_image`` asks, so a photo
+    checked early and loaded later warns once)."""
     path = Path(path)
     if path.is_dir():
         raise PeftEditError(f"{path} is a folder, not an image file")
@@ -91,9 +93,9 @@ def open_image(path: str | Path) -> tuple[Image.Image, str]:
         raise FileNotFoundError(f"image not found: {path}")
     try:
         with Image.open(path) as raw:
-            frames = getattr(raw, "n_frames", 1)
-            if frames > 1:
-                log.warning("%s has %d frames (animated or multi-page): the first is used", path, frames)
+            # MPO: a phone camera's JPEG with a gain or depth map as a second image, not frames
+            if note_frames and getattr(raw, "is_animated", False) and raw.format != "MPO":
+                log.warning("%s has %d frames (animated or multi-page): the first is used", path, raw.n_frames)
             return normalise(raw, str(path)), raw.mode
     except UnidentifiedImageError:
         raise PeftEditError(f"{path}: not an image file (or a format Pillow cannot read)") from None
@@ -144,7 +146,7 @@ def load_image(source: str | Path | Image.Image, side: int) -> tuple[Image.Image
         mode = source.mode
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        image, mode = open_image(path)
+        image, mode = open_image(path, note_frames=True)
         sha256, name = file_sha256(path), path.name
     else:
         raise PeftEditError(f"the image must be a file path or a PIL image, not {type(source).__name__}")

@@ -114,8 +114,15 @@ def test_an_animated_image_warns_that_its_first_frame_is_used(tmp_path, caplog):
     first, second = Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue")
     first.save(path, save_all=True, append_images=[second])
     picture, _ = load_image(path, 64)
-    assert "has 2 frames (animated or multi-page): the first is used" in caplog.text
+    assert caplog.text.count("has 2 frames (animated or multi-page): the first is used") == 1
     assert picture.getpixel((5, 5))[0] > 200  # red: the first frame
+    caplog.clear()
+    camera = tmp_path / "camera.jpg"  # MPO: a phone JPEG with a second image (a gain or depth map)
+    first.save(camera, format="MPO", save_all=True, append_images=[second])
+    with Image.open(camera) as opened:
+        assert opened.format == "MPO" and opened.n_frames == 2
+    load_image(camera, 64)
+    assert "frames" not in caplog.text
 
 
 def test_missing_corrupt_truncated_and_non_image_files(tmp_path):

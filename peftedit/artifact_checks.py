@@ -66,6 +66,7 @@ OPTIONAL_META = (
     ("losses", OBJECT),
     ("base_model_config", TEXT),
     ("base_pipeline", TEXT),
+    ("dtype", TEXT),
 )
 LORA_REQUIRED = (("r", COUNT), ("lora_alpha", NUMBER), ("target_modules", NAMES))
 # Also written by ImagicConfig.lora_config(), always with these values: another (dropout, say, which makes a render

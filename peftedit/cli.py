@@ -543,7 +543,7 @@ def _runtime_from(artifact, folder: str | Path, given: dict | None = None):
 
     from .config import RuntimeConfig
     from .errors import ArtifactError
-    from .models import DTYPES, resolve_device, resolve_dtype
+    from .models import DTYPES, dtype_name, resolve_device, resolve_dtype
 
     saved = dict(artifact.meta.get("recipe", {}).get("runtime", {}))
     known = {f.name for f in dataclasses.fields(RuntimeConfig)}
@@ -553,7 +553,7 @@ def _runtime_from(artifact, folder: str | Path, given: dict | None = None):
             "ignoring runtime settings this peftedit does not know: %s", ", ".join(unknown)
         )
     saved = {k: v for k, v in saved.items() if k in known}
-    made_in = saved.get("dtype")
+    made_in = artifact.meta.get("dtype") or saved.get("dtype")  # edits before meta.dtype: the setting, maybe "auto"
     saved.update(device="auto", dtype="auto", attention="auto", compile=False)
     try:
         runtime = RuntimeConfig(**{**saved, **(given or {})})
@@ -561,7 +561,7 @@ def _runtime_from(artifact, folder: str | Path, given: dict | None = None):
         raise ArtifactError(f"{folder}: damaged metadata: recorded runtime settings: {err}") from None
     dtype = resolve_dtype(runtime, resolve_device(runtime))
     if made_in in DTYPES and dtype not in (DTYPES[made_in], DTYPES["fp32"]):
-        name = next(key for key, value in DTYPES.items() if value == dtype)
+        name = dtype_name(dtype)
         logging.getLogger("peftedit").warning(
             "the edit was made in %s; rendering in %s (--set runtime.dtype=%s to match)", made_in, name, made_in
         )

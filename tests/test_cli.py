@@ -487,6 +487,10 @@ def test_rerender_runtime_drops_compile_and_unknown_settings(caplog):
     fp32 = {**made, "dtype": "fp32"}
     _runtime_from(SimpleNamespace(meta={"recipe": {"runtime": fp32}}), "e", {"device": "cpu", "dtype": "bf16"})
     assert "the edit was made in fp32; rendering in bf16 (--set runtime.dtype=fp32 to match)" in caplog.text
+    caplog.clear()  # "auto" recorded: meta.dtype says what it became
+    auto = {"runtime": {**made, "dtype": "auto"}}
+    _runtime_from(SimpleNamespace(meta={"recipe": auto, "dtype": "fp32"}), "e", {"device": "cpu", "dtype": "bf16"})
+    assert "the edit was made in fp32; rendering in bf16" in caplog.text
     older = _runtime_from(SimpleNamespace(meta={"recipe": {"runtime": {"gradient_checkpointing": False}}}), "e")
     assert not older.gradient_checkpointing and not older.channels_last  # edits made before a setting existed
 

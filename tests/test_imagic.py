@@ -149,6 +149,7 @@ def test_artifact_records_what_it_was_made_with(fitted, photo):
     assert meta["image"]["name"] == photo.name and len(meta["image"]["sha256"]) == 64
     assert meta["recipe"]["imagic"]["finetune_steps"] == 60
     assert meta["scheduler"]["prediction_type"] in ("epsilon", "v_prediction")
+    assert meta["dtype"] == "fp32"  # what the runtime's "auto" became on the CPU
     assert fitted.preview.size[0] == 3 * fitted.preview.size[1] - 3 * 14  # input + 2 renders, labels below
 
 

@@ -14,7 +14,16 @@ from ..artifacts import Artifact, now_utc, package_versions
 from ..config import LOAD_TIME_SETTINGS, RuntimeConfig
 from ..diffusion import decode_latents, encode_image, encode_text
 from ..errors import ArtifactError, PeftEditError
-from ..models import TEXT_ENCODERS, Model, architecture_hash, check_same_base, fingerprint, is_xl, pipe_parts
+from ..models import (
+    TEXT_ENCODERS,
+    Model,
+    architecture_hash,
+    check_same_base,
+    dtype_name,
+    fingerprint,
+    is_xl,
+    pipe_parts,
+)
 
 log = logging.getLogger("peftedit")
 
@@ -142,6 +151,7 @@ def base_meta(model: Model, recipe: dict, image_info: dict) -> tuple[dict, torch
         "base_architecture": architecture_hash(model.pipe),
         "scheduler": {k: v for k, v in dict(model.pipe.scheduler.config).items()},
         "resolution": model.resolution,
+        "dtype": dtype_name(model.dtype),  # what "auto" became: a re-render in lower precision warns
         "recipe": recipe,
         "image": image_info,
         "versions": package_versions(),

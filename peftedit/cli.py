@@ -163,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = sub.choices  # each command's parser, for errors found after parsing (see main)
 
     p = _command(sub, "imagic", "fit an Imagic edit (embedding + LoRA) to a photo")
     p.add_argument("image", help="input photo")
@@ -686,9 +687,13 @@ def _setup_logging(debug: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``peftedit`` command; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "output", None) == "":  # it fell back to the default output silently
-        parser.error("-o/--output is empty; give a path or leave the option out")
+    args, extra = parser.parse_known_args(argv)
+    own = parser.commands.get(args.command, parser)  # so the error points at "peftedit edit --help"
+    if extra:
+        own.error(f"unrecognized arguments: {' '.join(extra)}")
+    for option, value in (("-o/--output", getattr(args, "output", None)), ("--save-attention", getattr(args, "save_attention", None))):
+        if value == "":  # it fell back to the default silently
+            own.error(f"{option} is empty; give a path or leave the option out")
     left = LEFT_BEHIND.get(args.command, "nothing was saved")
     try:
         _setup_logging(args.debug)

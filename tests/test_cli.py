@@ -377,6 +377,8 @@ def test_help_has_examples(capsys):
         (["frob"], "argument COMMAND: invalid choice: 'frob'"),
         (["generate"], "the following arguments are required: prompt"),
         (["generate", "a dog", "-o", ""], "-o/--output is empty"),
+        (["edit", "e", "--save-attention", ""], "--save-attention is empty"),
+        (["inspect", "e", "--bogus"], "unrecognized arguments: --bogus (see peftedit inspect --help)"),
     ],
 )
 def test_usage_mistakes_are_one_line(argv, said, capsys):

@@ -691,8 +691,8 @@ def main(argv: list[str] | None = None) -> int:
     own = parser.commands.get(args.command, parser)  # so the error points at "peftedit edit --help"
     if extra:
         own.error(f"unrecognized arguments: {' '.join(extra)}")
-    for option, value in (("-o/--output", getattr(args, "output", None)), ("--save-attention", getattr(args, "save_attention", None))):
-        if value == "":  # it fell back to the default silently
+    for option, name in (("-o/--output", "output"), ("--save-attention", "save_attention")):
+        if getattr(args, name, None) == "":  # it fell back to the default silently
             own.error(f"{option} is empty; give a path or leave the option out")
     left = LEFT_BEHIND.get(args.command, "nothing was saved")
     try:

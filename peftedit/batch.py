@@ -206,6 +206,8 @@ def run(
     :class:`NullTextConfig` names otherwise); returns what became of each, as written to ``out/batch.json``."""
     config = config or ImagicConfig()
     method = method_of(config)
+    if method == "imagic":  # Imagic has no source prompt: items_from drops it, and so must items made in code
+        items = [Item(item.index, item.image, item.target) for item in items]
     for item in items:  # items read for another method lack the prompt this one needs
         try:
             _require({"target": item.target, "source": item.source}, method)

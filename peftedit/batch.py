@@ -310,6 +310,8 @@ def _one(model, item: Item, method: str, config, runtime, out: Path, overwrite: 
     picture = out / record["picture"] if record["picture"] else None
     start = time.perf_counter()
     try:
+        if not overwrite:
+            _rename_legacy(model, item, method, config, out)
         if os.path.lexists(folder) and not overwrite:
             artifact = _earlier(model, folder, item, method, config)
             record["status"] = EARLIER
@@ -331,6 +333,26 @@ def _one(model, item: Item, method: str, config, runtime, out: Path, overwrite: 
         record["status"] = f"{FAILED}: {message}"
     record["seconds"] = round(time.perf_counter() - start, 3)
     return record
+
+
+def _rename_legacy(model, item: Item, method: str, config, out: Path) -> None:
+    """An inversion with a target that a batch before 2026-11-24 named after the target: renamed (with its P2P
+    picture) to the source-named folder this version looks for, when it holds this entry's inversion, so a resumed
+    run reuses it instead of inverting the photo again."""
+    if method == "imagic" or not item.target:
+        return
+    legacy = out / f"{item.index:03d}-{slug(item.image.stem, item.target)}"
+    folder, picture = out / item.name, out / f"{legacy.name}.png"
+    if legacy == folder or not legacy.is_dir() or os.path.lexists(folder):
+        return
+    try:
+        _earlier(model, legacy, item, method, config)
+    except (ArtifactError, OSError):
+        return  # not this entry's: left alone
+    os.replace(legacy, folder)
+    if picture.is_file() and not os.path.lexists(out / f"{item.name}.png"):
+        os.replace(picture, out / f"{item.name}.png")
+    log.info("%s renamed %s (edit folders are named after the source prompt now)", legacy.name, folder.name)
 
 
 def _rendered_for(picture: Path) -> str | None:

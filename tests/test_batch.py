@@ -290,3 +290,22 @@ def test_too_many_steps_fail_the_run_once_before_any_entry(eps_dir, photos, tmp_
     code, _, err = _run(capsys, *argv, "--set", "nulltext.steps=1001", "--set", "nulltext.lr_decay=0")
     assert code == 2 and "nulltext.steps = 1001 is more than the model's 1000 training timesteps" in err
     assert not out.exists()
+
+
+def test_an_inversion_named_after_its_target_by_an_older_batch_is_reused(eps_dir, photos, tmp_path, capsys):
+    """Batches before 2026-11-24 named an inversion with a target after the target: a resumed run renames it to the
+    source-named folder and keeps it, rather than inverting the photo again."""
+    entries = [{"image": "shapes.png", "source": "a red circle", "target": "a blue circle"}]
+    listed, out = _list(photos, entries), tmp_path / "out"
+    argv = ["batch", listed, "--method", "negative-prompt", "--model", eps_dir, "-o", out, *INVERSION_FAST]
+    code, _, err = _run(capsys, *argv)
+    assert code == 0, err
+    new, old = out / "001-shapes-a-red-circle", out / "001-shapes-a-blue-circle"
+    made = (new / "edit.safetensors").read_bytes()
+    new.rename(old)  # as the older batch left it
+    Path(f"{new}.png").rename(f"{old}.png")
+    code, _, err = _run(capsys, *argv)
+    assert code == 0, err
+    assert json.loads((out / "batch.json").read_text())["counts"]["done earlier"] == 1
+    assert (new / "edit.safetensors").read_bytes() == made and not old.exists()
+    assert Path(f"{new}.png").is_file() and not Path(f"{old}.png").exists()

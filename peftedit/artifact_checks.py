@@ -148,10 +148,10 @@ SHAPES = {
 }
 
 
-def check_tensors(where: str, method: str, tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, int]:
+def check_tensors(where: str, method: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """Raise :class:`ArtifactError` unless the tensors have the shapes their method's renderer reads (sizes that agree,
     a batch of one, as many steps as ``meta.steps``), floating-point values that are all finite (``timesteps``:
-    integers); returns the sizes by letter (see ``SHAPES``)."""
+    integers)."""
     import torch
 
     sizes: dict[str, int] = {"B": 1}
@@ -173,10 +173,9 @@ def check_tensors(where: str, method: str, tensors: dict[str, torch.Tensor], met
                 )
         if not integral and not bool(torch.isfinite(tensor).all()):
             raise ArtifactError(f"{where}: {name} holds values that are not finite (modified or damaged)")
-    return sizes
 
 
-def check_lora_rank(where: str, lora: dict[str, torch.Tensor], rank: int) -> None:
+def check_lora_weights(where: str, lora: dict[str, torch.Tensor], rank: int) -> None:
     """Raise unless every LoRA matrix has the rank ``lora_config`` names (peft would dump a size mismatch) and holds
     finite floating-point values."""
     import torch

@@ -30,7 +30,7 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .artifact_checks import HEADER_CHECKSUM, check_contents, check_lora_rank, check_tensors, header_sha256
+from .artifact_checks import HEADER_CHECKSUM, check_contents, check_lora_weights, check_tensors, header_sha256
 from .errors import ArtifactError, first_line
 from .images import read_picture
 
@@ -221,7 +221,7 @@ def _read_lora(path: Path, lora_config: dict) -> dict[str, torch.Tensor]:
     if other:
         raise ArtifactError(f"{path}: holds weights peftedit does not write ({other[0]}; only {prefix}* LoRA weights)")
     lora = {k[len(prefix) :]: v for k, v in weights.items()}
-    check_lora_rank(str(path), lora, lora_config["r"])
+    check_lora_weights(str(path), lora, lora_config["r"])
     with safe_open(str(path), framework="pt") as handle:
         text = (handle.metadata() or {}).get("lora_adapter_metadata")
     try:

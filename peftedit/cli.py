@@ -345,10 +345,12 @@ def cmd_imagic(args) -> int:
         model, args.image, args.text, configs["imagic"], configs["runtime"], show_progress=not args.quiet
     )
     artifact.save(output, overwrite=args.overwrite)
-    said = [f"{name} {'skipped' if value is None else f'{value:.4f}'}" for name, value in zip(
-        ("embedding", "LoRA"), (artifact.meta["losses"][key] for key in ("embedding", "finetune")), strict=True
-    )]  # fmt: skip
-    print(f"saved {output} (final losses: {', '.join(said)}); preview: {output / 'preview.png'}")
+    # None: a stage of 0 steps
+    losses = {key: "skipped" if v is None else f"{v:.4f}" for key, v in artifact.meta["losses"].items()}
+    print(
+        f"saved {output} (final losses: embedding {losses['embedding']}, LoRA {losses['finetune']}); "
+        f"preview: {output / 'preview.png'}"
+    )
     return 0
 
 

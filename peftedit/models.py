@@ -19,18 +19,16 @@ log = logging.getLogger("peftedit")
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SINGLE_FILE_SUFFIXES = (".safetensors",)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``DTYPES``' name for a torch dtype (``fp16`` for ``torch.float16``)."""
-    return next(name for name, value in DTYPES.items() if value == dtype)
-
-
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # Values sampled from each weight tensor for the fingerprint's probe.
 PROBE_PER_TENSOR = 8
 # Relative tolerance when comparing probes: loose enough for fp16/bf16 loads of the same weights.
 PROBE_RTOL = 2e-2
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``DTYPES``' name for a torch dtype (``fp16`` for ``torch.float16``)."""
+    return next(name for name, value in DTYPES.items() if value == dtype)
 
 
 @dataclasses.dataclass

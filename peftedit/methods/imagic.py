@@ -341,13 +341,13 @@ def render(
         artifact.tensors["e_opt"].to(device),
     )
     uncond = artifact.tensors["e_uncond"].to(device)
+    side = pipe.unet.config.sample_size
+    shape = (1, pipe.unet.config.in_channels, side, side)
     results = []
     with lora_applied(unet_placed(model), artifact):
         for number in seeds:
             for value in etas:
                 scheduler = fresh_scheduler(pipe, steps)
-                side = pipe.unet.config.sample_size
-                shape = (1, pipe.unet.config.in_channels, side, side)
                 noise = initial_noise(shape, number) * scheduler.init_noise_sigma
                 cond = value * e_tgt + (1 - value) * e_opt
                 said = f"render eta {value:g}" + (f", seed {number}" if len(seeds) > 1 else "")

@@ -128,10 +128,15 @@ def encode_image(pipe, image: Image.Image) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decode_latents(pipe, latents: torch.Tensor) -> list[Image.Image]:
-    """Images for a batch of scaled latents."""
+def decode_latents(pipe, latents: torch.Tensor, advice: str) -> list[Image.Image]:
+    """Images for a batch of scaled latents. Raises :class:`NumericalError` ending in ``advice`` when the latents or
+    the decoded pixels are NaN or infinite: a render that diverged would otherwise be a black picture."""
+    if not bool(torch.isfinite(latents).all()):
+        raise NumericalError(f"the render diverged: its latents are NaN or infinite; {advice}")
     vae = pipe.vae
     pixels = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
+    if not bool(torch.isfinite(pixels).all()):
+        raise NumericalError(f"the VAE's decoded picture is NaN or infinite; {advice}")
     return [to_image(p) for p in pixels]
 
 

@@ -289,6 +289,8 @@ def test_bad_edit_settings_are_one_line_and_write_nothing(edit_dir, tmp_path, ca
         (["--seed", "-3"], "--seed = -3 is out of range"),
         (["--eta", "0.6,nan"], "--eta = nan must be a finite number"),  # every value of a grid
         (["--seed", "0,-3"], "--seed = -3 is out of range"),
+        (["--eta", "1e30"], "the render diverged: its latents are NaN or infinite; try a lower eta or guidance"),
+        (["--guidance", "1e30"], "the render diverged: its latents are NaN or infinite"),  # both gave black PNGs
     ):
         code, _, err = _run(capsys, "edit", edit_dir, *flags, "-o", out)
         _one_line_error(code, err, fragment)

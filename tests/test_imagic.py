@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,7 @@ from peftedit import (
     ArtifactError,
     ImagicConfig,
     NullTextConfig,
+    NumericalError,
     PeftEditError,
     RuntimeConfig,
     generate,
@@ -27,7 +30,7 @@ from peftedit.diffusion import (
     mean_denoising_loss,
     sample,
 )
-from peftedit.images import load_image
+from peftedit.images import grid, load_image
 
 FAST = dict(embedding_steps=60, finetune_steps=60, render_steps=8, preview_etas=[0.5, 0.9])
 RUNTIME = RuntimeConfig(device="cpu")
@@ -269,3 +272,21 @@ def test_several_seeds_render_in_one_call_like_one_call_each(fitted, tiny_model)
     for one, other in zip(together, apart, strict=True):
         assert np.array_equal(np.asarray(one), np.asarray(other))
     assert len(imagic.render(tiny_model, fitted, eta=0.5, seed=[1], steps=3)) == 1  # a list in, a list out
+
+
+def test_a_render_that_diverges_is_an_error_not_a_black_picture(eps_model, photo, caplog):
+    """An eta or guidance large enough to overflow rendered an all-black picture without a word; a fit whose preview
+    diverges keeps its training (a warning, and a preview of the input alone)."""
+    short = dict(embedding_steps=2, finetune_steps=2, render_steps=2, preview_etas=[0.5, 1e30])
+    with caplog.at_level(logging.WARNING, "peftedit"):
+        artifact = imagic.fit(eps_model, photo, "a red circle", ImagicConfig(**short), RUNTIME, False)
+    assert "no preview: the render diverged" in caplog.text
+    picture, _ = load_image(photo, eps_model.resolution)
+    assert artifact.lora and artifact.preview.size == grid([picture], ["input"]).size
+    with pytest.raises(NumericalError, match="^the render diverged: its latents are NaN or infinite; try a lower eta"):
+        imagic.render(eps_model, artifact, eta=1e30)
+    with pytest.raises(NumericalError, match="latents are NaN or infinite; try a lower eta or guidance$"):
+        imagic.render(eps_model, artifact, guidance=1e30)
+    eps_model.pipe.vae.decoder.conv_out.bias.data.fill_(float("nan"))  # finite latents, a VAE that decodes NaN
+    with pytest.raises(NumericalError, match="^the VAE's decoded picture is NaN or infinite; try a lower guidance$"):
+        generate.generate(eps_model, "a red circle", steps=2)

@@ -24,6 +24,7 @@ from ..models import (
     is_xl,
     pipe_parts,
 )
+from ..optim import numeric_advice
 
 log = logging.getLogger("peftedit")
 
@@ -90,10 +91,11 @@ def encode_photo(model: Model, picture: Image.Image) -> torch.Tensor:
     return encode_image(model.pipe, picture).to(model.device)
 
 
-def decode_pictures(model: Model, latents: torch.Tensor) -> list[Image.Image]:
-    """The pictures of ``latents`` (the VAE placed first)."""
+def decode_pictures(model: Model, latents: torch.Tensor, settings: str = "guidance") -> list[Image.Image]:
+    """The pictures of ``latents`` (the VAE placed first). Raises :class:`NumericalError` for a render that diverged
+    (NaN or infinite values), advising lower ``settings`` (the sampling values that can blow a render up)."""
     model.place("vae")
-    return decode_latents(model.pipe, latents)
+    return decode_latents(model.pipe, latents, numeric_advice(settings, model.dtype))
 
 
 def text_embedding(model: Model, text: str) -> torch.Tensor:

@@ -8,6 +8,7 @@ samples through the adapted UNet with classifier-free guidance against the empty
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,8 @@ from .common import (
     text_embedding,
     unet_placed,
 )
+
+log = logging.getLogger("peftedit")
 
 METHOD = "imagic"
 ADAPTER = "peftedit"
@@ -261,7 +264,11 @@ def fit(
     }
     artifact = Artifact(METHOD, tensors, meta, lora=lora, lora_config=config.lora_config())
     etas = config.preview_etas
-    renders = render(model, artifact, eta=etas, seed=config.preview_seed, check=False, show_progress=show_progress)
+    try:
+        renders = render(model, artifact, eta=etas, seed=config.preview_seed, check=False, show_progress=show_progress)
+    except NumericalError as err:  # the training is sound (its values were checked); keep it, without a preview
+        log.warning("no preview: %s (imagic.preview_etas = %s)", err, etas)
+        renders, etas = [], []
     artifact.preview = grid([picture, *renders], ["input"] + [f"eta {e:g}" for e in etas])
     artifact.card = model_card(artifact)
     return artifact
@@ -353,7 +360,7 @@ def render(
                 said = f"render eta {value:g}" + (f", seed {number}" if len(seeds) > 1 else "")
                 bar = sampling_bar(said, show_progress)
                 results.append(sample(pipe.unet, scheduler, noise, cond, uncond, guidance, progress=bar))
-    images = [image for latents in results for image in decode_pictures(model, latents)]
+    images = [image for latents in results for image in decode_pictures(model, latents, "eta or guidance")]
     return images if isinstance(eta, list) or isinstance(seed, list) else images[0]
 
 

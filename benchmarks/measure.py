@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from peftedit.errors import out_of_memory
+from peftedit.errors import RenderDiverged, out_of_memory
 from peftedit.methods.common import OFFLOADED_PARTS, encoders_offloaded
 from peftedit.models import PARTS, TEXT_ENCODERS, pipe_parts
 
@@ -296,7 +296,10 @@ class Recorder:
         log.info("measuring %s / %s", method, stage)
         try:
             with measure(self.device, count, self.unet, warmup, self.track, self.off_device, self.hooks) as result:
-                value = fn()
+                try:
+                    value = fn()
+                except RenderDiverged:  # random weights may render a NaN picture: raised after all the work
+                    value, note = None, "; ".join(filter(None, [note, "picture not finite (random weights)"]))
         except Exception as err:  # a benchmark reports every failure as a row and goes on
             log.exception("%s / %s failed", method, stage)
             failed = StageResult(method, stage, None, note=note)

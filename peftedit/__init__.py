@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 from . import batch  # noqa: E402
 from .artifacts import Artifact  # noqa: E402
 from .config import RuntimeConfig, build  # noqa: E402
-from .errors import ArtifactError, NumericalError, PeftEditError  # noqa: E402
+from .errors import ArtifactError, NumericalError, PeftEditError, RenderDiverged  # noqa: E402
 from .methods import imagic, nulltext, p2p  # noqa: E402
 from .methods.imagic import ImagicConfig  # noqa: E402
 from .methods.nulltext import NullTextConfig  # noqa: E402
@@ -38,6 +38,7 @@ __all__ = [
     "NullTextConfig",
     "NumericalError",
     "PeftEditError",
+    "RenderDiverged",
     "RuntimeConfig",
     "batch",
     "build",

@@ -11,7 +11,7 @@ import torch
 from diffusers import DDIMScheduler
 from PIL import Image
 
-from .errors import NumericalError, PeftEditError
+from .errors import NumericalError, PeftEditError, RenderDiverged
 from .images import to_image, to_tensor
 
 log = logging.getLogger("peftedit")
@@ -128,15 +128,15 @@ def encode_image(pipe, image: Image.Image) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decode_latents(pipe, latents: torch.Tensor, advice: str) -> list[Image.Image]:
-    """Images for a batch of scaled latents. Raises :class:`NumericalError` ending in ``advice`` when the latents or
-    the decoded pixels are NaN or infinite: a render that diverged would otherwise be a black picture."""
-    if not bool(torch.isfinite(latents).all()):
-        raise NumericalError(f"the render diverged: its latents are NaN or infinite; {advice}")
+def decode_latents(pipe, latents: torch.Tensor, advice: str = "try a lower guidance") -> list[Image.Image]:
+    """Images for a batch of scaled latents. Raises :class:`RenderDiverged` ending in ``advice`` when the latents or
+    the decoded pixels are NaN or infinite (after decoding): a render that diverged would otherwise be black."""
     vae = pipe.vae
     pixels = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
+    if not bool(torch.isfinite(latents).all()):
+        raise RenderDiverged(f"the render diverged: its latents are NaN or infinite; {advice}")
     if not bool(torch.isfinite(pixels).all()):
-        raise NumericalError(f"the VAE's decoded picture is NaN or infinite; {advice}")
+        raise RenderDiverged(f"the VAE's decoded picture is NaN or infinite; {advice}")
     return [to_image(p) for p in pixels]
 
 

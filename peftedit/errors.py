@@ -13,6 +13,11 @@ class NumericalError(PeftEditError):
     """A loss became NaN or infinite; the message says which stage and what to try."""
 
 
+class RenderDiverged(NumericalError):
+    """A render whose latents or decoded picture are NaN or infinite, raised once its work is all done (a benchmark
+    on random weights measures it all the same)."""
+
+
 def one_line(err: BaseException) -> str:
     """An error's message with its whitespace collapsed onto one line (its type's name when it has none)."""
     return " ".join(str(err).split()) or type(err).__name__

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from . import hub
 from .config import RuntimeConfig
 from .diffusion import SIZE_CONDITIONS
 from .errors import ArtifactError, PeftEditError, first_line
@@ -173,8 +174,7 @@ def load_model(
         elif path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
             raise PeftEditError(f"model {name!r}: not a diffusers folder, a .safetensors file or a hub id")
         else:
-            pipeline = pipeline_class(_folder_kind(name))
-            pipe = pipeline.from_pretrained(name, use_safetensors=True, **kwargs, **_extra_kwargs(pipeline))
+            pipe = hub.load(name, lambda: _from_hub(name, kwargs, True), lambda: _from_hub(name, kwargs, False))
     except PeftEditError:
         raise
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # a broken folder fails in many ways
@@ -233,11 +233,20 @@ def _kind_of(class_name: str) -> str:
     return SDXL if "XL" in class_name else SD
 
 
-def _folder_kind(folder: str) -> str:
+def _folder_kind(folder: str, local_files_only: bool = False) -> str:
     """The architecture of a diffusers folder or hub id, from its ``model_index.json``."""
     from diffusers import DiffusionPipeline
 
-    return _kind_of(DiffusionPipeline.load_config(folder).get("_class_name", ""))
+    config = DiffusionPipeline.load_config(folder, local_files_only=local_files_only)
+    return _kind_of(config.get("_class_name", ""))
+
+
+def _from_hub(name: str, kwargs: dict, local_files_only: bool):
+    """A hub id's pipeline, from the local cache only or from the hub (safetensors weights either way)."""
+    pipeline = pipeline_class(_folder_kind(name, local_files_only))
+    return pipeline.from_pretrained(
+        name, use_safetensors=True, local_files_only=local_files_only, **kwargs, **_extra_kwargs(pipeline)
+    )
 
 
 def _single_file_kind(path: Path, config: str | None) -> str:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from peftedit import hub
 from peftedit.cli import main
 
 FAST = ["--set", "render_steps=6", "--set", "preview_etas=[0.6]", "--set", "runtime.device=cpu"]
@@ -468,11 +473,57 @@ def test_an_edit_from_a_single_checkpoint_file_re_renders_without_its_configs_ag
     _one_line_error(code, err, "could not load model", "configs come from --single-file-config")
 
 
-def test_unreachable_hub_id_is_one_line(monkeypatch, capsys, tmp_path):
+def test_unreachable_hub_id_is_one_line_at_once(monkeypatch, capsys, tmp_path):
+    """Offline, huggingface_hub retried for most of a minute (printing each retry), then blamed a missing
+    model_index.json; and it reads HF_HUB_OFFLINE only when first imported."""
+    tries = []
+
+    def refuse(address, *args, **kwargs):
+        tries.append(address)
+        raise OSError("network blocked by the test")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    for name in hub.PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    argv = ("generate", "a dog", "--model", "nobody-here/no-such-model", "-o", tmp_path / "x.png")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    code, _, err = _run(capsys, "generate", "a dog", "--model", "nobody-here/no-such-model", "-o", tmp_path / "x.png")
-    _one_line_error(code, err, "could not load model 'nobody-here/no-such-model'")
+    code, _, err = _run(capsys, *argv)
+    _one_line_error(code, err, "'nobody-here/no-such-model' is not in the local Hugging Face cache, and HF_HUB_OFF")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    code, _, err = _run(capsys, *argv)
+    _one_line_error(code, err, "not in the local Hugging Face cache and the hub cannot be reached (no network?)")
+    assert "Retry" not in err and not (tmp_path / "x.png").exists()
+    tries.clear()
+    assert not hub.reachable() and len(tries) == 1  # one connection to the hub's host, refused
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")  # the proxy resolves the host: not checked here
+    assert hub.reachable() and len(tries) == 1
+
+
+def test_a_cached_hub_id_loads_without_the_network(eps_dir, tmp_path):
+    """A hub id the local Hugging Face cache holds loads from it with no request at all (huggingface_hub would ask
+    the hub for updates first, and offline retry for most of a minute). In a fresh interpreter: the hub's cache
+    folder is fixed when huggingface_hub is imported."""
+    snapshot = tmp_path / "hf" / "hub" / "models--someone--tiny-sd" / "snapshots" / ("0" * 40)
+    shutil.copytree(eps_dir, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    script = (
+        "import socket, traceback\n"
+        "tries = []\n"
+        "def refuse(*args, **kwargs):\n"  # huggingface_hub's own agent registry fetch (once, no retries) aside
+        "    if not any(f.filename.endswith('_detect_agent.py') for f in traceback.extract_stack()):\n"
+        "        tries.append(args)\n"
+        "    raise OSError('network blocked by the test')\n"
+        "socket.getaddrinfo = socket.create_connection = refuse\n"
+        "from peftedit import load_model\n"
+        "model = load_model('someone/tiny-sd')\n"
+        "print(model.name, type(model.pipe).__name__, len(tries))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_")) and "PROXY" not in k}
+    env["HF_HOME"] = str(tmp_path / "hf")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["someone/tiny-sd", "StableDiffusionPipeline", "0"]
 
 
 def test_rerender_runtime_drops_compile_and_unknown_settings(caplog):

@@ -124,3 +124,19 @@ def test_idle_offload_counts_only_what_the_library_placed():
         assert tracked.current - small == size("vae")
         assert tracked.peak - small < size("unet", "vae", "text_encoder", "text_encoder_2")
     assert size("text_encoder_2") > 0 and measure.offloaded_tensors(build_pipeline("tiny"), ("text_encoder_2",)) == []
+
+
+def test_a_render_that_diverges_on_random_weights_is_still_measured():
+    """Random weights in half precision may render a NaN picture: the render raises once its work is done, and the
+    benchmark keeps the stage's measurement with a note instead of an error row."""
+    from peftedit.errors import RenderDiverged
+
+    def diverged():
+        torch.ones(64, 64) @ torch.ones(64, 64)
+        raise RenderDiverged("the render diverged: its latents are NaN or infinite; try a lower guidance")
+
+    recorder = Recorder(torch.device("cpu"), Net(), warmup=0)
+    assert recorder.run("imagic", "render", diverged, note="50 steps") is None
+    (row,) = recorder.results
+    assert row.status == "ok" and row.measurement.seconds_total > 0
+    assert row.note == "50 steps; picture not finite (random weights)"

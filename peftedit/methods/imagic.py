@@ -25,7 +25,7 @@ from ..diffusion import (
     initial_noise,
     sample,
 )
-from ..errors import ArtifactError, NumericalError, PeftEditError, first_line
+from ..errors import ArtifactError, NumericalError, PeftEditError, RenderDiverged, first_line
 from ..images import grid, load_image
 from ..models import Model
 from ..optim import descend, loss_scaler, make_optimizer, numeric_advice
@@ -266,7 +266,7 @@ def fit(
     etas = config.preview_etas
     try:
         renders = render(model, artifact, eta=etas, seed=config.preview_seed, check=False, show_progress=show_progress)
-    except NumericalError as err:  # the training is sound (its values were checked); keep it, without a preview
+    except RenderDiverged as err:  # the training is sound (its values were checked); keep it, without a preview
         log.warning("no preview: %s (imagic.preview_etas = %s)", err, etas)
         renders, etas = [], []
     artifact.preview = grid([picture, *renders], ["input"] + [f"eta {e:g}" for e in etas])

@@ -186,7 +186,7 @@ def grid(images: list[Image.Image], labels: list[str] | None = None, min_cell: i
         resample = Image.NEAREST if im.width < cell else Image.LANCZOS
         sheet.paste(im.resize((cell, cell), resample), (i * cell, 0))
         if labels:
-            draw.text((i * cell + 3, cell + 1), labels[i], fill="black")
+            _text(draw, (i * cell + 3, cell + 1), labels[i], "black")
     return sheet
 
 
@@ -211,13 +211,40 @@ def sheet(rows: list[tuple[str, list[Image.Image], str]], height: int = 160) -> 
     return page
 
 
+# System fonts with more than ASCII (accents, Greek, Cyrillic, ...) that Pillow finds by name, tried in this order for
+# text beyond ASCII; Pillow's default font is Latin only. Size 10: the default FreeType font's.
+WIDE_FONTS = ("DejaVuSans.ttf", "NotoSans-Regular.ttf", "LiberationSans-Regular.ttf", "Arial Unicode.ttf", "arial.ttf")
+WIDE_FONT_SIZE = 10
+_wide_font: list = []  # the first of WIDE_FONTS that loads (None: none does), found once
+
+
+def _font_for(text: str):
+    """None (Pillow's default font) for ASCII text, else a system font with wider coverage where there is one."""
+    if text.isascii():
+        return None
+    if not _wide_font:
+        from PIL import ImageFont
+
+        for name in WIDE_FONTS:
+            try:
+                _wide_font.append(ImageFont.truetype(name, WIDE_FONT_SIZE))
+                break
+            except OSError:
+                continue
+        else:
+            _wide_font.append(None)
+    return _wide_font[0]
+
+
 def _text(draw: ImageDraw.ImageDraw, at: tuple[int, int], text: str, fill: str) -> None:
-    """Draw ``text``. Pillow's default font is FreeType's where Pillow has FreeType (glyphs it lacks are drawn as
-    boxes); its bitmap font otherwise, which encodes Latin-1 only: other characters become '?'."""
+    """Draw ``text``; beyond ASCII in a system font where there is one (:data:`WIDE_FONTS`). Pillow's default font is
+    FreeType's where Pillow has FreeType (glyphs it lacks are drawn as boxes); its bitmap font otherwise, which
+    encodes Latin-1 only: other characters become '?'."""
+    font = _font_for(text)
     try:
-        draw.text(at, text, fill=fill)
+        draw.text(at, text, fill=fill, font=font)
     except UnicodeEncodeError:
-        draw.text(at, text.encode("latin-1", "replace").decode("latin-1"), fill=fill)
+        draw.text(at, text.encode("latin-1", "replace").decode("latin-1"), fill=fill, font=font)
 
 
 def read_picture(path: Path) -> Image.Image | None:

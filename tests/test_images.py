@@ -210,3 +210,17 @@ def test_bad_pil_images_are_one_line_errors(tmp_path, monkeypatch):
         load_image(closed, 32)
     with pytest.raises(PeftEditError, match="a file path or a PIL image"):
         load_image(np.zeros((40, 40, 3), dtype=np.uint8), 32)
+
+
+def test_captions_beyond_ascii_are_drawn_in_a_system_font_where_there_is_one():
+    """Pillow's default font drew every Cyrillic, Greek or CJK glyph as the same box in batch.png and grids."""
+    if images_mod._font_for("Ж") is None:
+        pytest.skip(f"none of {images_mod.WIDE_FONTS} is installed here")
+    tile = Image.new("RGB", (8, 8), "white")
+
+    def drawn(caption):
+        return np.asarray(images_mod.sheet([(caption, [], "black")])), np.asarray(grid([tile], [caption]))
+
+    for one, other in zip(drawn("кот Ж"), drawn("кот Д"), strict=True):
+        assert not np.array_equal(one, other)
+    assert images_mod._font_for("a plain caption") is None  # ASCII keeps Pillow's default font

@@ -387,7 +387,7 @@ def _earlier(model: Model, folder: Path, item: Item, method: str, config) -> Art
     differs = []
     if artifact.method != method:
         differs.append(f"it is {artifact.method}, this entry {method}")
-    if made != prompt:
+    if made != prompt and made is not None:  # an edit of the other kind has no such prompt: its kind says it
         differs.append(f"its {key} prompt is {shorten(str(made), 40)!r}")
     if made_from.get("sha256") != file_sha256(item.image):
         differs.append(f"it was made from another photo ({made_from.get('name')})")

@@ -215,6 +215,15 @@ def test_imagic_batch_resumes_and_goes_on_past_a_failed_entry(eps_dir, photos, t
     assert _summary(out)["earlier_items"] == []
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # nothing half-written
 
+    # An inversion entry whose folder holds this Imagic edit: its kind is named, not "its source prompt is 'None'".
+    inversions = tmp_path / "inversions"
+    shutil.copytree(first, inversions / first.name)
+    listed = _list(photos, [{"image": "shapes.png", "source": "a red circle"}], "sources.json")
+    argv = ["batch", listed, "--method", "negative-prompt", "--model", eps_dir, "-o", inversions, *INVERSION_FAST]
+    code, stdout, _ = _run(capsys, *argv)
+    status = _summary(inversions)["items"][0]["status"]
+    assert code == 1 and "it is imagic, this entry negative-prompt;" in status and "prompt is" not in status
+
 
 def test_inversion_batch_renders_each_edit_and_a_missing_picture_again(
     eps_dir, other_dir, photos, tmp_path, capsys, monkeypatch

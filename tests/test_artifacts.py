@@ -152,14 +152,20 @@ def saved(tmp_path):
 
 
 def _run(capsys, *argv):
+    capsys.readouterr()  # only the command's own output: not what the test printed before (a first import's notes)
     code = main(["--quiet", *map(str, argv)])
     out, err = capsys.readouterr()
     return code, out, err
 
 
-def _one_line_error(code, err, fragment):
-    lines = [line for line in err.splitlines() if line.startswith("peftedit: error:")]
-    assert code == 2 and len(lines) == 1 and fragment in lines[0], err
+def _one_line_error(code, err, fragment, warned=()):
+    """Exit 2 and all of stderr one "peftedit: error:" line holding ``fragment``, after one warning line for each of
+    ``warned`` (counting only the error lines let any other output through)."""
+    lines = err.splitlines()
+    assert code == 2 and err.endswith("\n") and len(lines) == len(warned) + 1, err
+    for line, said in zip(lines, warned, strict=False):
+        assert line.startswith("peftedit: warning: ") and said in line, err
+    assert lines[-1].startswith("peftedit: error: ") and fragment in lines[-1], err
 
 
 @pytest.mark.parametrize("case", TAMPERING)
@@ -184,7 +190,7 @@ def test_format_1_headers_are_checked_for_what_a_render_needs(case, saved, tmp_p
         Artifact.load(folder)
     assert fragment in str(caught.value) and "\n" not in str(caught.value)
     code, _, err = _run(capsys, "inspect", folder)
-    _one_line_error(code, err, fragment)
+    _one_line_error(code, err, fragment, warned=["predates header checksums (format 1)"])
 
 
 @pytest.mark.parametrize("make", [imagic_edit, direct_edit])

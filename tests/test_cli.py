@@ -23,6 +23,7 @@ FAST = ["--set", "render_steps=6", "--set", "preview_etas=[0.6]", "--set", "runt
 
 
 def _run(capsys, *argv):
+    capsys.readouterr()  # only the command's own output: not what the test printed before (a first import's notes)
     code = main(["--quiet", *map(str, argv)])
     out, err = capsys.readouterr()
     return code, out, err
@@ -81,11 +82,25 @@ def test_inspect_reports_the_edit(edit_dir, capsys):
 
 
 def _one_line_error(code, err, *fragments):
-    assert code == 2
-    lines = [line for line in err.strip().splitlines() if line.startswith("peftedit: error:")]
-    assert len(lines) == 1, err
+    """Exit 2 and all of stderr one "peftedit: error:" line holding each fragment (extra lines slipped through when
+    only the error lines were counted)."""
+    assert code == 2, err
+    assert err.startswith("peftedit: error: ") and err.count("\n") == 1 and err.endswith("\n"), err
     for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+        assert fragment in err, err
+
+
+@pytest.mark.parametrize("kind", [ValueError, OSError])
+def test_a_library_error_over_several_lines_is_still_one_line(kind, tmp_path, capsys, monkeypatch):
+    """A third-party message spanning lines (torch's, safetensors') printed as a block under "peftedit: error:"."""
+    from peftedit.artifacts import Artifact
+
+    def fails(folder):
+        raise kind("header too large:\n  expected at most 100 MB\n\n  got 4 GB\n")
+
+    monkeypatch.setattr(Artifact, "load", staticmethod(fails))
+    code, _, err = _run(capsys, "inspect", tmp_path)
+    _one_line_error(code, err, "peftedit: error: header too large: expected at most 100 MB got 4 GB\n")
 
 
 @pytest.mark.parametrize(

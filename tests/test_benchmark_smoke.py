@@ -271,6 +271,30 @@ def test_result_files_are_written_whole(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["r.json"]  # no temporary file left beside it
 
 
+def test_a_write_that_fails_part_way_keeps_the_old_file_and_leaves_no_temporary_one(tmp_path, monkeypatch):
+    """Writing straight to the path (or not removing the temporary file) left half a file that looks complete."""
+    from peftedit import files
+
+    path = files.write_json(tmp_path / "r.json", {"rows": [1]})
+    before = path.read_bytes()
+
+    def half_then_full_disk(tmp):
+        tmp.write_text('{"rows": [')
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        files.write_atomic(path, half_then_full_disk)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+    def refused(src, dst):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "replace", refused)  # the whole new file written, the rename refused
+    with pytest.raises(PermissionError):
+        files.write_json(path, {"rows": [2]})
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
 def test_savers_table_gives_time_changes_from_a_gpu_only():
     from benchmarks import savers
 

@@ -318,5 +318,9 @@ def _replace_dir(tmp: Path, folder: Path) -> None:
         return
     old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
     os.replace(folder, old)
-    os.replace(tmp, folder)
+    try:
+        os.replace(tmp, folder)
+    except BaseException:  # the earlier edit goes back where it was, not left under a hidden name
+        os.replace(old, folder)
+        raise
     shutil.rmtree(old, ignore_errors=True)

@@ -331,6 +331,41 @@ def test_overwrite_replaces_an_earlier_edit(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["edit"]
 
 
+@pytest.mark.parametrize("failure", ["edit file", "preview", "rename"])
+def test_an_overwrite_that_fails_part_way_keeps_the_earlier_edit(failure, tmp_path, monkeypatch):
+    """Written in place, a failed overwrite left a half-replaced edit; with the old folder deleted before the rename
+    (or not put back when the rename fails), no edit; without the cleanup, hidden .partial-/.old- folders."""
+    import os
+
+    from peftedit import artifacts
+
+    folder = imagic_edit("a red square").save(tmp_path / "edit")
+    before = _snapshot(tmp_path)
+    new = imagic_edit("a blue square")
+    new.preview = Image.new("RGB", (8, 8))
+
+    def fails(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    if failure == "edit file":
+        monkeypatch.setattr(artifacts, "save_file", fails)
+    elif failure == "preview":  # after edit.safetensors and the LoRA are written
+        monkeypatch.setattr(new.preview, "save", fails)
+    else:
+        rename = os.replace
+
+        def no_new_folder(src, dst):
+            if ".partial-" in str(src):
+                fails()
+            rename(src, dst)
+
+        monkeypatch.setattr(os, "replace", no_new_folder)
+    with pytest.raises(OSError, match="No space left"):
+        new.save(folder, overwrite=True)
+    assert _snapshot(tmp_path) == before
+    assert Artifact.load(folder).meta["prompts"]["target"] == "a red square"
+
+
 @pytest.mark.parametrize("case", ["photos", "plain file", "edit plus a render"])
 def test_cli_refuses_to_overwrite_before_any_work(case, photo, tmp_path, capsys, monkeypatch):
     import peftedit.models

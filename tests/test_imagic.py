@@ -264,6 +264,27 @@ def test_the_documented_vanilla_render_is_peftedits_picture(tiny_dir, tiny_model
     assert np.abs(np.asarray(theirs, dtype=int) - np.asarray(ours, dtype=int)).max() <= 1
 
 
+def test_the_unet_is_conditioned_on_eta_times_the_target_plus_the_rest_of_the_optimized(eps_model, photo):
+    """eta and 1 - eta swapped gave a picture the vanilla comparison could not tell apart on the tiny model."""
+    config = ImagicConfig(embedding_steps=0, finetune_steps=1, render_steps=2, preview_etas=[0.5])
+    fitted = imagic.fit(eps_model, photo, "a red circle", config, RUNTIME, False)
+    e_tgt = fitted.tensors["e_tgt"]
+    e_opt = e_tgt + torch.randn(e_tgt.shape, generator=torch.Generator().manual_seed(0))  # apart from the target
+    artifact = Artifact("imagic", {**fitted.tensors, "e_opt": e_opt}, fitted.meta, fitted.lora, fitted.lora_config)
+    seen = []
+    hook = eps_model.pipe.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"].clone()), with_kwargs=True
+    )
+    try:
+        imagic.render(eps_model, artifact, eta=0.8, steps=2)
+    finally:
+        hook.remove()
+    assert len(seen) == 2 and all(len(batch) == 2 for batch in seen)  # [unconditional, conditional] per step
+    for batch in seen:
+        assert torch.equal(batch[0], fitted.tensors["e_uncond"][0])
+        assert torch.allclose(batch[1], 0.8 * e_tgt[0] + 0.2 * e_opt[0], atol=1e-6)
+
+
 def test_several_seeds_render_in_one_call_like_one_call_each(fitted, tiny_model):
     """A seed list renders under one LoRA application (and, with offload_idle, one UNet and one VAE placement)."""
     together = imagic.render(tiny_model, fitted, eta=[0.5, 0.9], seed=[1, 2], steps=3)

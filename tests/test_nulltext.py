@@ -233,6 +233,36 @@ def test_each_method_inverts_and_edits(model, inversions, method):
     assert isinstance(nulltext.edit(model, artifact, "a photo of a blue circle"), Image.Image)
 
 
+def test_negative_prompt_guides_every_branch_away_from_the_source_prompt(eps_model, photo):
+    """The null embedding a run uses is the method's: e_src for negative-prompt (e_uncond there was plain DDIM)."""
+    seen = []
+    hook = eps_model.pipe.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"].clone()), with_kwargs=True
+    )
+    try:
+        for method in ("negative-prompt", "ddim"):
+            artifact = _invert(eps_model, photo, method, steps=2)
+            seen.clear()
+            nulltext.run_edit(eps_model, artifact, "a photo of a blue square")
+            null = artifact.tensors["e_src" if method == "negative-prompt" else "e_uncond"][0]
+            assert len(seen) == 2 and all(len(batch) == 4 for batch in seen)  # [null, null, source, target]
+            assert all(torch.equal(batch[0], null) and torch.equal(batch[1], null) for batch in seen), method
+    finally:
+        hook.remove()
+
+
+def test_direct_offsets_move_only_the_source_branch(eps_model, photo):
+    """PnP inversion's offsets belong to the source branch: added to the target too, they dragged the edit back."""
+    artifact = _invert(eps_model, photo, "direct", steps=3)
+    no_offsets = torch.zeros_like(artifact.tensors["offsets"])
+    still = Artifact("direct", {**artifact.tensors, "offsets": no_offsets}, artifact.meta)
+    independent = p2p.Control(cross_replace=0.0, self_replace=0.0)  # the target borrows no source attention
+    target = "a photo of a blue square"
+    moved, plain = (nulltext.run_edit(eps_model, a, target, independent) for a in (artifact, still))
+    assert not torch.allclose(moved.latents[0], plain.latents[0], atol=1e-3)
+    assert torch.allclose(moved.latents[1], plain.latents[1], atol=1e-6)
+
+
 def test_maps_are_materialised_only_where_used(eps_model):
     unet = eps_model.pipe.unet
     controller = p2p.Controller(unet, eps_model.pipe.tokenizer, [SOURCE], None, 10)

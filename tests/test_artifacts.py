@@ -73,7 +73,7 @@ def _rewrite(folder, change, format_1: bool = False) -> None:
     """Change the header of ``folder``'s edit.safetensors in place (tensors kept); ``format_1``: as an older
     peftedit wrote it, with no header checksum (so only the structural checks can catch the change)."""
     header, tensors = _header(folder), load_file(str(folder / EDIT_FILE))
-    change(header)
+    change(header, tensors) if getattr(change, "takes_tensors", False) else change(header)
     if format_1:
         header["peftedit.format_version"] = "1"
         header.pop(HEADER_CHECKSUM)
@@ -118,6 +118,18 @@ def _method(name):
     return lambda header: header.update({"peftedit.method": name})
 
 
+def _tensor_moved(name: str):
+    """``name``'s values shifted with peftedit.tensors_sha256 recomputed to fit: only the header checksum can tell."""
+    from peftedit.artifacts import tensors_sha256
+
+    def change(header, tensors):
+        tensors[name] = tensors[name] + 1
+        header["peftedit.tensors_sha256"] = tensors_sha256(tensors)
+
+    change.takes_tensors = True
+    return change
+
+
 # (which edit, how the header is changed, what a format-1 folder's load says; None: nothing can tell)
 TAMPERING = {
     "meta without recipe": (imagic_edit, _without("recipe"), "meta.recipe is missing"),
@@ -140,6 +152,8 @@ TAMPERING = {
     "files emptied": (imagic_edit, lambda h: h.update({"peftedit.files": "{}"}), "peftedit.files lists []"),
     "files point elsewhere": (imagic_edit, _json_edit("peftedit.files", lambda f: {"../x": "0" * 64}), "../x"),
     "a key added": (direct_edit, lambda h: h.update({"peftedit.note": "hi"}), None),
+    "tensors and their digest": (imagic_edit, _tensor_moved("e_opt"), None),
+    "format version 2 -> 3": (direct_edit, lambda h: h.update({"peftedit.format_version": "3"}), None),
 }
 
 

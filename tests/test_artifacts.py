@@ -500,12 +500,12 @@ def test_a_lora_file_that_says_other_settings_or_holds_other_weights_is_refused(
     with safe_open(str(path), framework="pt") as handle:
         weights, meta = {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata())
     declared = json.loads(meta["lora_adapter_metadata"])
-    save_file(
-        weights, str(path), metadata={**meta, "lora_adapter_metadata": json.dumps({**declared, "unet.lora_alpha": 32})}
-    )
-    _relisted(folder)
-    with pytest.raises(ArtifactError, match="lora_adapter_metadata .what diffusers reads. differs"):
-        Artifact.load(folder)
+    for key, value in (("lora_alpha", 32), ("r", 4), ("target_modules", ["ff"]), ("target_modules", ["ff", "attn"])):
+        said = json.dumps({**declared, f"unet.{key}": value})
+        save_file(weights, str(path), metadata={**meta, "lora_adapter_metadata": said})
+        _relisted(folder)
+        with pytest.raises(ArtifactError, match="lora_adapter_metadata .what diffusers reads. differs"):
+            Artifact.load(folder)
     extra = {**weights, "text_encoder.layer.lora_A.weight": torch.zeros(RANK, 4)}
     save_file(extra, str(path), metadata=meta)
     _relisted(folder)

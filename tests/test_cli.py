@@ -325,6 +325,7 @@ def test_existing_output_is_not_overwritten(edit_dir, eps_dir, photo, capsys):
 
 
 def test_damaged_edit_folders_are_refused(edit_dir, tmp_path, capsys):
+    """Each damage is named by its own message ("checksum" alone matched either checksum error for either damage)."""
     import shutil
 
     def broken(name, damage):
@@ -355,8 +356,11 @@ def test_damaged_edit_folders_are_refused(edit_dir, tmp_path, capsys):
     cases = [
         (broken("no-lora", lambda f: (f / "pytorch_lora_weights.safetensors").unlink()), "incomplete"),
         (broken("no-edit", lambda f: (f / "edit.safetensors").unlink()), "not a complete peftedit edit folder"),
-        (broken("lora-bytes", lambda f: _flip_last_byte(f / "pytorch_lora_weights.safetensors")), "checksum"),
-        (broken("tensor", tamper_tensor), "checksum"),
+        (
+            broken("lora-bytes", lambda f: _flip_last_byte(f / "pytorch_lora_weights.safetensors")),
+            "lora-bytes/pytorch_lora_weights.safetensors does not match its recorded checksum (modified or damaged)",
+        ),
+        (broken("tensor", tamper_tensor), "edit.safetensors: tensors do not match their recorded checksum"),
         (broken("garbage", lambda f: (f / "edit.safetensors").write_bytes(b"\x00" * 40)), "corrupt"),
         (broken("version", other_version), "format version 99"),
         (tmp_path / "nowhere", "edit folder not found"),

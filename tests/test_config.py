@@ -30,7 +30,7 @@ def test_overrides_reach_the_right_table_and_type():
         ("imagic.lora_rank=big", "imagic.lora_rank = 'big' must be an integer"),
         ("imagic.lora_rank=2.5", "must be an integer"),
         ("imagic.lora_rank=0", "must be > 0"),
-        ("imagic.lora_targets=['attention','mlp']", "lora_targets"),
+        ("imagic.lora_targets=['attention','mlp']", r"lora_targets = \['attention', 'mlp'\]: choose from attention, "),
         ("runtime.dtype=fp8", "not one of"),
         ("runtime.device=cuda:abc", r"runtime.device = 'cuda:abc': a CUDA device is cuda or cuda:N"),
         ("runtime.device=cuda:", r"runtime.device = 'cuda:': a CUDA device is cuda or cuda:N"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -52,11 +54,13 @@ def test_reader_reads_every_single_object_scene():
 
 
 def test_reader_ignores_specks_and_rejects_blank():
+    """A blank picture is refused for holding no object (any ValueError passed, a crash in the reader too)."""
     scene = Scene((WorldObject("blue", "triangle", "small", "right"),))
     pixels = np.asarray(scene.draw()).copy()
     pixels[5:7, 5:7] = COLORS["green"]
     assert read_scene(Image.fromarray(pixels)) == scene
-    with pytest.raises(ValueError):
+    blank = "^image does not show a world scene: a scene holds one or two objects, got 0$"
+    with pytest.raises(ValueError, match=blank):
         read_scene(Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND))
 
 
@@ -67,20 +71,30 @@ def test_prompt_round_trip():
     assert parse_prompt(text).prompt() == text
 
 
+NOT_A_PROMPT = "not a world prompt: "
+
+
 @pytest.mark.parametrize(
-    "text",
+    "text, said",
     [
-        "",
-        "a dog",
-        "a large red circle",
-        "a huge red circle on the left",
-        "a large pink circle on the left",
-        "a large red hexagon on the left",
-        "a large red circle on the top",
-        "a small blue square on the right and a large red circle on the left",
-        "a large red circle on the left and a small blue square on the right and a small blue square on the right",
+        ("", NOT_A_PROMPT + "'' (expected"),
+        ("a dog", NOT_A_PROMPT + "'a dog' (expected"),
+        ("a large red circle", NOT_A_PROMPT + "'a large red circle' (expected"),
+        ("a huge red circle on the left", NOT_A_PROMPT + "'a huge red circle on the left' in"),
+        ("a large pink circle on the left", NOT_A_PROMPT + "'a large pink circle on the left' in"),
+        ("a large red hexagon on the left", NOT_A_PROMPT + "'a large red hexagon on the left' in"),
+        ("a large red circle on the top", NOT_A_PROMPT + "'a large red circle on the top' in"),
+        (
+            "a small blue square on the right and a large red circle on the left",
+            "a two-object scene needs (left, right) objects, got ('right', 'left')",
+        ),
+        (
+            "a large red circle on the left and a small blue square on the right and a small blue square on the right",
+            "a scene holds one or two objects, got 3",
+        ),
     ],
 )
-def test_parse_errors(text):
-    with pytest.raises(ValueError):
+def test_parse_errors(text, said):
+    """Each text is refused for its own reason (a bare ValueError check passed any failure, a crash included)."""
+    with pytest.raises(ValueError, match="^" + re.escape(said)):
         parse_prompt(text)

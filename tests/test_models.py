@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from peftedit import PeftEditError, RuntimeConfig, load_model
 from peftedit.demo import DEMO_MODEL_DIR
@@ -125,4 +125,8 @@ def test_pickles_in_folders_peftedit_does_not_load_are_left_alone(eps_dir, tmp_p
     for junk in ("checkpoint-500/optimizer.bin", "checkpoint-500/random_states_0.pkl", "safety_checker/model.bin"):
         (folder / junk).parent.mkdir(exist_ok=True)
         (folder / junk).write_bytes(b"not for us")
-    assert load_model(str(folder), RuntimeConfig(device="cpu")).pipe.unet is not None
+    pipe = load_model(str(folder), RuntimeConfig(device="cpu")).pipe
+    for part in ("unet", "vae", "text_encoder"):  # the folder's own weights, all of them ("is not None" always held)
+        saved = load_file(str(next((eps_dir / part).glob("*.safetensors"))))
+        loaded = getattr(pipe, part).state_dict()
+        assert saved.keys() <= loaded.keys() and all(torch.equal(loaded[k], v) for k, v in saved.items()), part

@@ -266,8 +266,12 @@ def build(
                     f"recipe {path} is for {METHOD_TABLES[table]}, with a [{table}] table; this command reads "
                     f"{' and '.join(f'[{t}]' for t in sections)}"
                 )
-            if table not in sections or not isinstance(values, dict):
+            if table not in sections:
                 raise PeftEditError(f"recipe {path}: unknown table [{table}] (known: {', '.join(sections)})")
+            if not isinstance(values, dict):  # `imagic = 5`: it said "unknown table [imagic] (known: ..., imagic)"
+                raise PeftEditError(
+                    f"recipe {path}: {table} = {values!r:.40} is not a table; put its keys under [{table}]"
+                )
             raw[table].update(values)
     for item in overrides or []:
         key, sep, text = item.partition("=")

@@ -65,6 +65,23 @@ def test_unknown_recipe_key_and_table_are_errors(tmp_path):
         build(SECTIONS, "no-such-recipe")
 
 
+def test_a_plain_value_where_a_table_belongs_is_refused(tmp_path):
+    """`imagic = 5` crashed in dict.update had the check gone; a list of pairs would have been taken as a table."""
+    recipe = tmp_path / "scalar.toml"
+    for text, shown in (("imagic = 5", "5"), ('imagic = [["eta", 0.5]]', r"\[\['eta', 0.5\]\]")):
+        recipe.write_text(text + "\n")
+        with pytest.raises(PeftEditError, match=rf"scalar.toml: imagic = {shown} is not a table; put its keys under"):
+            build(SECTIONS, recipe)
+
+
+def test_a_key_two_tables_have_must_name_its_table():
+    """`--set guidance=3` took the first table that has it (imagic) when the check only refused unknown keys."""
+    for key in ("guidance", "seed"):  # imagic and nulltext; runtime and nulltext
+        with pytest.raises(PeftEditError, match=rf"^--set {key}: is ambiguous; write it as table.key"):
+            build(recipe_sections(), None, [f"{key}=3"])
+    assert build(recipe_sections(), None, ["nulltext.guidance=3"])["nulltext"].guidance == 3.0
+
+
 def test_every_shipped_recipe_loads():
     recipes = sorted(RECIPES_DIR.glob("*.toml"))
     assert recipes

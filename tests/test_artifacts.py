@@ -150,6 +150,22 @@ TAMPERING = {
     "method direct -> ddim": (direct_edit, _method("ddim"), "unexpected: ['offsets']"),
     "method unknown": (direct_edit, _method("fast"), "unknown method 'fast'"),
     "files emptied": (imagic_edit, lambda h: h.update({"peftedit.files": "{}"}), "peftedit.files lists []"),
+    "files list one more": (
+        imagic_edit,
+        _json_edit("peftedit.files", lambda f: {**f, "notes.txt": "0" * 64}),
+        "peftedit.files lists ['notes.txt', 'pytorch_lora_weights.safetensors']; a imagic edit has",
+    ),
+    "guidance NaN": (direct_edit, _set("peftedit.meta", ("guidance",), float("nan")), "meta.guidance is nan, expect"),
+    "lora alpha a string": (
+        imagic_edit,
+        _set("peftedit.lora_config", ("lora_alpha",), "8"),
+        "lora_config.lora_alpha is '8', expected a number",
+    ),
+    "lora targets a string": (
+        imagic_edit,
+        _set("peftedit.lora_config", ("target_modules",), "ff"),
+        "lora_config.target_modules is 'ff', expected a list of names",
+    ),
     "files point elsewhere": (imagic_edit, _json_edit("peftedit.files", lambda f: {"../x": "0" * 64}), "../x"),
     "a key added": (direct_edit, lambda h: h.update({"peftedit.note": "hi"}), None),
     "tensors and their digest": (imagic_edit, _tensor_moved("e_opt"), None),
@@ -438,6 +454,10 @@ BAD_TENSORS = {
     ),
     "z_T with an inf": (_changed(direct_edit, z_T=torch.full((1, 4, 2, 2), float("inf"))), "not finite"),
     "timesteps floats": (_changed(direct_edit, timesteps=torch.tensor([667.0, 334.0, 1.0])), "expected integers"),
+    "timesteps booleans": (
+        _changed(direct_edit, timesteps=torch.tensor([True, True, False])),
+        "timesteps is bool, expected integers",
+    ),
 }
 
 

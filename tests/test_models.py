@@ -130,3 +130,32 @@ def test_pickles_in_folders_peftedit_does_not_load_are_left_alone(eps_dir, tmp_p
         saved = load_file(str(next((eps_dir / part).glob("*.safetensors"))))
         loaded = getattr(pipe, part).state_dict()
         assert saved.keys() <= loaded.keys() and all(torch.equal(loaded[k], v) for k, v in saved.items()), part
+
+
+def test_hub_ids_load_safetensors_only(eps_dir, monkeypatch):
+    """Without use_safetensors=True diffusers falls back to a repository's pickled .bin weights (unsafe to load),
+    from the cache and from the hub alike."""
+    from diffusers import StableDiffusionPipeline
+
+    from peftedit import hub, models
+
+    real, calls = StableDiffusionPipeline.from_pretrained, []
+
+    def from_pretrained(cls, name, **kwargs):
+        calls.append((name, kwargs))
+        if kwargs.get("local_files_only") and len(calls) > 1:
+            raise OSError("not in the cache")
+        return real(str(eps_dir), **kwargs)
+
+    monkeypatch.setattr(models, "_folder_kind", lambda name, local_files_only=False: models.SD)
+    monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", classmethod(from_pretrained))
+    monkeypatch.setattr(hub, "offline", lambda: False)
+    monkeypatch.setattr(hub, "reachable", lambda: True)
+    load_model("someone/tiny-sd", RuntimeConfig(device="cpu"))  # in the cache
+    load_model("someone/tiny-sd", RuntimeConfig(device="cpu"))  # not in the cache: downloaded
+    assert [(name, kwargs["local_files_only"]) for name, kwargs in calls] == [
+        ("someone/tiny-sd", True),
+        ("someone/tiny-sd", True),
+        ("someone/tiny-sd", False),
+    ]
+    assert all(kwargs["use_safetensors"] is True for _, kwargs in calls), calls

@@ -314,6 +314,9 @@ def test_mismatched_edits_are_clear_errors(eps_model, eps_inverted):
     imagic_like = Artifact("imagic", dict(eps_inverted.tensors), dict(eps_inverted.meta))
     with pytest.raises(ArtifactError, match="not an inversion"):
         nulltext.edit(eps_model, imagic_like)
+    shifted = {**eps_inverted.tensors, "timesteps": eps_inverted.tensors["timesteps"] + 1}  # same count, other steps
+    with pytest.raises(ArtifactError, match="^the scheduler's timesteps differ from the ones this inversion was made"):
+        nulltext.edit(eps_model, Artifact(eps_inverted.method, shifted, eps_inverted.meta))
 
 
 def test_difference_blend_keeps_the_source_where_the_target_did_not_move(eps_model):

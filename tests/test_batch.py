@@ -318,3 +318,13 @@ def test_an_inversion_named_after_its_target_by_an_older_batch_is_reused(eps_dir
     assert json.loads((out / "batch.json").read_text())["counts"]["done earlier"] == 1
     assert (new / "edit.safetensors").read_bytes() == made and not old.exists()
     assert Path(f"{new}.png").is_file() and not Path(f"{old}.png").exists()
+
+
+def test_a_finished_entry_whose_folder_is_gone_is_pending_again(tmp_path):
+    """An earlier run's 'done' is carried into batch.json only while the entry's folder still exists."""
+    item = batch.Item(1, tmp_path / "cat.png", target="a photo of a cat")
+    record, previous = batch._record(item, "imagic"), {"status": batch.DONE, "seconds": 3.0, "losses": {"x": 1.0}}
+    assert batch._carried(record, previous, tmp_path)["status"] == batch.PENDING
+    (tmp_path / item.name).mkdir()
+    carried = batch._carried(record, previous, tmp_path)
+    assert (carried["status"], carried["seconds"], carried["losses"]) == (batch.EARLIER, 3.0, {"x": 1.0})

@@ -88,6 +88,14 @@ def test_tiny_image_is_refused(tmp_path):
         load_image(_save(tmp_path, Image.new("RGB", (16, 100))), 64)
 
 
+def test_the_smallest_side_allowed_is_min_side_itself():
+    """MIN_SIDE is the smallest side accepted (>=), one pixel less is refused."""
+    side = images_mod.MIN_SIDE
+    assert load_image(Image.new("RGB", (side, 100)), side)[0].size == (side, side)
+    with pytest.raises(PeftEditError, match="too small"):
+        load_image(Image.new("RGB", (side - 1, 100)), side)
+
+
 def test_huge_image_is_refused_before_decoding(tmp_path, monkeypatch):
     monkeypatch.setattr(images_mod, "MAX_PIXELS", 1000)
     with pytest.raises(PeftEditError, match="too large"):

@@ -84,6 +84,20 @@ def test_a_learning_rate_whose_step_overflows_float32_is_a_numerical_error():
         descend(optimizer, scaler, (param**2).sum(), "test", "lower")
 
 
+def test_an_optimizer_error_other_than_overflow_is_not_called_numerical():
+    """Only an optimizer step's "overflow" RuntimeError becomes a NumericalError; other errors keep their own."""
+
+    class Broken(torch.optim.SGD):
+        def step(self, closure=None):
+            raise RuntimeError("expected all tensors to be on the same device")
+
+    param = torch.nn.Parameter(torch.ones(4))
+    scaler = loss_scaler(torch.float32, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="same device") as caught:
+        descend(Broken([param], lr=0.1), scaler, (param**2).sum(), "test", "advice")
+    assert not isinstance(caught.value, NumericalError)
+
+
 @pytest.mark.gpu
 @CUDA
 def test_the_recipes_training_settings_train_on_cuda(eps_dir, photo):

@@ -481,3 +481,67 @@ def test_a_p2p_mode_without_a_target_says_it_changes_nothing(eps_model, eps_inve
     caplog.clear()
     nulltext.edit(eps_model, eps_inverted, control=p2p.Control(reweight={"circle": 2.0}))
     assert "edits the source into itself" not in caplog.text  # reweighting the source's own words is an edit
+
+
+def test_attention_replace_schedules_cover_their_share_of_steps(eps_model):
+    """The target borrows the source's cross maps for steps < cross_replace * steps, self maps for < self_replace."""
+    pipe = eps_model.pipe
+    control = p2p.Control(mode="replace", cross_replace=0.5, self_replace=0.3)
+    controller = p2p.Controller(pipe.unet, pipe.tokenizer, [SOURCE, "a photo of a blue circle"], control, steps=10)
+    probs = torch.rand(4, 2, 16, 77, generator=torch.Generator().manual_seed(0))
+    for cross, share in ((True, 5), (False, 3)):
+        borrowed = []
+        for step in range(10):
+            controller.step = step
+            out = controller.attend(probs.clone(), cross, edit=True, store=False)
+            assert torch.equal(out[:-1], probs[:-1])  # the source branch and the unconditional half are untouched
+            borrowed.append(torch.equal(out[-1], probs[-2]))
+        assert borrowed == [step < share for step in range(10)], cross
+
+
+def test_refine_mapping_borrows_shared_tokens_and_end_tokens_from_the_source():
+    """Refine aligns the prompts' shared tokens, added words keep their own maps, end/padding tokens shift."""
+    tokenizer = _WordTokenizer({"a": 1, "red": 2, "big": 3, "circle": 4}, length=10)
+    index, aligned = p2p.token_mapping(tokenizer, "a red circle", "a big red circle", "refine")
+    # target [start, a, big, red, circle, end, pad...] borrows from source [start, a, red, circle, end, pad...]
+    assert index.tolist() == [0, 1, 2, 2, 3, 4, 5, 6, 7, 8]
+    assert aligned.tolist() == [1, 1, 0, 1, 1, 1, 1, 1, 1, 1]
+    _, aligned = p2p.token_mapping(tokenizer, "a circle", "a circle big", "refine")
+    assert aligned[:5].tolist() == [1, 1, 1, 0, 1]  # a word added last keeps its own map too
+
+
+class _WordTokenizer:
+    """One id per word, no special tokens: enough for token_mapping."""
+
+    def __init__(self, ids: dict[str, int], length: int) -> None:
+        self.ids, self.model_max_length = ids, length
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(input_ids=[self.ids[word] for word in text.split()])
+
+
+def test_reweight_scales_only_the_chosen_word_in_the_target(eps_model):
+    """--reweight multiplies the target's cross-attention on the word's tokens by its factor, and nothing else."""
+    pipe = eps_model.pipe
+    target = "a photo of a blue circle"
+    controller = p2p.Controller(pipe.unet, pipe.tokenizer, [SOURCE, target], p2p.Control(reweight={"blue": 2.0}), 10)
+    where = p2p.word_positions(pipe.tokenizer, target, "blue")
+    probs = torch.rand(4, 2, 16, 77, generator=torch.Generator().manual_seed(0))
+    out = controller.attend(probs.clone(), cross=True, edit=True, store=False)
+    expected = probs[-2].clone()
+    expected[..., where] *= 2.0
+    assert where and torch.equal(out[-1], expected)
+
+
+def test_self_attention_is_replaced_at_layers_up_to_the_max_side(eps_model):
+    """self_replace_max_side is inclusive: layers of exactly that many latents a side are edited."""
+    unet, tokenizer = eps_model.pipe.unet, eps_model.pipe.tokenizer
+    probe = p2p.Controller(unet, tokenizer, [SOURCE], None, 10)
+    names = [n for n in unet.attn_processors if n.endswith("attn1.processor")]
+    side = min(probe.layer_side(n) for n in names)
+    for most in (side, side - 1):
+        control = p2p.Control(self_replace_max_side=most)
+        controller = p2p.Controller(unet, tokenizer, [SOURCE, "a photo of a blue circle"], control, 10)
+        for name in names:
+            edited = (controller.role(name) or (False, False))[0]
+            assert edited == (controller.layer_side(name) <= most), (name, most)

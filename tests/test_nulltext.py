@@ -545,3 +545,22 @@ def test_self_attention_is_replaced_at_layers_up_to_the_max_side(eps_model):
         for name in names:
             edited = (controller.role(name) or (False, False))[0]
             assert edited == (controller.layer_side(name) <= most), (name, most)
+
+
+def test_null_text_learning_rate_decays_per_timestep(eps_model, photo, monkeypatch):
+    """Timestep i's null embedding is optimized at lr * (1 - lr_decay * i), the null-text reference's schedule."""
+    rates = []
+
+    def recording(params, lr, kind="adamw8bit", weight_decay=0.0):
+        rates.append(lr)
+        return torch.optim.AdamW(params, lr=lr)
+
+    monkeypatch.setattr(nulltext, "make_optimizer", recording)
+    _invert(eps_model, photo, steps=4, inner_steps=1, lr=0.1, lr_decay=0.2, early_stop=0.0, early_stop_slope=0.0)
+    assert rates == pytest.approx([0.1, 0.08, 0.06, 0.04])
+
+
+def test_the_early_stop_threshold_grows_by_its_slope_per_timestep(eps_model, photo):
+    """Step i stops once its loss < early_stop + i * early_stop_slope: with 0 + 10 * i only step 0 runs every step."""
+    artifact = _invert(eps_model, photo, steps=4, inner_steps=2, early_stop=0.0, early_stop_slope=10.0)
+    assert artifact.meta["per_step"]["inner_steps"] == [2, 1, 1, 1]

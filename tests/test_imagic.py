@@ -311,3 +311,24 @@ def test_a_render_that_diverges_is_an_error_not_a_black_picture(eps_model, photo
     eps_model.pipe.vae.decoder.conv_out.bias.data.fill_(float("nan"))  # finite latents, a VAE that decodes NaN
     with pytest.raises(NumericalError, match="^the VAE's decoded picture is NaN or infinite; try a lower guidance$"):
         generate.generate(eps_model, "a red circle", steps=2)
+
+
+@pytest.mark.parametrize("stage", ["embedding", "lora"])
+def test_each_stage_trains_only_its_own_parameters(eps_model, photo, stage):
+    """Stage 1 trains the embedding alone (the LoRA starts after it) and stage 2 the LoRA alone (e_opt stays fixed)."""
+    steps = {"embedding_steps": 3, "finetune_steps": 0} if stage == "embedding" else {"embedding_steps": 0}
+    config = ImagicConfig(**{"finetune_steps": 3, **steps}, embedding_lr=1e-2, lora_lr=1e-2, render_steps=2)
+    artifact = imagic.fit(eps_model, photo, "a photo of a red circle", config, RUNTIME, False)
+    trained_lora = any(bool(v.abs().max() > 0) for k, v in artifact.lora.items() if "lora_B" in k)
+    moved_embedding = not torch.equal(artifact.tensors["e_opt"], artifact.tensors["e_tgt"])
+    assert (moved_embedding, trained_lora) == (stage == "embedding", stage == "lora")
+
+
+def test_the_lora_init_follows_the_run_seed_not_the_global_rng(eps_model, photo):
+    """LoRA A's random init is drawn from runtime.seed: a run's LoRA does not depend on torch's global seed."""
+    config = ImagicConfig(embedding_steps=0, finetune_steps=1, render_steps=2, preview_etas=[0.7])
+    loras = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        loras.append(imagic.fit(eps_model, photo, "a photo of a red circle", config, RUNTIME, False).lora)
+    assert loras[0].keys() == loras[1].keys() and all(torch.equal(loras[0][k], loras[1][k]) for k in loras[0])

@@ -62,6 +62,21 @@ def test_transparency_is_composited_on_white(tmp_path):
     assert tuple(pixels[20, 20]) == (0, 0, 255)
 
 
+def test_a_palette_image_transparent_index_is_composited_on_white(tmp_path):
+    """A GIF/PNG palette image's transparent colour goes through RGBA onto white, not its stored (black) colour."""
+    image = Image.new("P", (40, 40), 0)
+    image.putpalette([0, 0, 0, 0, 0, 255] + [0] * 762)
+    image.paste(1, (10, 10, 30, 30))
+    out, _ = load_image(_save(tmp_path, image, "in.gif", transparency=0), 40)
+    assert tuple(np.asarray(out)[0, 0]) == (255, 255, 255) and tuple(np.asarray(out)[20, 20]) == (0, 0, 255)
+
+
+def test_a_float_image_is_scaled_by_its_maximum():
+    """Mode F (32-bit float) is scaled so its brightest value is 255, not read as 0-255 values."""
+    out, _ = load_image(Image.fromarray(np.linspace(0, 2, 40 * 40, dtype=np.float32).reshape(40, 40), "F"), 40)
+    assert np.asarray(out).max() == 255
+
+
 def test_exif_orientation_is_applied(tmp_path):
     image = Image.new("RGB", (60, 40), "white")
     image.paste((255, 0, 0), (0, 0, 10, 40))  # red strip on the left

@@ -51,6 +51,13 @@ def _step_on_small_loss(folder, dtype: str, scale: bool, device: str = "cpu") ->
     return embedding.grad.detach().cpu()
 
 
+def test_both_optimizers_take_the_weight_decay_asked_for():
+    """make_optimizer passes weight_decay on (torch's AdamW would default to 0.01, bitsandbytes' too)."""
+    for kind in ("adamw", "adamw8bit"):
+        optimizer = make_optimizer([torch.nn.Parameter(torch.ones(4))], lr=0.1, kind=kind)
+        assert optimizer.param_groups[0]["weight_decay"] == 0.0, kind
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, CUDA])])
 def test_loss_scaling_keeps_small_gradients_through_a_float16_unet(eps_dir, device):
     exact = _step_on_small_loss(eps_dir, "fp32", True, device)  # no scaling in fp32: nothing to keep

@@ -564,3 +564,12 @@ def test_the_early_stop_threshold_grows_by_its_slope_per_timestep(eps_model, pho
     """Step i stops once its loss < early_stop + i * early_stop_slope: with 0 + 10 * i only step 0 runs every step."""
     artifact = _invert(eps_model, photo, steps=4, inner_steps=2, early_stop=0.0, early_stop_slope=10.0)
     assert artifact.meta["per_step"]["inner_steps"] == [2, 1, 1, 1]
+
+
+def test_blend_words_are_marked_in_the_prompt_that_has_them(eps_model):
+    """A blend word marks its tokens in each branch whose prompt holds it: the target's own words count too."""
+    pipe = eps_model.pipe
+    prompts = [SOURCE, "a photo of a blue square"]
+    controller = p2p.Controller(pipe.unet, pipe.tokenizer, prompts, p2p.Control(blend=["square"]), 10)
+    marked = [controller.blend_alpha[b].nonzero().flatten().tolist() for b in range(2)]
+    assert marked == [[], p2p.word_positions(pipe.tokenizer, prompts[1], "square")] and marked[1]

@@ -41,12 +41,12 @@ def reachable() -> bool:
     return True
 
 
-def load(name: str, load_cached, load_online):
-    """``load_cached()`` (which must not touch the network) when the cache holds ``name``; else ``load_online()``,
-    after a one-line error when the hub cannot be reached. Each loader raises ``OSError`` for files it cannot find.
-    """
+def load(name: str, loader):
+    """``loader(local_files_only=True)`` (which must not touch the network) when the cache holds ``name``; else
+    ``loader(local_files_only=False)``, after a one-line error when the hub cannot be reached. ``loader`` raises
+    ``OSError`` for files it cannot find."""
     try:
-        return load_cached()
+        return loader(local_files_only=True)
     except OSError:
         pass  # not in the cache (or not all of it): download
     if offline():
@@ -56,4 +56,4 @@ def load(name: str, load_cached, load_online):
             f"model {name!r} is not in the local Hugging Face cache and the hub cannot be reached (no network?); "
             "download it where there is one, or pass a local diffusers folder or .safetensors file"
         )
-    return load_online()
+    return loader(local_files_only=False)

@@ -8,6 +8,7 @@ shorter side is resized to the model's resolution (Lanczos) and the centre squar
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -215,25 +216,24 @@ def sheet(rows: list[tuple[str, list[Image.Image], str]], height: int = 160) -> 
 # text beyond ASCII; Pillow's default font is Latin only. Size 10: the default FreeType font's.
 WIDE_FONTS = ("DejaVuSans.ttf", "NotoSans-Regular.ttf", "LiberationSans-Regular.ttf", "Arial Unicode.ttf", "arial.ttf")
 WIDE_FONT_SIZE = 10
-_wide_font: list = []  # the first of WIDE_FONTS that loads (None: none does), found once
+
+
+@functools.cache
+def _wide_font():
+    """The first of :data:`WIDE_FONTS` that loads, or None (looked for once)."""
+    from PIL import ImageFont
+
+    for name in WIDE_FONTS:
+        try:
+            return ImageFont.truetype(name, WIDE_FONT_SIZE)
+        except OSError:
+            continue
+    return None
 
 
 def _font_for(text: str):
     """None (Pillow's default font) for ASCII text, else a system font with wider coverage where there is one."""
-    if text.isascii():
-        return None
-    if not _wide_font:
-        from PIL import ImageFont
-
-        for name in WIDE_FONTS:
-            try:
-                _wide_font.append(ImageFont.truetype(name, WIDE_FONT_SIZE))
-                break
-            except OSError:
-                continue
-        else:
-            _wide_font.append(None)
-    return _wide_font[0]
+    return None if text.isascii() else _wide_font()
 
 
 def _text(draw: ImageDraw.ImageDraw, at: tuple[int, int], text: str, fill: str) -> None:

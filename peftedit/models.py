@@ -4,6 +4,7 @@ choosing device, precision and attention backend, and fingerprinting the base we
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -174,7 +175,7 @@ def load_model(
         elif path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
             raise PeftEditError(f"model {name!r}: not a diffusers folder, a .safetensors file or a hub id")
         else:
-            pipe = hub.load(name, lambda: _from_hub(name, kwargs, True), lambda: _from_hub(name, kwargs, False))
+            pipe = hub.load(name, functools.partial(_from_hub, name, kwargs))
     except PeftEditError:
         raise
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # a broken folder fails in many ways

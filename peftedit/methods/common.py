@@ -92,7 +92,7 @@ def encode_photo(model: Model, picture: Image.Image) -> torch.Tensor:
 
 
 def decode_pictures(model: Model, latents: torch.Tensor, settings: str = "guidance") -> list[Image.Image]:
-    """The pictures of ``latents`` (the VAE placed first). Raises :class:`NumericalError` for a render that diverged
+    """The pictures of ``latents`` (the VAE placed first). Raises :class:`RenderDiverged` for a render that diverged
     (NaN or infinite values), advising lower ``settings`` (the sampling values that can blow a render up)."""
     model.place("vae")
     return decode_latents(model.pipe, latents, numeric_advice(settings, model.dtype))

@@ -295,6 +295,26 @@ def test_several_etas_and_seeds_render_a_labelled_grid_of_the_single_renders(edi
     assert np.array_equal(np.array(picked), np.array(single.resize((cell, cell), Image.NEAREST)))
 
 
+def test_a_grid_keeps_the_renders_that_did_not_diverge(edit_dir, tmp_path, capsys):
+    """One eta too large for the model cost the whole grid (an error, nothing written); now its cells are grey and
+    labelled, with a warning, and the other cells are kept."""
+    out = tmp_path / "grid.png"
+    code, _, err = _run(capsys, "edit", edit_dir, "--eta", "0.9,1e30", "--steps", 4, "-o", out)
+    assert code == 0, err
+    assert "render eta 1e+30: the render diverged" in err
+    code, _, err = _run(capsys, "edit", edit_dir, "--eta", 0.9, "--steps", 4, "-o", tmp_path / "one.png")
+    assert code == 0, err
+    single = Image.open(tmp_path / "one.png").convert("RGB")
+    cell = max(128, single.width)
+    sheet = np.array(Image.open(out).convert("RGB"))
+    kept = sheet[16 : 16 + cell, :cell]
+    assert np.array_equal(kept, np.array(single.resize((cell, cell), Image.NEAREST)))
+    assert (sheet[16 : 16 + cell, cell : 2 * cell] == 128).all()  # the diverged cell: grey
+    code, _, err = _run(capsys, "edit", edit_dir, "--eta", "1e30,1e31", "--steps", 4, "-o", tmp_path / "none.png")
+    _one_line_error(code, err, "the render diverged")  # every cell diverged: an error
+    assert not (tmp_path / "none.png").exists()
+
+
 def test_bad_edit_settings_are_one_line_and_write_nothing(edit_dir, tmp_path, capsys):
     """--eta nan rendered an all-black PNG with exit 0; --seed overflowed inside torch."""
     out = tmp_path / "edit.png"

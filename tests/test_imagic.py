@@ -297,13 +297,22 @@ def test_several_seeds_render_in_one_call_like_one_call_each(fitted, tiny_model)
 
 def test_a_render_that_diverges_is_an_error_not_a_black_picture(eps_model, photo, caplog):
     """An eta or guidance large enough to overflow rendered an all-black picture without a word; a fit whose preview
-    diverges keeps its training (a warning, and a preview of the input alone)."""
+    diverges keeps its training (a warning, and a preview of the input and the etas that rendered)."""
     short = dict(embedding_steps=2, finetune_steps=2, render_steps=2, preview_etas=[0.5, 1e30])
     with caplog.at_level(logging.WARNING, "peftedit"):
         artifact = imagic.fit(eps_model, photo, "a red circle", ImagicConfig(**short), RUNTIME, False)
-    assert "no preview: the render diverged" in caplog.text
+    assert "render eta 1e+30: the render diverged" in caplog.text and "no preview" not in caplog.text
     picture, _ = load_image(photo, eps_model.resolution)
-    assert artifact.lora and artifact.preview.size == grid([picture], ["input"]).size
+    rendered = imagic.render(eps_model, artifact, eta=[0.5, 1e30], steps=2, skip_diverged=True)
+    assert rendered[1] is None and artifact.preview.size == grid([picture, rendered[0]], ["input", "eta 0.5"]).size
+    assert np.array_equal(np.asarray(artifact.preview), np.asarray(grid([picture, rendered[0]], ["input", "eta 0.5"])))
+    short["preview_etas"] = [1e30]
+    with caplog.at_level(logging.WARNING, "peftedit"):
+        alone = imagic.fit(eps_model, photo, "a red circle", ImagicConfig(**short), RUNTIME, False)
+    assert "no preview: the render diverged" in caplog.text
+    assert alone.lora and alone.preview.size == grid([picture], ["input"]).size
+    with pytest.raises(NumericalError, match="^the render diverged"):  # skipped only while some render did not
+        imagic.render(eps_model, artifact, eta=[1e30, 1e31], skip_diverged=True)
     with pytest.raises(NumericalError, match="^the render diverged: its latents are NaN or infinite; try a lower eta"):
         imagic.render(eps_model, artifact, eta=1e30)
     with pytest.raises(NumericalError, match="latents are NaN or infinite; try a lower eta or guidance$"):

@@ -265,11 +265,14 @@ def fit(
     artifact = Artifact(METHOD, tensors, meta, lora=lora, lora_config=config.lora_config())
     etas = config.preview_etas
     try:
-        renders = render(model, artifact, eta=etas, seed=config.preview_seed, check=False, show_progress=show_progress)
+        renders = render(
+            model, artifact, etas, config.preview_seed, check=False, show_progress=show_progress, skip_diverged=True
+        )
     except RenderDiverged as err:  # the training is sound (its values were checked); keep it, without a preview
         log.warning("no preview: %s (imagic.preview_etas = %s)", err, etas)
-        renders, etas = [], []
-    artifact.preview = grid([picture, *renders], ["input"] + [f"eta {e:g}" for e in etas])
+        renders = [None] * len(etas)
+    kept = [(e, image) for e, image in zip(etas, renders, strict=True) if image is not None]
+    artifact.preview = grid([picture] + [image for _, image in kept], ["input"] + [f"eta {e:g}" for e, _ in kept])
     artifact.card = model_card(artifact)
     return artifact
 
@@ -316,12 +319,15 @@ def render(
     steps: int | None = None,
     check: bool = True,
     show_progress: bool = False,
+    skip_diverged: bool = False,
 ) -> Image.Image | list[Image.Image]:
     """Render an Imagic edit at ``eta`` with ``seed``; returns a PIL image, or for a list of etas or seeds a list:
     every eta for the first seed, then every eta for the next (the LoRA goes on, and with ``runtime.offload_idle``
     the UNet and then the VAE onto the GPU, once for them all).
 
-    Guidance and steps default to the artifact's recipe. Raises :class:`ArtifactError` for another base model.
+    Guidance and steps default to the artifact's recipe. Raises :class:`ArtifactError` for another base model, and
+    :class:`RenderDiverged` for a render that diverged (NaN or infinite values); with ``skip_diverged`` such a render
+    is ``None`` in the list instead, with a warning, unless every render diverged.
     """
     if artifact.method != METHOD or artifact.lora is None:
         raise ArtifactError(f"this is a {artifact.method!r} edit, not an Imagic one")
@@ -359,8 +365,20 @@ def render(
                 cond = value * e_tgt + (1 - value) * e_opt
                 said = f"render eta {value:g}" + (f", seed {number}" if len(seeds) > 1 else "")
                 bar = sampling_bar(said, show_progress)
-                results.append(sample(pipe.unet, scheduler, noise, cond, uncond, guidance, progress=bar))
-    images = [image for latents in results for image in decode_pictures(model, latents, "eta or guidance")]
+                results.append((said, sample(pipe.unet, scheduler, noise, cond, uncond, guidance, progress=bar)))
+    images, diverged = [], []
+    for said, latents in results:
+        try:
+            images.extend(decode_pictures(model, latents, "eta or guidance"))
+        except RenderDiverged as err:
+            if not skip_diverged:
+                raise
+            diverged.append((said, err))
+            images.append(None)
+    if len(diverged) == len(images):
+        raise diverged[0][1]
+    for said, err in diverged:
+        log.warning("%s: %s", said, err)
     return images if isinstance(eta, list) or isinstance(seed, list) else images[0]
 
 

@@ -828,3 +828,31 @@ def test_a_skipped_stage_says_skipped_not_nan(eps_dir, photo, tmp_path, capsys):
     assert code == 0, err
     assert "final losses: embedding skipped, LoRA skipped" in stdout
     assert Artifact.load(out).meta["losses"] == {"embedding": None, "finetune": None}
+
+
+def test_ctrl_c_during_training_exits_130_and_leaves_nothing(eps_dir, photo, tmp_path):
+    """A real SIGINT to a real process: Ctrl-C while Imagic trains stops it with status 130 and one line, leaving no
+    edit folder and no hidden partial one (the artifact is written only after training, through a rename)."""
+    import select
+    import signal
+    import time
+
+    out = tmp_path / "edits" / "dog"
+    argv = [sys.executable, "-m", "peftedit", "imagic", str(photo), "a dog", "--model", str(eps_dir), "-o", str(out)]
+    argv += [*FAST, "--set", "embedding_steps=100000"]  # hours: only Ctrl-C ends it
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.PIPE)
+    said, deadline = b"", time.monotonic() + 240
+    try:
+        while b"embedding" not in said and time.monotonic() < deadline and process.poll() is None:
+            if select.select([process.stderr], [], [], 1)[0]:
+                said += os.read(process.stderr.fileno(), 4096)
+        assert b"embedding" in said, said.decode(errors="replace")  # training has begun
+        time.sleep(1)
+        process.send_signal(signal.SIGINT)
+        _, rest = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    lines = (said + rest).decode(errors="replace")
+    assert process.returncode == 130, lines
+    assert lines.rstrip().splitlines()[-1].endswith("peftedit: interrupted; nothing was saved"), lines
+    assert not out.exists() and not (out.parent.exists() and any(out.parent.iterdir()))

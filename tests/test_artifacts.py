@@ -9,13 +9,13 @@ import re
 
 import pytest
 import torch
+from cli_run import one_line_error, run_cli
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from peftedit.artifact_checks import HEADER_CHECKSUM
 from peftedit.artifacts import EDIT_FILE, LORA_FILE, Artifact, check_replaceable
-from peftedit.cli import main
 from peftedit.errors import ArtifactError
 
 RANK = 8
@@ -181,23 +181,6 @@ def saved(tmp_path):
     return save
 
 
-def _run(capsys, *argv):
-    capsys.readouterr()  # only the command's own output: not what the test printed before (a first import's notes)
-    code = main(["--quiet", *map(str, argv)])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_line_error(code, err, fragment, warned=()):
-    """Exit 2 and all of stderr one "peftedit: error:" line holding ``fragment``, after one warning line for each of
-    ``warned`` (counting only the error lines let any other output through)."""
-    lines = err.splitlines()
-    assert code == 2 and err.endswith("\n") and len(lines) == len(warned) + 1, err
-    for line, said in zip(lines, warned, strict=False):
-        assert line.startswith("peftedit: warning: ") and said in line, err
-    assert lines[-1].startswith("peftedit: error: ") and fragment in lines[-1], err
-
-
 @pytest.mark.parametrize("case", TAMPERING)
 def test_a_changed_header_is_refused(case, saved, tmp_path, capsys):
     make, change, _ = TAMPERING[case]
@@ -206,8 +189,8 @@ def test_a_changed_header_is_refused(case, saved, tmp_path, capsys):
     _rewrite(folder, change)
     with pytest.raises(ArtifactError, match="header was changed"):
         Artifact.load(folder)
-    code, _, err = _run(capsys, "edit", folder, "-o", tmp_path / "out.png")
-    _one_line_error(code, err, "header was changed")
+    code, _, err = run_cli(capsys, "edit", folder, "-o", tmp_path / "out.png")
+    one_line_error(code, err, "header was changed")
     assert not (tmp_path / "out.png").exists()
 
 
@@ -219,8 +202,8 @@ def test_format_1_headers_are_checked_for_what_a_render_needs(case, saved, tmp_p
     with pytest.raises(ArtifactError) as caught:
         Artifact.load(folder)
     assert fragment in str(caught.value) and "\n" not in str(caught.value)
-    code, _, err = _run(capsys, "inspect", folder)
-    _one_line_error(code, err, fragment, warned=["predates header checksums (format 1)"])
+    code, _, err = run_cli(capsys, "inspect", folder)
+    one_line_error(code, err, fragment, warned=["predates header checksums (format 1)"])
 
 
 @pytest.mark.parametrize("make", [imagic_edit, direct_edit])
@@ -257,7 +240,7 @@ def test_a_broken_preview_only_warns(damage, tmp_path, capsys, caplog):
     with caplog.at_level(logging.WARNING, logger="peftedit"):
         loaded = Artifact.load(folder)
     assert loaded.preview is None and "preview.png" in caplog.text
-    code, out, err = _run(capsys, "inspect", folder)
+    code, out, err = run_cli(capsys, "inspect", folder)
     assert code == 0 and "a red square" in out, err
 
 
@@ -408,8 +391,8 @@ def test_cli_refuses_to_overwrite_before_any_work(case, photo, tmp_path, capsys,
     path = make(tmp_path)
     before = _snapshot(tmp_path)
     for command in ("invert", "imagic"):
-        code, _, err = _run(capsys, command, photo, "a red circle", "-o", path, "--overwrite")
-        _one_line_error(code, err, "peftedit edit folder")
+        code, _, err = run_cli(capsys, command, photo, "a red circle", "-o", path, "--overwrite")
+        one_line_error(code, err, "peftedit edit folder")
         assert fragment in err
     assert _snapshot(tmp_path) == before
 
@@ -417,7 +400,7 @@ def test_cli_refuses_to_overwrite_before_any_work(case, photo, tmp_path, capsys,
 def test_cli_overwrites_an_earlier_edit(eps_dir, photo, tmp_path, capsys):
     folder = imagic_edit().save(tmp_path / "edit")
     args = ["--model", eps_dir, "--method", "ddim", "--steps", 2, "--set", "runtime.device=cpu", "-o", folder]
-    code, _, err = _run(capsys, "invert", photo, "a red circle", *args, "--overwrite")
+    code, _, err = run_cli(capsys, "invert", photo, "a red circle", *args, "--overwrite")
     assert code == 0, err
     assert Artifact.load(folder).method == "ddim"
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", EDIT_FILE, "preview.png"]
@@ -469,8 +452,8 @@ def test_tensors_a_renderer_would_trip_over_are_refused_on_load(case, saved, cap
     folder = saved(make)
     with pytest.raises(ArtifactError, match=re.escape(said)):
         Artifact.load(folder)
-    code, _, err = _run(capsys, "edit", str(folder))
-    _one_line_error(code, err, said)
+    code, _, err = run_cli(capsys, "edit", str(folder))
+    one_line_error(code, err, said)
 
 
 def test_lora_weights_and_settings_peftedit_never_writes_are_refused(saved):

@@ -8,10 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from cli_run import run_cli
 from PIL import Image
 
 from peftedit import Artifact, batch
-from peftedit.cli import main
 from peftedit.errors import PeftEditError
 
 DATA = Path(__file__).parent / "data"
@@ -25,12 +25,6 @@ def _list(folder: Path, entries, name: str = "list.json") -> Path:
     path = folder / name
     path.write_text(json.dumps(entries))
     return path
-
-
-def _run(capsys, *argv):
-    code = main(["--quiet", *map(str, argv)])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture
@@ -158,7 +152,7 @@ def test_cli_errors_come_before_the_model_loads(photos, tmp_path, capsys):
         ([_list(photos, [{"image": "dog.png", "target": "a"}]), "--limit", 0], "--limit = 0 must be > 0"),
     ):
         output = [] if "-o" in argv else ["-o", tmp_path / "out"]
-        code, _, err = _run(capsys, "batch", *argv, "--model", tmp_path / "no-model", *output)
+        code, _, err = run_cli(capsys, "batch", *argv, "--model", tmp_path / "no-model", *output)
         assert code == 2 and fragment in err, err
         assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
@@ -172,7 +166,7 @@ def test_imagic_batch_resumes_and_goes_on_past_a_failed_entry(eps_dir, photos, t
     entries = [{"image": "shapes.png", "target": "a red circle"}, {"img_name": "dog.png", "target_text": "a dog"}]
     listed, out = _list(photos, entries), tmp_path / "out"
     argv = ["batch", listed, "--model", eps_dir, "-o", out, *IMAGIC_FAST]
-    code, stdout, err = _run(capsys, *argv, "--limit", 1)
+    code, stdout, err = run_cli(capsys, *argv, "--limit", 1)
     assert code == 0, err
     assert "1 done, 0 done earlier, 0 failed of 1" in stdout
     first = out / "001-shapes-a-red-circle"
@@ -180,7 +174,7 @@ def test_imagic_batch_resumes_and_goes_on_past_a_failed_entry(eps_dir, photos, t
     made = (first / "edit.safetensors").stat().st_mtime_ns
 
     # resumed with a changed setting: the first is kept (with a warning naming the setting), the second made
-    code, stdout, err = _run(capsys, *argv, "--set", "finetune_steps=3")
+    code, stdout, err = run_cli(capsys, *argv, "--set", "finetune_steps=3")
     assert code == 0, err
     assert "001-shapes-a-red-circle was made with other settings (finetune_steps); kept" in err
     summary = _summary(out)
@@ -191,7 +185,7 @@ def test_imagic_batch_resumes_and_goes_on_past_a_failed_entry(eps_dir, photos, t
     assert Image.open(out / "batch.png").height == 2 * ROW  # the overview: each entry's preview under a caption
 
     # a shorter run keeps the other entries' records
-    code, _, err = _run(capsys, *argv, "--limit", 1)
+    code, _, err = run_cli(capsys, *argv, "--limit", 1)
     assert code == 0, err
     summary = _summary(out)
     assert [i["folder"] for i in summary["items"]] == [first.name]
@@ -202,14 +196,14 @@ def test_imagic_batch_resumes_and_goes_on_past_a_failed_entry(eps_dir, photos, t
     shutil.rmtree(out / "002-dog-a-dog")
     shutil.copytree(first, out / "002-dog-a-dog")
     Image.open(photos / "shapes.png").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(photos / "shapes.png")
-    code, stdout, err = _run(capsys, *argv)
+    code, stdout, err = run_cli(capsys, *argv)
     assert code == 1 and "2 failed of 2" in stdout
     statuses = [i["status"] for i in _summary(out)["items"]]
     assert statuses[0].startswith("failed: ") and "made from another photo (shapes.png)" in statuses[0]
     assert "its target prompt is 'a red circle'" in statuses[1] and "made from another photo" in statuses[1]
     assert Image.open(out / "batch.png").height == 2 * CAPTION  # failed entries: their captions alone
 
-    code, _, err = _run(capsys, *argv, "--overwrite")  # redone, the copied folder replaced
+    code, _, err = run_cli(capsys, *argv, "--overwrite")  # redone, the copied folder replaced
     assert code == 0, err
     assert Artifact.load(out / "002-dog-a-dog").meta["prompts"]["target"] == "a dog"
     assert _summary(out)["earlier_items"] == []
@@ -220,7 +214,7 @@ def test_imagic_batch_resumes_and_goes_on_past_a_failed_entry(eps_dir, photos, t
     shutil.copytree(first, inversions / first.name)
     listed = _list(photos, [{"image": "shapes.png", "source": "a red circle"}], "sources.json")
     argv = ["batch", listed, "--method", "negative-prompt", "--model", eps_dir, "-o", inversions, *INVERSION_FAST]
-    code, stdout, _ = _run(capsys, *argv)
+    code, stdout, _ = run_cli(capsys, *argv)
     status = _summary(inversions)["items"][0]["status"]
     assert code == 1 and "it is imagic, this entry negative-prompt;" in status and "prompt is" not in status
 
@@ -234,7 +228,7 @@ def test_inversion_batch_renders_each_edit_and_a_missing_picture_again(
     ]
     listed, out = _list(photos, entries), tmp_path / "out"
     argv = ["batch", listed, "--method", "negative-prompt", "--model", eps_dir, "-o", out, *INVERSION_FAST]
-    code, _, err = _run(capsys, *argv)
+    code, _, err = run_cli(capsys, *argv)
     assert code == 0, err
     picture = out / "001-shapes-a-red-circle.png"  # named as the inversion: after its source
     inversion = Artifact.load(out / "001-shapes-a-red-circle")
@@ -247,7 +241,7 @@ def test_inversion_batch_renders_each_edit_and_a_missing_picture_again(
     assert overview.width == max(640, round(preview.width * 160 / preview.height) + 160)  # preview, then the edit
     assert Image.open(picture).text["peftedit.target"] == "a blue circle"
     picture.unlink()  # e.g. a run stopped between saving the inversion and rendering its edit
-    code, _, err = _run(capsys, *argv)
+    code, _, err = run_cli(capsys, *argv)
     assert code == 0, err
     assert picture.is_file()
     assert json.loads((out / "batch.json").read_text())["counts"]["done earlier"] == 2
@@ -257,7 +251,7 @@ def test_inversion_batch_renders_each_edit_and_a_missing_picture_again(
     made = (out / "001-shapes-a-red-circle" / "edit.safetensors").read_bytes()
     entries[0]["target"] = "a green square"
     _list(photos, entries)
-    code, _, err = _run(capsys, *argv)
+    code, _, err = run_cli(capsys, *argv)
     assert code == 0, err
     assert Image.open(picture).text["peftedit.target"] == "a green square"
     assert (out / "001-shapes-a-red-circle" / "edit.safetensors").read_bytes() == made
@@ -266,7 +260,7 @@ def test_inversion_batch_renders_each_edit_and_a_missing_picture_again(
 
     # A picture peftedit did not render is not replaced by a resumed run.
     Image.new("RGB", (8, 8)).save(picture)
-    code, _, _ = _run(capsys, *argv)
+    code, _, _ = run_cli(capsys, *argv)
     status = json.loads((out / "batch.json").read_text())["items"][0]["status"]
     assert code == 1 and "was not rendered by peftedit batch" in status
     assert Image.open(picture).size == (8, 8)
@@ -276,7 +270,7 @@ def test_inversion_batch_renders_each_edit_and_a_missing_picture_again(
         raise KeyboardInterrupt
 
     monkeypatch.setattr(batch, "_one", interrupted)
-    code, _, err = _run(capsys, *argv)
+    code, _, err = run_cli(capsys, *argv)
     assert code == 130 and "finished entries are kept" in err
     assert [i["status"] for i in json.loads((out / "batch.json").read_text())["items"]] == [
         "interrupted",
@@ -285,7 +279,7 @@ def test_inversion_batch_renders_each_edit_and_a_missing_picture_again(
     monkeypatch.undo()
 
     # resumed on another base model: the earlier edits are not this run's
-    code, stdout, _ = _run(capsys, *[other_dir if a == eps_dir else a for a in argv])
+    code, stdout, _ = run_cli(capsys, *[other_dir if a == eps_dir else a for a in argv])
     assert code == 1 and "2 failed of 2" in stdout
     statuses = [i["status"] for i in json.loads((out / "batch.json").read_text())["items"]]
     assert all("base model mismatch" in s for s in statuses), statuses
@@ -296,7 +290,7 @@ def test_too_many_steps_fail_the_run_once_before_any_entry(eps_dir, photos, tmp_
     entries = [{"image": "shapes.png", "source": "a red circle"}, {"image": "dog.png", "source": "a dog"}]
     out = tmp_path / "out"
     argv = ["batch", _list(photos, entries), "--method", "ddim", "--model", eps_dir, "-o", out]
-    code, _, err = _run(capsys, *argv, "--set", "nulltext.steps=1001", "--set", "nulltext.lr_decay=0")
+    code, _, err = run_cli(capsys, *argv, "--set", "nulltext.steps=1001", "--set", "nulltext.lr_decay=0")
     assert code == 2 and "nulltext.steps = 1001 is more than the model's 1000 training timesteps" in err
     assert not out.exists()
 
@@ -307,13 +301,13 @@ def test_an_inversion_named_after_its_target_by_an_older_batch_is_reused(eps_dir
     entries = [{"image": "shapes.png", "source": "a red circle", "target": "a blue circle"}]
     listed, out = _list(photos, entries), tmp_path / "out"
     argv = ["batch", listed, "--method", "negative-prompt", "--model", eps_dir, "-o", out, *INVERSION_FAST]
-    code, _, err = _run(capsys, *argv)
+    code, _, err = run_cli(capsys, *argv)
     assert code == 0, err
     new, old = out / "001-shapes-a-red-circle", out / "001-shapes-a-blue-circle"
     made = (new / "edit.safetensors").read_bytes()
     new.rename(old)  # as the older batch left it
     Path(f"{new}.png").rename(f"{old}.png")
-    code, _, err = _run(capsys, *argv)
+    code, _, err = run_cli(capsys, *argv)
     assert code == 0, err
     assert json.loads((out / "batch.json").read_text())["counts"]["done earlier"] == 1
     assert (new / "edit.safetensors").read_bytes() == made and not old.exists()

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_run import one_line_error, run_cli
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -22,17 +23,10 @@ from peftedit.cli import main
 FAST = ["--set", "render_steps=6", "--set", "preview_etas=[0.6]", "--set", "runtime.device=cpu"]
 
 
-def _run(capsys, *argv):
-    capsys.readouterr()  # only the command's own output: not what the test printed before (a first import's notes)
-    code = main(["--quiet", *map(str, argv)])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.fixture
 def edit_dir(eps_dir, photo, tmp_path, capsys):
     out = tmp_path / "adapters" / "edit"
-    code, stdout, err = _run(
+    code, stdout, err = run_cli(
         capsys,
         "imagic",
         photo,
@@ -65,29 +59,20 @@ def test_imagic_writes_a_complete_folder_and_edit_rerenders_identically(edit_dir
     assert {p.name: p.stat().st_mode & 0o777 for p in edit_dir.iterdir()} == dict.fromkeys(names, plain)
     first, second = tmp_path / "a.png", tmp_path / "b.png"
     for target in (first, second):
-        code, out, err = _run(capsys, "edit", edit_dir, "--eta", 0.6, "--seed", 2, "--steps", 6, "-o", target)
+        code, out, err = run_cli(capsys, "edit", edit_dir, "--eta", 0.6, "--seed", 2, "--steps", 6, "-o", target)
         assert code == 0, err
     assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(second)))
 
 
 def test_inspect_reports_the_edit(edit_dir, capsys):
-    code, out, _ = _run(capsys, "inspect", edit_dir, "--json")
+    code, out, _ = run_cli(capsys, "inspect", edit_dir, "--json")
     info = json.loads(out)
     assert code == 0 and info["method"] == "imagic"
     assert info["prompts"]["target"] == "a photo of a red circle"
     assert info["recipe"]["imagic"]["embedding_steps"] == 20
     assert info["tensors"]["e_opt"] == [1, 77, 32]
-    code, out, _ = _run(capsys, "inspect", edit_dir)
+    code, out, _ = run_cli(capsys, "inspect", edit_dir)
     assert code == 0 and "a photo of a red circle" in out and "lora" in out
-
-
-def _one_line_error(code, err, *fragments):
-    """Exit 2 and all of stderr one "peftedit: error:" line holding each fragment (extra lines slipped through when
-    only the error lines were counted)."""
-    assert code == 2, err
-    assert err.startswith("peftedit: error: ") and err.count("\n") == 1 and err.endswith("\n"), err
-    for fragment in fragments:
-        assert fragment in err, err
 
 
 @pytest.mark.parametrize("kind", [ValueError, OSError])
@@ -99,8 +84,8 @@ def test_a_library_error_over_several_lines_is_still_one_line(kind, tmp_path, ca
         raise kind("header too large:\n  expected at most 100 MB\n\n  got 4 GB\n")
 
     monkeypatch.setattr(Artifact, "load", staticmethod(fails))
-    code, _, err = _run(capsys, "inspect", tmp_path)
-    _one_line_error(code, err, "peftedit: error: header too large: expected at most 100 MB got 4 GB\n")
+    code, _, err = run_cli(capsys, "inspect", tmp_path)
+    one_line_error(code, err, "peftedit: error: header too large: expected at most 100 MB got 4 GB\n")
 
 
 @pytest.mark.parametrize(
@@ -122,8 +107,8 @@ def test_bad_imagic_input_is_one_line_and_leaves_nothing(args, fragments, eps_di
     if "--model" not in args:
         args += ["--model", str(eps_dir)]
     out = tmp_path / "adapters" / "x"
-    code, _, err = _run(capsys, "imagic", *args, "-o", out, "--embedding-steps", 2, "--finetune-steps", 2, *FAST)
-    _one_line_error(code, err, *fragments)
+    code, _, err = run_cli(capsys, "imagic", *args, "-o", out, "--embedding-steps", 2, "--finetune-steps", 2, *FAST)
+    one_line_error(code, err, *fragments)
     assert not out.exists() and not _leftovers(out.parent)
 
 
@@ -135,8 +120,8 @@ def test_nan_loss_stops_naming_the_stage(eps_dir, photo, tmp_path, capsys, monke
     real = imagic.denoising_loss
     monkeypatch.setattr(imagic, "denoising_loss", lambda *a: real(*a) * torch.tensor(float("nan")))
     out = tmp_path / "adapters" / "nan"
-    code, _, err = _run(capsys, "imagic", photo, "a red circle", "--model", eps_dir, "-o", out, *FAST)
-    _one_line_error(code, err, "stage 1/2 (embedding)", "nan", "embedding_lr")
+    code, _, err = run_cli(capsys, "imagic", photo, "a red circle", "--model", eps_dir, "-o", out, *FAST)
+    one_line_error(code, err, "stage 1/2 (embedding)", "nan", "embedding_lr")
     assert "runtime.dtype=fp32" not in err  # the model already runs in fp32 on the CPU
     assert not out.exists() and not _leftovers(out.parent)
 
@@ -158,8 +143,8 @@ def test_a_last_update_that_breaks_the_trained_values_stops_saving(eps_dir, phot
     monkeypatch.setattr(imagic, "descend", last_update_breaks)
     out = tmp_path / "adapters" / "nan"
     args = ["--embedding-steps", 2, "--finetune-steps", 2, *FAST]
-    code, _, err = _run(capsys, "imagic", photo, "a red circle", "--model", eps_dir, "-o", out, *args)
-    _one_line_error(code, err, "stage 1/2 (embedding): the trained values are not finite after step 1", "embedding_lr")
+    code, _, err = run_cli(capsys, "imagic", photo, "a red circle", "--model", eps_dir, "-o", out, *args)
+    one_line_error(code, err, "stage 1/2 (embedding): the trained values are not finite after step 1", "embedding_lr")
     assert not out.exists() and not _leftovers(out.parent)
 
 
@@ -176,8 +161,8 @@ def test_a_bad_loss_before_the_adapter_moves_blames_stage_1(eps_dir, photo, tmp_
 
     monkeypatch.setattr(imagic, "denoising_loss", stage_2_nan)
     out = tmp_path / "adapters" / "nan"
-    code, _, err = _run(capsys, "imagic", photo, "a red circle", "--model", eps_dir, "-o", out, *FAST)
-    _one_line_error(code, err, "stage 2/2 (LoRA fine-tune): loss became nan at step 0", "lower imagic.embedding_lr")
+    code, _, err = run_cli(capsys, "imagic", photo, "a red circle", "--model", eps_dir, "-o", out, *FAST)
+    one_line_error(code, err, "stage 2/2 (LoRA fine-tune): loss became nan at step 0", "lower imagic.embedding_lr")
     assert not out.exists() and not _leftovers(out.parent)
 
 
@@ -194,8 +179,8 @@ def test_running_out_of_gpu_memory_is_one_line_with_what_to_try(eps_dir, photo, 
 
     monkeypatch.setattr(imagic, "denoising_loss", oom)
     out = tmp_path / "adapters" / "oom"
-    code, _, err = _run(capsys, "imagic", photo, "a red circle", "--model", eps_dir, "-o", out, *FAST)
-    _one_line_error(code, err, "out of memory (CUDA out of memory. Tried to allocate 2.00 GiB);", "sd15-8gb")
+    code, _, err = run_cli(capsys, "imagic", photo, "a red circle", "--model", eps_dir, "-o", out, *FAST)
+    one_line_error(code, err, "out of memory (CUDA out of memory. Tried to allocate 2.00 GiB);", "sd15-8gb")
     assert not out.exists() and not _leftovers(out.parent)
 
     def bug(*args):
@@ -203,7 +188,7 @@ def test_running_out_of_gpu_memory_is_one_line_with_what_to_try(eps_dir, photo, 
 
     monkeypatch.setattr(imagic, "denoising_loss", bug)
     with pytest.raises(RuntimeError, match="mat1"):
-        _run(capsys, "imagic", photo, "a red circle", "--model", eps_dir, "-o", out, *FAST)
+        run_cli(capsys, "imagic", photo, "a red circle", "--model", eps_dir, "-o", out, *FAST)
 
 
 def test_running_out_of_host_memory_in_edit_says_so_with_edit_advice(edit_dir, tmp_path, capsys, monkeypatch):
@@ -215,8 +200,8 @@ def test_running_out_of_host_memory_in_edit_says_so_with_edit_advice(edit_dir, t
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] . DefaultCPUAllocator: not enough memory: you tried")
 
     monkeypatch.setattr(imagic, "render", oom)
-    code, _, err = _run(capsys, "edit", edit_dir, "-o", tmp_path / "x.png")
-    _one_line_error(code, err, "out of memory ([enforce fail", "--set runtime.offload_idle=true")
+    code, _, err = run_cli(capsys, "edit", edit_dir, "-o", tmp_path / "x.png")
+    one_line_error(code, err, "out of memory ([enforce fail", "--set runtime.offload_idle=true")
     assert "--recipe" not in err and not (tmp_path / "x.png").exists()
 
 
@@ -224,16 +209,16 @@ def test_list_option_elements_are_checked_before_loading(eps_dir, photo, tmp_pat
     """A list option with an element of the wrong type failed only after training, without naming the key."""
     out = tmp_path / "adapters" / "x"
     args = ["imagic", photo, "a dog", "--model", eps_dir, "-o", out, "--set", "runtime.device=cpu"]
-    code, _, err = _run(capsys, *args, "--set", 'imagic.preview_etas=["a"]')
-    _one_line_error(code, err, "imagic.preview_etas[0] = 'a' must be a number")
-    code, _, err = _run(capsys, *args, "--set", 'lora_targets=["conv", 2]')
-    _one_line_error(code, err, "imagic.lora_targets[1] = 2 must be a string")
+    code, _, err = run_cli(capsys, *args, "--set", 'imagic.preview_etas=["a"]')
+    one_line_error(code, err, "imagic.preview_etas[0] = 'a' must be a number")
+    code, _, err = run_cli(capsys, *args, "--set", 'lora_targets=["conv", 2]')
+    one_line_error(code, err, "imagic.lora_targets[1] = 2 must be a string")
     assert not out.exists()
 
 
 def test_long_prompt_warns_in_one_short_line(eps_dir, photo, tmp_path, capsys):
     text = "a photo of a red circle " + "on a bench " * 30 + "zebra"
-    code, _, err = _run(
+    code, _, err = run_cli(
         capsys,
         "imagic",
         photo,
@@ -273,18 +258,20 @@ def test_long_prompt_warning_stays_short(tokenizer_dir, caplog):
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
 def test_an_output_folder_that_takes_no_files_is_refused_before_any_work(edit_dir, capsys):
     """os.access said /proc was writable (as root, which CI is): the render ran and only its save failed."""
-    code, _, err = _run(capsys, "edit", edit_dir, "-o", "/proc/edit.png")
-    _one_line_error(code, err, "cannot write /proc/edit.png: /proc is not writable")
+    code, _, err = run_cli(capsys, "edit", edit_dir, "-o", "/proc/edit.png")
+    one_line_error(code, err, "cannot write /proc/edit.png: /proc is not writable")
 
 
 def test_several_etas_and_seeds_render_a_labelled_grid_of_the_single_renders(edit_dir, tmp_path, capsys, monkeypatch):
     """Choosing eta is Imagic's one knob: a row per seed and a column per eta, each cell the render on its own."""
     monkeypatch.chdir(tmp_path)  # the default picture name is in the working folder
-    code, out, err = _run(capsys, "edit", "--eta", "0.5,0.9", "--seed", "0,1", edit_dir, "--steps", 4)
+    code, out, err = run_cli(capsys, "edit", "--eta", "0.5,0.9", "--seed", "0,1", edit_dir, "--steps", 4)
     assert code == 0, err
     sheet = Image.open(out.split("wrote ", 1)[1].strip())
     assert out.strip().endswith("edit-eta0.5_0.9-seed0_1.png")
-    code, _, err = _run(capsys, "edit", edit_dir, "--eta", 0.9, "--seed", 1, "--steps", 4, "-o", tmp_path / "one.png")
+    code, _, err = run_cli(
+        capsys, "edit", edit_dir, "--eta", 0.9, "--seed", 1, "--steps", 4, "-o", tmp_path / "one.png"
+    )
     assert code == 0, err
     single = Image.open(tmp_path / "one.png").convert("RGB")
     cell = max(128, single.width)  # images.grid enlarges small renders to 128 px cells, under a 14 px label
@@ -299,10 +286,10 @@ def test_a_grid_keeps_the_renders_that_did_not_diverge(edit_dir, tmp_path, capsy
     """One eta too large for the model cost the whole grid (an error, nothing written); now its cells are grey and
     labelled, with a warning, and the other cells are kept."""
     out = tmp_path / "grid.png"
-    code, _, err = _run(capsys, "edit", edit_dir, "--eta", "0.9,1e30", "--steps", 4, "-o", out)
+    code, _, err = run_cli(capsys, "edit", edit_dir, "--eta", "0.9,1e30", "--steps", 4, "-o", out)
     assert code == 0, err
     assert "render eta 1e+30: the render diverged" in err
-    code, _, err = _run(capsys, "edit", edit_dir, "--eta", 0.9, "--steps", 4, "-o", tmp_path / "one.png")
+    code, _, err = run_cli(capsys, "edit", edit_dir, "--eta", 0.9, "--steps", 4, "-o", tmp_path / "one.png")
     assert code == 0, err
     single = Image.open(tmp_path / "one.png").convert("RGB")
     cell = max(128, single.width)
@@ -310,8 +297,8 @@ def test_a_grid_keeps_the_renders_that_did_not_diverge(edit_dir, tmp_path, capsy
     kept = sheet[16 : 16 + cell, :cell]
     assert np.array_equal(kept, np.array(single.resize((cell, cell), Image.NEAREST)))
     assert (sheet[16 : 16 + cell, cell : 2 * cell] == 128).all()  # the diverged cell: grey
-    code, _, err = _run(capsys, "edit", edit_dir, "--eta", "1e30,1e31", "--steps", 4, "-o", tmp_path / "none.png")
-    _one_line_error(code, err, "the render diverged")  # every cell diverged: an error
+    code, _, err = run_cli(capsys, "edit", edit_dir, "--eta", "1e30,1e31", "--steps", 4, "-o", tmp_path / "none.png")
+    one_line_error(code, err, "the render diverged")  # every cell diverged: an error
     assert not (tmp_path / "none.png").exists()
 
 
@@ -332,15 +319,15 @@ def test_bad_edit_settings_are_one_line_and_write_nothing(edit_dir, tmp_path, ca
         (["--eta", "1e30"], "the render diverged: its latents are NaN or infinite; try a lower eta or guidance"),
         (["--guidance", "1e30"], "the render diverged: its latents are NaN or infinite"),  # both gave black PNGs
     ):
-        code, _, err = _run(capsys, "edit", edit_dir, *flags, "-o", out)
-        _one_line_error(code, err, fragment)
+        code, _, err = run_cli(capsys, "edit", edit_dir, *flags, "-o", out)
+        one_line_error(code, err, fragment)
         assert not out.exists() and not _leftovers(tmp_path)
 
 
 def test_existing_output_is_not_overwritten(edit_dir, eps_dir, photo, capsys):
     before = (edit_dir / "edit.safetensors").read_bytes()
-    code, _, err = _run(capsys, "imagic", photo, "a dog", "--model", eps_dir, "-o", edit_dir, *FAST)
-    _one_line_error(code, err, "already exists")
+    code, _, err = run_cli(capsys, "imagic", photo, "a dog", "--model", eps_dir, "-o", edit_dir, *FAST)
+    one_line_error(code, err, "already exists")
     assert (edit_dir / "edit.safetensors").read_bytes() == before
 
 
@@ -386,8 +373,8 @@ def test_damaged_edit_folders_are_refused(edit_dir, tmp_path, capsys):
         (tmp_path / "nowhere", "edit folder not found"),
     ]
     for folder, fragment in cases:
-        code, _, err = _run(capsys, "edit", folder, "-o", tmp_path / "out.png")
-        _one_line_error(code, err, fragment)
+        code, _, err = run_cli(capsys, "edit", folder, "-o", tmp_path / "out.png")
+        one_line_error(code, err, fragment)
         assert not (tmp_path / "out.png").exists()
 
 
@@ -400,13 +387,13 @@ def _flip_last_byte(path):
 def test_other_base_model_is_named_in_the_error(edit_dir, other_dir, eps_dir, tmp_path, capsys):
     from peftedit.models import demo_model_dir
 
-    code, _, err = _run(capsys, "edit", edit_dir, "--model", other_dir, "-o", tmp_path / "x.png")
-    _one_line_error(code, err, "base model mismatch", str(eps_dir), str(other_dir), "(different weights)")
+    code, _, err = run_cli(capsys, "edit", edit_dir, "--model", other_dir, "-o", tmp_path / "x.png")
+    one_line_error(code, err, "base model mismatch", str(eps_dir), str(other_dir), "(different weights)")
     demo = demo_model_dir()  # built otherwise
-    code, _, err = _run(capsys, "edit", edit_dir, "--model", demo, "-o", tmp_path / "x.png")
-    _one_line_error(code, err, "base model mismatch", "(a different architecture)")
-    code, _, err = _run(capsys, "edit", edit_dir, "a cat", "-o", tmp_path / "x.png")
-    _one_line_error(code, err, "drop the prompt")
+    code, _, err = run_cli(capsys, "edit", edit_dir, "--model", demo, "-o", tmp_path / "x.png")
+    one_line_error(code, err, "base model mismatch", "(a different architecture)")
+    code, _, err = run_cli(capsys, "edit", edit_dir, "a cat", "-o", tmp_path / "x.png")
+    one_line_error(code, err, "drop the prompt")
 
 
 def test_help_has_examples(capsys):
@@ -467,12 +454,14 @@ def test_model_sources_dispatch_to_the_right_loader(tmp_path, monkeypatch, capsy
     configs.mkdir()
     (configs / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     out = tmp_path / "x.png"
-    code, _, err = _run(capsys, "generate", "a dog", "--model", checkpoint, "--single-file-config", configs, "-o", out)
+    code, _, err = run_cli(
+        capsys, "generate", "a dog", "--model", checkpoint, "--single-file-config", configs, "-o", out
+    )
     assert seen["single_file"] == (str(checkpoint), str(configs.resolve()))
-    _one_line_error(code, err, "could not load model", "stop here")
+    one_line_error(code, err, "could not load model", "stop here")
     checkpoint.write_bytes(b"not a checkpoint")  # without configs the file's tensor names say which pipeline
-    code, _, err = _run(capsys, "generate", "a dog", "--model", checkpoint, "-o", out)
-    _one_line_error(code, err, "not a readable .safetensors checkpoint")
+    code, _, err = run_cli(capsys, "generate", "a dog", "--model", checkpoint, "-o", out)
+    one_line_error(code, err, "not a readable .safetensors checkpoint")
 
 
 def test_an_edit_from_a_single_checkpoint_file_re_renders_without_its_configs_again(eps_dir, photo, tmp_path, capsys):
@@ -487,11 +476,11 @@ def test_an_edit_from_a_single_checkpoint_file_re_renders_without_its_configs_ag
     shutil.copytree(eps_dir, configs)
     single = ["--model", checkpoint, "--single-file-config", configs]
     for model, name in ((single, "g1.png"), (["--model", eps_dir], "g2.png")):
-        assert _run(capsys, "generate", "a red circle", *model, "--steps", 3, "-o", tmp_path / name)[0] == 0
+        assert run_cli(capsys, "generate", "a red circle", *model, "--steps", 3, "-o", tmp_path / name)[0] == 0
     assert np.array_equal(np.array(Image.open(tmp_path / "g1.png")), np.array(Image.open(tmp_path / "g2.png")))
 
     out = tmp_path / "edit"
-    code, _, err = _run(capsys, "imagic", photo, "a red circle", *single, "-o", out, "--embedding-steps", 2,
+    code, _, err = run_cli(capsys, "imagic", photo, "a red circle", *single, "-o", out, "--embedding-steps", 2,
                         "--finetune-steps", 2, *FAST)  # fmt: skip
     assert code == 0, err
     meta = Artifact.load(out).meta
@@ -499,17 +488,17 @@ def test_an_edit_from_a_single_checkpoint_file_re_renders_without_its_configs_ag
     pictures = []
     for model in ([], ["--model", eps_dir], ["--model", checkpoint]):  # recorded; the same weights from their folder
         pictures.append(tmp_path / f"{len(pictures)}.png")
-        code, _, err = _run(capsys, "edit", out, *model, "--eta", 0.6, "--steps", 4, "-o", pictures[-1])
+        code, _, err = run_cli(capsys, "edit", out, *model, "--eta", 0.6, "--steps", 4, "-o", pictures[-1])
         assert code == 0, err
     first = np.array(Image.open(pictures[0]))
     assert all(np.array_equal(first, np.array(Image.open(p))) for p in pictures[1:])
-    assert f"base_model_config {configs.resolve()}" in _run(capsys, "inspect", out)[1]
+    assert f"base_model_config {configs.resolve()}" in run_cli(capsys, "inspect", out)[1]
     configs.rename(tmp_path / "moved")
-    code, _, err = _run(capsys, "edit", out, "-o", tmp_path / "x.png")
-    _one_line_error(code, err, f"base model's configs were in {configs.resolve()}, which is gone")
+    code, _, err = run_cli(capsys, "edit", out, "-o", tmp_path / "x.png")
+    one_line_error(code, err, f"base model's configs were in {configs.resolve()}, which is gone")
 
-    code, _, err = _run(capsys, "generate", "a red circle", "--model", checkpoint, "-o", tmp_path / "g3.png")
-    _one_line_error(code, err, "could not load model", "configs come from --single-file-config")
+    code, _, err = run_cli(capsys, "generate", "a red circle", "--model", checkpoint, "-o", tmp_path / "g3.png")
+    one_line_error(code, err, "could not load model", "configs come from --single-file-config")
 
 
 def test_unreachable_hub_id_is_one_line_at_once(monkeypatch, capsys, tmp_path):
@@ -526,11 +515,11 @@ def test_unreachable_hub_id_is_one_line_at_once(monkeypatch, capsys, tmp_path):
         monkeypatch.delenv(name, raising=False)
     argv = ("generate", "a dog", "--model", "nobody-here/no-such-model", "-o", tmp_path / "x.png")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code, _, err = _run(capsys, *argv)
-    _one_line_error(code, err, "'nobody-here/no-such-model' is not in the local Hugging Face cache, and HF_HUB_OFF")
+    code, _, err = run_cli(capsys, *argv)
+    one_line_error(code, err, "'nobody-here/no-such-model' is not in the local Hugging Face cache, and HF_HUB_OFF")
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    code, _, err = _run(capsys, *argv)
-    _one_line_error(code, err, "not in the local Hugging Face cache and the hub cannot be reached (no network?)")
+    code, _, err = run_cli(capsys, *argv)
+    one_line_error(code, err, "not in the local Hugging Face cache and the hub cannot be reached (no network?)")
     assert "Retry" not in err and not (tmp_path / "x.png").exists()
     tries.clear()
     assert not hub.reachable() and len(tries) == 1  # one connection to the hub's host, refused
@@ -614,14 +603,14 @@ def test_edit_pictures_are_checked_before_any_work(edit_dir, tmp_path, capsys):
         (existing / "sub.png", "is a file, not a folder"),
     ]
     for output, fragment in cases:
-        code, _, err = _run(capsys, "edit", edit_dir, *nowhere, "-o", output)
-        _one_line_error(code, err, fragment)
-    code, _, err = _run(capsys, "edit", edit_dir, "--save-attention", existing, *nowhere, "-o", tmp_path / "n.png")
-    _one_line_error(code, err, "Prompt-to-Prompt options are for inversions")
-    code, _, err = _run(capsys, "generate", "a dog", *nowhere, "-o", existing)
-    _one_line_error(code, err, "already exists")
+        code, _, err = run_cli(capsys, "edit", edit_dir, *nowhere, "-o", output)
+        one_line_error(code, err, fragment)
+    code, _, err = run_cli(capsys, "edit", edit_dir, "--save-attention", existing, *nowhere, "-o", tmp_path / "n.png")
+    one_line_error(code, err, "Prompt-to-Prompt options are for inversions")
+    code, _, err = run_cli(capsys, "generate", "a dog", *nowhere, "-o", existing)
+    one_line_error(code, err, "already exists")
     assert existing.read_bytes() == b"precious"
-    code, _, err = _run(capsys, "edit", edit_dir, "--steps", 3, "-o", existing, "--overwrite")
+    code, _, err = run_cli(capsys, "edit", edit_dir, "--steps", 3, "-o", existing, "--overwrite")
     assert code == 0, err
     assert Image.open(existing).size[0] > 0
 
@@ -629,8 +618,8 @@ def test_edit_pictures_are_checked_before_any_work(edit_dir, tmp_path, capsys):
 def test_imagic_output_under_a_file_is_refused_before_training(eps_dir, photo, tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("x")
-    code, _, err = _run(capsys, "imagic", photo, "a dog", "--model", tmp_path / "no-model", "-o", afile / "sub")
-    _one_line_error(code, err, "is a file, not a folder")
+    code, _, err = run_cli(capsys, "imagic", photo, "a dog", "--model", tmp_path / "no-model", "-o", afile / "sub")
+    one_line_error(code, err, "is a file, not a folder")
 
 
 def test_options_after_the_command_and_progress_bars(edit_dir, tmp_path, capsys):
@@ -658,8 +647,8 @@ def test_broken_model_folders_and_missing_devices_are_one_line(tmp_path, capsys)
     folder = tmp_path / "empty-model"
     folder.mkdir()
     (folder / "model_index.json").write_text("{}")
-    code, _, err = _run(capsys, "generate", "a dog", "--model", folder, "-o", tmp_path / "x.png")
-    _one_line_error(code, err, "could not load model")
+    code, _, err = run_cli(capsys, "generate", "a dog", "--model", folder, "-o", tmp_path / "x.png")
+    one_line_error(code, err, "could not load model")
 
     import torch
 
@@ -679,8 +668,8 @@ def test_bad_generate_settings_are_one_line(eps_dir, tmp_path, capsys):
         (["--guidance", "nan"], "--guidance = nan must be a finite number"),
         (["--steps", "-2"], "--steps = -2 must be > 0"),
     ):
-        code, _, err = _run(capsys, "generate", "a dog", "--model", eps_dir, *flags, "-o", out)
-        _one_line_error(code, err, fragment)
+        code, _, err = run_cli(capsys, "generate", "a dog", "--model", eps_dir, *flags, "-o", out)
+        one_line_error(code, err, fragment)
         assert not out.exists()
 
 
@@ -688,24 +677,24 @@ def test_recipe_and_image_paths_of_the_wrong_kind_are_one_line(eps_dir, photo, t
     not_text = tmp_path / "recipe.png"
     not_text.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
     out = tmp_path / "x"
-    code, _, err = _run(capsys, "imagic", photo, "a dog", "--model", eps_dir, "--recipe", not_text, "-o", out)
-    _one_line_error(code, err, "recipe.png is not a text file")
-    code, _, err = _run(capsys, "invert", photo, "a dog", "--model", eps_dir, "--recipe", "nope", "-o", out)
-    _one_line_error(code, err, "recipe 'nope' not found", "nulltext-sd15-8gb")
+    code, _, err = run_cli(capsys, "imagic", photo, "a dog", "--model", eps_dir, "--recipe", not_text, "-o", out)
+    one_line_error(code, err, "recipe.png is not a text file")
+    code, _, err = run_cli(capsys, "invert", photo, "a dog", "--model", eps_dir, "--recipe", "nope", "-o", out)
+    one_line_error(code, err, "recipe 'nope' not found", "nulltext-sd15-8gb")
     assert "demo-train" not in err  # its [run] table is no use to invert
-    code, _, err = _run(capsys, "imagic", tmp_path, "a dog", "--model", eps_dir, "-o", out)
-    _one_line_error(code, err, "is a folder, not an image file")
+    code, _, err = run_cli(capsys, "imagic", tmp_path, "a dog", "--model", eps_dir, "-o", out)
+    one_line_error(code, err, "is a folder, not an image file")
 
 
 def test_default_picture_names_do_not_stop_a_second_render(edit_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for guidance in (3, 4):
-        code, out, err = _run(capsys, "edit", edit_dir, "--steps", 3, "--guidance", guidance)
+        code, out, err = run_cli(capsys, "edit", edit_dir, "--steps", 3, "--guidance", guidance)
         assert code == 0, err
     stem = f"{edit_dir.name}-eta"
     assert sorted(p.name for p in tmp_path.glob(f"{stem}*")) == [f"{stem}0.7-seed0-2.png", f"{stem}0.7-seed0.png"]
-    code, _, err = _run(capsys, "edit", edit_dir, "--steps", 3, "-o", f"{stem}0.7-seed0.png")
-    _one_line_error(code, err, "already exists")  # a name given with -o is never renumbered
+    code, _, err = run_cli(capsys, "edit", edit_dir, "--steps", 3, "-o", f"{stem}0.7-seed0.png")
+    one_line_error(code, err, "already exists")  # a name given with -o is never renumbered
 
 
 def test_edit_numbers_and_attention_file_are_checked_before_the_model_loads(edit_dir, tmp_path, capsys):
@@ -716,19 +705,19 @@ def test_edit_numbers_and_attention_file_are_checked_before_the_model_loads(edit
         (["--steps", "0"], "--steps = 0 must be > 0"),
         (["--guidance", "inf"], "--guidance = inf must be a finite number"),
     ):
-        code, _, err = _run(capsys, "edit", edit_dir, *flags, *nowhere)
-        _one_line_error(code, err, fragment)
-    code, _, err = _run(capsys, "generate", "a dog", "--steps", "0", *nowhere)
-    _one_line_error(code, err, "--steps = 0 must be > 0")
+        code, _, err = run_cli(capsys, "edit", edit_dir, *flags, *nowhere)
+        one_line_error(code, err, fragment)
+    code, _, err = run_cli(capsys, "generate", "a dog", "--steps", "0", *nowhere)
+    one_line_error(code, err, "--steps = 0 must be > 0")
 
 
 def test_an_inversion_redone_in_place_from_inside_its_folder(eps_dir, photo, tmp_path, capsys, monkeypatch):
     folder = tmp_path / "inv"
     argv = ["invert", photo, "a red circle", "--model", eps_dir, "--method", "ddim", "--steps", 2]
-    code, _, err = _run(capsys, *argv, "-o", folder)
+    code, _, err = run_cli(capsys, *argv, "-o", folder)
     assert code == 0, err
     monkeypatch.chdir(folder)
-    code, out, err = _run(capsys, *argv, "-o", ".", "--overwrite")
+    code, out, err = run_cli(capsys, *argv, "-o", ".", "--overwrite")
     assert code == 0, err
     assert not _leftovers(tmp_path)
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "edit.safetensors", "preview.png"]
@@ -739,19 +728,19 @@ def test_edit_run_inside_its_folder_writes_the_picture_beside_it(edit_dir, photo
     `imagic ... -o <folder> --overwrite` from replacing the edit."""
     made = sorted(p.name for p in edit_dir.iterdir())
     monkeypatch.chdir(edit_dir)
-    code, _, err = _run(capsys, "edit", ".", "--steps", 2)
+    code, _, err = run_cli(capsys, "edit", ".", "--steps", 2)
     assert code == 0, err
     assert sorted(p.name for p in edit_dir.iterdir()) == made
     assert (edit_dir.parent / f"{edit_dir.name}-eta0.7-seed0.png").is_file()  # named after the folder, not "."
     monkeypatch.chdir(tmp_path)
-    code, _, err = _run(capsys, "edit", edit_dir, "--steps", 2)
+    code, _, err = run_cli(capsys, "edit", edit_dir, "--steps", 2)
     assert code == 0, err
     assert (tmp_path / "edit-eta0.7-seed0.png").is_file()  # elsewhere: the current folder, as before
 
 
 def test_inspect_of_a_file_says_it_is_not_a_folder(photo, capsys):
-    code, _, err = _run(capsys, "inspect", photo)
-    _one_line_error(code, err, "is a file; give the edit folder")
+    code, _, err = run_cli(capsys, "inspect", photo)
+    one_line_error(code, err, "is a file; give the edit folder")
 
 
 @pytest.fixture
@@ -771,7 +760,7 @@ def test_generate_takes_runtime_settings(eps_dir, tmp_path, capsys, loaded):
     pictures = []
     for extra in ([], ["--set", "runtime.offload_idle=true"]):
         pictures.append(tmp_path / f"g{len(pictures)}.png")
-        code, _, err = _run(capsys, "generate", "a red circle", "--model", eps_dir, "--steps", 3, *extra, "-o",
+        code, _, err = run_cli(capsys, "generate", "a red circle", "--model", eps_dir, "--steps", 3, *extra, "-o",
                             pictures[-1])  # fmt: skip
         assert code == 0, err
     assert [m.runtime.offload_idle for m in loaded] == [False, True]
@@ -783,8 +772,8 @@ def test_generate_takes_runtime_settings(eps_dir, tmp_path, capsys, loaded):
         ("runtime.seed=4", "--set runtime.seed: generate trains nothing, so only these runtime settings apply"),
         ("optimizer=adamw", "--set runtime.optimizer: generate trains nothing"),
     ):
-        code, _, err = _run(capsys, "generate", "a dog", "--model", eps_dir, "--set", bad, "-o", tmp_path / "x.png")
-        _one_line_error(code, err, said)
+        code, _, err = run_cli(capsys, "generate", "a dog", "--model", eps_dir, "--set", bad, "-o", tmp_path / "x.png")
+        one_line_error(code, err, said)
         assert not (tmp_path / "x.png").exists()
 
 
@@ -794,7 +783,7 @@ def test_edit_takes_runtime_settings_over_the_recorded_ones(edit_dir, tmp_path, 
     pictures = []
     for extra in ([], ["--set", "runtime.offload_idle=true"]):
         pictures.append(tmp_path / f"e{len(pictures)}.png")
-        code, _, err = _run(capsys, "edit", edit_dir, "--steps", 3, *extra, "-o", pictures[-1])
+        code, _, err = run_cli(capsys, "edit", edit_dir, "--steps", 3, *extra, "-o", pictures[-1])
         assert code == 0, err
     assert [m.runtime.offload_idle for m in loaded] == [False, True]
     assert np.array_equal(np.array(Image.open(pictures[0])), np.array(Image.open(pictures[1])))
@@ -803,8 +792,8 @@ def test_edit_takes_runtime_settings_over_the_recorded_ones(edit_dir, tmp_path, 
         ("imagic.eta=0.5", "--set imagic.eta: unknown table 'imagic' (known: runtime)"),
         ("runtime.dtype=fp8", "runtime.dtype = 'fp8' is not one of"),
     ):
-        code, _, err = _run(capsys, "edit", edit_dir, "--set", bad, "-o", tmp_path / "x.png")
-        _one_line_error(code, err, said)
+        code, _, err = run_cli(capsys, "edit", edit_dir, "--set", bad, "-o", tmp_path / "x.png")
+        one_line_error(code, err, said)
         assert not (tmp_path / "x.png").exists()
 
 
@@ -814,8 +803,8 @@ def test_an_empty_prompt_is_named_before_its_default_folder_is_checked(photo, tm
     monkeypatch.chdir(tmp_path)
     (tmp_path / "adapters" / Path(photo).stem).mkdir(parents=True)
     for command in ("imagic", "invert"):
-        code, _, err = _run(capsys, command, photo, "  ")
-        _one_line_error(code, err, "prompt is empty")
+        code, _, err = run_cli(capsys, command, photo, "  ")
+        one_line_error(code, err, "prompt is empty")
 
 
 def test_a_skipped_stage_says_skipped_not_nan(eps_dir, photo, tmp_path, capsys):
@@ -824,7 +813,7 @@ def test_a_skipped_stage_says_skipped_not_nan(eps_dir, photo, tmp_path, capsys):
 
     out = tmp_path / "adapters" / "none"
     argv = ["imagic", photo, "a red circle", "--model", eps_dir, "-o", out, *FAST]
-    code, stdout, err = _run(capsys, *argv, "--embedding-steps", 0, "--finetune-steps", 0)
+    code, stdout, err = run_cli(capsys, *argv, "--embedding-steps", 0, "--finetune-steps", 0)
     assert code == 0, err
     assert "final losses: embedding skipped, LoRA skipped" in stdout
     assert Artifact.load(out).meta["losses"] == {"embedding": None, "finetune": None}

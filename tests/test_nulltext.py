@@ -9,12 +9,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from cli_run import run_cli
 from diffusers import DDIMScheduler
 from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 
 from peftedit import Artifact, ArtifactError, NullTextConfig, PeftEditError, RuntimeConfig, imagic, nulltext, p2p
-from peftedit.cli import main
 from peftedit.diffusion import ddim_invert, encode_image, encode_text
 from peftedit.errors import NumericalError
 from peftedit.images import load_image
@@ -405,33 +405,26 @@ def test_every_field_has_help():
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
 
 
-def _run(capsys, *argv):
-    capsys.readouterr()  # only the command's own output: not what the test printed before (a first import's notes)
-    code = main(["--quiet", *map(str, argv)])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_cli_invert_edit_and_errors(eps_dir, photo, tmp_path, capsys):
     folder = tmp_path / "adapters" / "inv"
     args = ["--model", eps_dir, "--steps", 6, "--inner-steps", 2, "--set", "runtime.device=cpu", "-o", folder]
-    code, out, err = _run(capsys, "invert", photo, SOURCE, *args, "--pivot-noise", 0.5, "--seed", 3)
+    code, out, err = run_cli(capsys, "invert", photo, SOURCE, *args, "--pivot-noise", 0.5, "--seed", 3)
     assert code == 0, err
     assert {"pivot_noise": 0.5, "seed": 3}.items() <= Artifact.load(folder).meta["recipe"]["nulltext"].items()
     assert "PSNR" in out and {p.name for p in folder.iterdir()} == {"edit.safetensors", "preview.png", "README.md"}
     side = tmp_path / "reconstruction.png"
-    code, out, err = _run(capsys, "edit", folder, "-o", side)
+    code, out, err = run_cli(capsys, "edit", folder, "-o", side)
     assert code == 0, err
     assert Image.open(side).size == Image.open(folder / "preview.png").size  # input | reconstruction
     edited, maps = tmp_path / "edited.png", tmp_path / "maps.png"
-    code, out, err = _run(
+    code, out, err = run_cli(
         capsys, "edit", folder, "a photo of a blue circle", "--blend", "circle", "--save-attention", maps, "-o", edited
     )
     assert code == 0, err
     assert Image.open(edited).size == (16, 16) and Image.open(maps).size[0] == 7 * 128  # image + 6 tokens
-    code, out, err = _run(capsys, "edit", folder, SOURCE, "--blend-mask", "difference", "-o", edited, "--overwrite")
+    code, out, err = run_cli(capsys, "edit", folder, SOURCE, "--blend-mask", "difference", "-o", edited, "--overwrite")
     assert code == 0, err
-    code, out, err = _run(capsys, "inspect", folder)
+    code, out, err = run_cli(capsys, "inspect", folder)
     assert code == 0 and "null_embeddings [6, 77, 32]" in out
     edited = tmp_path / "not-written.png"
     for argv, fragment in (
@@ -448,15 +441,15 @@ def test_cli_invert_edit_and_errors(eps_dir, photo, tmp_path, capsys):
         (["edit", folder, SOURCE, "--cross-replace", "nan", "-o", edited], "cross-replace = nan must be a finite"),
         (["edit", folder, SOURCE, "--reweight", "circle=inf", "-o", edited], "--reweight circle=inf: the factor"),
     ):
-        code, out, err = _run(capsys, *argv)
+        code, out, err = run_cli(capsys, *argv)
         assert code == 2 and err.startswith("peftedit: error: ") and err.count("\n") == 1, (argv, err)
         assert fragment in err, (argv, err)
     assert not edited.exists()
     same = tmp_path / "same.png"
-    code, _, err = _run(capsys, "edit", folder, "a photo of a blue circle", "--save-attention", same, "-o", same)
+    code, _, err = run_cli(capsys, "edit", folder, "a photo of a blue circle", "--save-attention", same, "-o", same)
     assert code == 2 and "give the attention maps their own file" in err and not same.exists()
     for bad, fragment in ((["  "], "target prompt is empty"), (["x", "--cross-replace", "1.5"], "between 0 and 1")):
-        code, _, err = _run(capsys, "edit", folder, *bad, "--model", tmp_path / "no-model", "-o", same)
+        code, _, err = run_cli(capsys, "edit", folder, *bad, "--model", tmp_path / "no-model", "-o", same)
         assert code == 2 and fragment in err, err  # before the (missing) model is loaded
 
 

@@ -87,13 +87,6 @@ def method_of(config: ImagicConfig | NullTextConfig) -> str:
     raise TypeError(f"config must be an ImagicConfig or a NullTextConfig, not {type(config).__name__}")
 
 
-def method_steps(config: ImagicConfig | NullTextConfig) -> tuple[int, str]:
-    """The sampling step count a config asks of the model, and its name (for ``methods.common.check_steps``)."""
-    if isinstance(config, ImagicConfig):
-        return config.render_steps, "imagic.render_steps"
-    return config.steps, "nulltext.steps"
-
-
 def needed_prompt(method: str) -> str:
     """The prompt an entry must have: Imagic's target, an inversion's source."""
     if method == "imagic":
@@ -213,7 +206,7 @@ def run(
             _require({"target": item.target, "source": item.source}, method)
         except PeftEditError as err:
             raise PeftEditError(f"entry {item.index}: {err} (read the list with method={method!r})") from None
-    check_steps(model, *method_steps(config))  # once, not as every entry's failure
+    check_steps(model, *config.sampling_steps())  # once, not as every entry's failure
     out = Path(out)
     check_batch_folder(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -309,7 +309,6 @@ def _prepare(args, table: str, flags: dict[str, str], prompt: str):
     """Configs from recipe, --set and the command's own flags; the output folder (checked: see check_replaceable); the
     model. The photo, the prompt and the output are checked before the model loads."""
     from .artifacts import check_replaceable
-    from .batch import method_steps
     from .config import build
     from .diffusion import require_text
     from .images import open_image
@@ -328,7 +327,7 @@ def _prepare(args, table: str, flags: dict[str, str], prompt: str):
     # The photo and the prompt are checked before the model loads (minutes for Stable Diffusion).
     open_image(args.image)
     model = load_model(args.model, configs["runtime"], args.single_file_config)
-    check_steps(model, *method_steps(configs[table]))  # fit checks it too; here before the photo is encoded
+    check_steps(model, *configs[table].sampling_steps())  # fit checks it too; here before the photo is encoded
     return configs, output, model
 
 

@@ -108,6 +108,10 @@ class ImagicConfig:
         if unknown or not self.lora_targets:
             raise PeftEditError(f"imagic.lora_targets = {self.lora_targets!r}: choose from {', '.join(LORA_TARGETS)}")
 
+    def sampling_steps(self) -> tuple[int, str]:
+        """The sampling step count this config asks of the model (the preview's), and its name, for ``check_steps``."""
+        return self.render_steps, "imagic.render_steps"
+
     def lora_config(self) -> dict:
         """LoraConfig keyword arguments (also stored for diffusers' ``load_lora_weights``)."""
         modules = [m for group in self.lora_targets for m in LORA_TARGETS[group]]
@@ -235,7 +239,7 @@ def fit(
     runtime = call_runtime(model, runtime)
     pipe, unet = model.pipe, model.pipe.unet
     target_text = check_prompt(pipe.tokenizer, target_text)
-    check_steps(model, config.render_steps, "imagic.render_steps")  # the preview renders after both stages
+    check_steps(model, *config.sampling_steps())  # the preview renders after both stages
     picture, image_info = load_image(image, model.resolution)
     latent = encode_photo(model, picture)
     e_tgt = text_embedding(model, target_text)

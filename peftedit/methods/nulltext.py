@@ -117,6 +117,10 @@ class NullTextConfig:
                 f"nulltext.lr_decay = {self.lr_decay} makes the learning rate reach 0 within {self.steps} steps"
             )
 
+    def sampling_steps(self) -> tuple[int, str]:
+        """The sampling step count of the inversion and its edits, and its name, for ``check_steps``."""
+        return self.steps, "nulltext.steps"
+
 
 def optimize_null_text(unet, scheduler, pivots, cond, uncond, config, runtime, show):
     """Per-timestep null embeddings [T, 77, d] (SDXL: [T, 78, d]; fp32), the final latent, and per-step statistics."""
@@ -186,7 +190,7 @@ def invert(
     runtime = call_runtime(model, runtime)
     pipe, unet = model.pipe, model.pipe.unet
     source_prompt = check_prompt(pipe.tokenizer, source_prompt)
-    check_steps(model, config.steps, "nulltext.steps")
+    check_steps(model, *config.sampling_steps())
     picture, image_info = load_image(image, model.resolution)
     z0 = encode_photo(model, picture)
     e_src, e_uncond = text_embedding(model, source_prompt), text_embedding(model, "")

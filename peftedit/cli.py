@@ -421,24 +421,12 @@ def _recorded_configs(artifact, model: str | None, folder: str) -> str | None:
 
 
 def _imagic_pictures(model, artifact, etas: list[float], seeds: list[int], guidance, steps, show: bool):
-    """One render, or for several etas or seeds a grid: a row per seed, a column per eta, each labelled (a render
-    that diverged is a grey cell labelled so; an error only when every one did)."""
-    from PIL import Image
-
-    from .images import grid, sheet
+    """One render, or for several etas or seeds a grid: a row per seed, a column per eta, each labelled."""
     from .methods import imagic
 
-    pictures = imagic.render(model, artifact, etas, seeds, guidance, steps, show_progress=show, skip_diverged=True)
-    if len(pictures) == 1:
-        return pictures[0]
-    size = next(p for p in pictures if p is not None).size
-    rows = []
-    for row, seed in enumerate(seeds):
-        cells = pictures[row * len(etas) : (row + 1) * len(etas)]
-        labels = [f"eta {e:g}" + (" diverged" if p is None else "") for e, p in zip(etas, cells, strict=True)]
-        cells = [Image.new("RGB", size, "gray") if p is None else p for p in cells]
-        rows.append((f"seed {seed}", [grid(cells, labels)], "black"))
-    return sheet(rows, height=rows[0][1][0].height)
+    if len(etas) == len(seeds) == 1:
+        return imagic.render(model, artifact, etas[0], seeds[0], guidance, steps, show_progress=show)
+    return imagic.render_grid(model, artifact, etas, seeds, guidance, steps, show_progress=show)
 
 
 def cmd_batch(args) -> int:

@@ -212,6 +212,19 @@ def sheet(rows: list[tuple[str, list[Image.Image], str]], height: int = 160) -> 
     return page
 
 
+def eta_seed_grid(pictures: list[Image.Image | None], etas: list[float], seeds: list[int]) -> Image.Image:
+    """Renders of every eta for each seed (in that order) as a sheet: a row per seed, a column per eta, each cell
+    labelled; a ``None`` (a render that diverged) is a grey cell labelled so."""
+    size = next(p for p in pictures if p is not None).size
+    rows = []
+    for row, seed in enumerate(seeds):
+        cells = pictures[row * len(etas) : (row + 1) * len(etas)]
+        labels = [f"eta {e:g}" + (" diverged" if p is None else "") for e, p in zip(etas, cells, strict=True)]
+        cells = [Image.new("RGB", size, "gray") if p is None else p for p in cells]
+        rows.append((f"seed {seed}", [grid(cells, labels)], "black"))
+    return sheet(rows, height=rows[0][1][0].height)
+
+
 # System fonts with more than ASCII (accents, Greek, Cyrillic, ...) that Pillow finds by name, tried in this order for
 # text beyond ASCII; Pillow's default font is Latin only. Size 10: the default FreeType font's.
 WIDE_FONTS = ("DejaVuSans.ttf", "NotoSans-Regular.ttf", "LiberationSans-Regular.ttf", "Arial Unicode.ttf", "arial.ttf")

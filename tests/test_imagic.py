@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from peft import LoraConfig
+from PIL import Image
 from safetensors.torch import load_file
 
 from peftedit import (
@@ -30,7 +31,7 @@ from peftedit.diffusion import (
     mean_denoising_loss,
     sample,
 )
-from peftedit.images import grid, load_image
+from peftedit.images import eta_seed_grid, grid, load_image
 
 FAST = dict(embedding_steps=60, finetune_steps=60, render_steps=8, preview_etas=[0.5, 0.9])
 RUNTIME = RuntimeConfig(device="cpu")
@@ -293,6 +294,13 @@ def test_several_seeds_render_in_one_call_like_one_call_each(fitted, tiny_model)
     for one, other in zip(together, apart, strict=True):
         assert np.array_equal(np.asarray(one), np.asarray(other))
     assert len(imagic.render(tiny_model, fitted, eta=0.5, seed=[1], steps=3)) == 1  # a list in, a list out
+    sheet = imagic.render_grid(tiny_model, fitted, [0.5, 0.9], [1, 2], steps=3)  # the CLI's grid, in the API
+    assert np.array_equal(np.asarray(sheet), np.asarray(eta_seed_grid(together, [0.5, 0.9], [1, 2])))
+    cell = max(128, together[0].width)  # images.grid enlarges small renders to 128 px cells, under a 14 px label
+    assert sheet.size == (max(640, 2 * cell), 2 * (16 + cell + 14))  # a row per seed under a 16 px caption
+    top = 16 + cell + 14 + 16  # second row (seed 2), second column (eta 0.9)
+    picked = np.asarray(sheet.crop((cell, top, 2 * cell, top + cell)))
+    assert np.array_equal(picked, np.asarray(together[3].resize((cell, cell), Image.NEAREST)))
 
 
 def test_a_render_that_diverges_is_an_error_not_a_black_picture(eps_model, photo, caplog):

@@ -26,7 +26,7 @@ from ..diffusion import (
     sample,
 )
 from ..errors import ArtifactError, NumericalError, PeftEditError, RenderDiverged, first_line
-from ..images import grid, load_image
+from ..images import eta_seed_grid, grid, load_image
 from ..models import Model
 from ..optim import descend, loss_scaler, make_optimizer, numeric_advice
 from .common import (
@@ -384,6 +384,22 @@ def render(
     for said, err in diverged:
         log.warning("%s: %s", said, err)
     return images if isinstance(eta, list) or isinstance(seed, list) else images[0]
+
+
+def render_grid(
+    model: Model,
+    artifact: Artifact,
+    etas: list[float],
+    seeds: list[int],
+    guidance: float | None = None,
+    steps: int | None = None,
+    show_progress: bool = False,
+) -> Image.Image:
+    """Every eta with every seed, as one labelled picture: a row per seed, a column per eta (``render`` with
+    ``skip_diverged``: a render that diverged is a grey cell; an error only when every one did)."""
+    etas, seeds = list(etas), list(seeds)
+    pictures = render(model, artifact, etas, seeds, guidance, steps, show_progress=show_progress, skip_diverged=True)
+    return eta_seed_grid(pictures, etas, seeds)
 
 
 def model_card(artifact: Artifact) -> str:

@@ -324,7 +324,7 @@ def render(
     check: bool = True,
     show_progress: bool = False,
     skip_diverged: bool = False,
-) -> Image.Image | list[Image.Image]:
+) -> Image.Image | list[Image.Image | None]:
     """Render an Imagic edit at ``eta`` with ``seed``; returns a PIL image, or for a list of etas or seeds a list:
     every eta for the first seed, then every eta for the next (the LoRA goes on, and with ``runtime.offload_idle``
     the UNet and then the VAE onto the GPU, once for them all).

@@ -557,7 +557,7 @@ def test_a_cached_hub_id_loads_without_the_network(eps_dir, tmp_path):
 def test_rerender_runtime_drops_compile_and_unknown_settings(caplog):
     from types import SimpleNamespace
 
-    from peftedit.cli import _runtime_from
+    from peftedit.commands import _runtime_from
 
     made = {"device": "cuda", "dtype": "fp16", "attention": "xformers", "channels_last": True, "compile": True}
     runtime = _runtime_from(SimpleNamespace(meta={"recipe": {"runtime": {**made, "from_the_future": 1}}}), "e")
@@ -582,7 +582,7 @@ def test_a_bad_recorded_runtime_names_the_edit_folder():
     """Only a format-1 edit (no header checksum) can carry a hand-changed setting; the error names the folder."""
     from types import SimpleNamespace
 
-    from peftedit.cli import _runtime_from
+    from peftedit.commands import _runtime_from
     from peftedit.errors import ArtifactError
 
     for bad in ({"optimizer": "warp-drive"}, {"gradient_checkpointing": "often"}):

@@ -8,7 +8,7 @@ import tomllib
 import pytest
 
 from peftedit import ImagicConfig, NullTextConfig, PeftEditError, RuntimeConfig, build
-from peftedit.cli import recipe_sections
+from peftedit.commands import recipe_sections
 from peftedit.config import RECIPES_DIR, field_kinds
 
 SECTIONS = {"runtime": RuntimeConfig, "imagic": ImagicConfig}

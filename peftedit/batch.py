@@ -309,8 +309,8 @@ def _one(model, item: Item, method: str, config, runtime, out: Path, overwrite: 
             artifact = _earlier(model, folder, item, method, config)
             record["status"] = EARLIER
         else:
-            if picture is not None and picture.exists() and not overwrite:
-                raise FileExistsError(f"{picture} already exists; pass --overwrite (overwrite=True) to redo it")
+            if picture is not None and not overwrite:
+                _rendered_for(picture)  # raises for a picture batch did not render; its own is rendered again
             check_replaceable(folder, overwrite)
             artifact = _make(model, item, method, config, runtime, show)
             artifact.save(folder, overwrite=overwrite)

@@ -322,3 +322,26 @@ def test_a_finished_entry_whose_folder_is_gone_is_pending_again(tmp_path):
     (tmp_path / item.name).mkdir()
     carried = batch._carried(record, previous, tmp_path)
     assert (carried["status"], carried["seconds"], carried["losses"]) == (batch.EARLIER, 3.0, {"x": 1.0})
+
+
+def test_an_entry_whose_folder_was_deleted_is_redone_over_its_own_picture(eps_dir, photos, tmp_path, capsys):
+    """Deleting an entry's folder makes it pending again, but its P2P picture, which batch itself rendered, then
+    failed the entry ("already exists; pass --overwrite"), and --overwrite redoes every entry of the list."""
+    entries = [{"image": "shapes.png", "source": "a red circle", "target": "a blue circle"}]
+    listed, out = _list(photos, entries), tmp_path / "out"
+    argv = ["batch", listed, "--method", "ddim", "--model", eps_dir, "-o", out, *INVERSION_FAST]
+    assert run_cli(capsys, *argv)[0] == 0
+    folder, picture = out / "001-shapes-a-red-circle", out / "001-shapes-a-red-circle.png"
+    shutil.rmtree(folder)
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert Artifact.load(folder).method == "ddim"
+    assert json.loads((out / "batch.json").read_text())["counts"]["done"] == 1
+    assert Image.open(picture).text["peftedit.target"] == "a blue circle"
+
+    shutil.rmtree(folder)  # a picture batch did not render is still not replaced
+    Image.new("RGB", (8, 8)).save(picture)
+    code, _, _ = run_cli(capsys, *argv)
+    status = json.loads((out / "batch.json").read_text())["items"][0]["status"]
+    assert code == 1 and "was not rendered by peftedit batch" in status
+    assert Image.open(picture).size == (8, 8) and not folder.exists()

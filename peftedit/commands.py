@@ -58,6 +58,19 @@ def free_name(path: Path) -> Path:
     return candidate
 
 
+# The most bytes of a default picture name: a file name takes 255, and free_name's "-2", "-3"… and write_atomic's
+# hidden temporary name (".<name>.partial-xxxxxxxx.png") add to it.
+DEFAULT_NAME_BYTES = 200
+
+
+def _fitted(stem: str, suffix: str = ".png") -> str:
+    """``stem + suffix``, the stem cut so the name takes at most ``DEFAULT_NAME_BYTES`` bytes (UTF-8): an edit
+    folder's name and a prompt's, each 60 characters of a non-Latin script (3 bytes each), made a name over 255."""
+    while len(f"{stem}{suffix}".encode()) > DEFAULT_NAME_BYTES:
+        stem = stem[:-1]
+    return f"{stem.rstrip('-_')}{suffix}"
+
+
 def check_sampling_args(args) -> None:
     """The numbers a render takes (--eta, --seed, --guidance, --steps; eta and seed may be lists), checked before
     the model loads."""
@@ -168,7 +181,7 @@ def cmd_edit(args) -> int:
             raise ValueError(f"{', '.join(given)}: Prompt-to-Prompt options are for inversions, not Imagic edits")
         seeds = args.seed or [0]
         etas = args.eta or [artifact.meta["recipe"]["imagic"]["eta"]]
-        default = f"{name}-eta{'_'.join(f'{e:g}' for e in etas)}-seed{'_'.join(map(str, seeds))}.png"
+        default = _fitted(f"{name}-eta{'_'.join(f'{e:g}' for e in etas)}-seed{'_'.join(map(str, seeds))}")
     elif artifact.method in NULLTEXT_METHODS:
         if args.eta is not None:
             raise ValueError("--eta is for Imagic edits; edit an inversion with a target prompt")
@@ -176,7 +189,7 @@ def cmd_edit(args) -> int:
             logging.getLogger("peftedit").warning(
                 "--seed has no effect on an inversion's edit (DDIM here is deterministic)"
             )
-        default = f"{name}-{slug(args.target)}.png" if args.target else f"{name}-reconstruction.png"
+        default = _fitted(f"{name}-{slug(args.target)}" if args.target else f"{name}-reconstruction")
     else:
         raise ValueError(f"{args.folder}: unknown method {artifact.method!r}")
     check_sampling_args(args)

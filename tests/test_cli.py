@@ -845,3 +845,22 @@ def test_ctrl_c_during_training_exits_130_and_leaves_nothing(eps_dir, photo, tmp
     assert process.returncode == 130, lines
     assert lines.rstrip().splitlines()[-1].endswith("peftedit: interrupted; nothing was saved"), lines
     assert not out.exists() and not (out.parent.exists() and any(out.parent.iterdir()))
+
+
+def test_default_picture_names_fit_the_file_system_with_long_non_latin_prompts(
+    eps_dir, photo, tmp_path, capsys, monkeypatch
+):
+    """An inversion's default folder takes 60 characters of its source prompt, and `edit`'s default picture name
+    added 60 of the target's: in Chinese, 3 bytes a character, over the 255 a file name may take, so `edit` with no
+    -o stopped with "[Errno 36] File name too long"."""
+    monkeypatch.chdir(tmp_path)
+    source = "一只红色的圆圈在白色的背景上" * 5
+    code, _, err = run_cli(capsys, "invert", photo, source, "--model", eps_dir, "--method", "ddim", "--steps", 2)
+    assert code == 0, err
+    (folder,) = (tmp_path / "adapters").iterdir()
+    for _ in range(2):  # the second one numbered "-2"
+        code, _, err = run_cli(capsys, "edit", folder, source.replace("红色", "蓝色"))
+        assert code == 0, err
+    names = sorted(p.name for p in tmp_path.glob(f"{folder.name}*.png"))
+    assert len(names) == 2 and all(len(n.encode()) <= 255 and n.startswith(folder.name) for n in names), names
+    assert names[0].endswith("-2.png")

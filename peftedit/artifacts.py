@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata as importlib_metadata
@@ -32,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from .artifact_checks import HEADER_CHECKSUM, check_contents, check_lora_weights, check_tensors, header_sha256
 from .errors import ArtifactError, first_line
+from .files import hidden_name
 from .images import read_picture
 
 FORMAT_VERSION = "2"  # 2: the header carries HEADER_CHECKSUM
@@ -113,7 +113,7 @@ class Artifact:
         folder = Path(folder)
         check_replaceable(folder, overwrite)
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = folder.parent / f".{folder.name}.partial-{uuid.uuid4().hex[:8]}"
+        tmp = folder.parent / hidden_name(folder.name, "partial")
         try:
             tmp.mkdir()
             self._write(tmp)
@@ -316,7 +316,7 @@ def _replace_dir(tmp: Path, folder: Path) -> None:
     if not folder.exists():
         os.replace(tmp, folder)
         return
-    old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
+    old = folder.parent / hidden_name(folder.name, "old")
     os.replace(folder, old)
     try:
         os.replace(tmp, folder)

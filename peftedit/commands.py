@@ -5,20 +5,29 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 from pathlib import Path
 
 from .artifact_checks import INVERSIONS as NULLTEXT_METHODS
-from .files import save_image_atomic, slug
+from .files import NAME_MAX, save_image_atomic, slug
 
 # Picture formats -o may name (Pillow writes each from the RGB pictures peftedit makes).
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def check_creatable(path: Path) -> None:
-    """Raise unless ``path`` can be made: the nearest existing folder above it is a folder we may write in."""
+    """Raise unless ``path`` can be made: no name in it is longer than a file name may be, and the nearest existing
+    folder above it is a folder we may write in."""
     from .errors import PeftEditError
 
+    longest = _name_max(path)
+    for name in path.parts:
+        size = len(os.fsencode(name))
+        if size > longest:
+            raise PeftEditError(
+                f"cannot write {path}: a name in it is {size} bytes, longer than a file name may be here ({longest})"
+            )
     for parent in path.absolute().parents:
         if parent.exists():
             if not parent.is_dir():
@@ -31,19 +40,28 @@ def check_creatable(path: Path) -> None:
             return
 
 
+def _name_max(path: Path) -> int:
+    """The most bytes a file name may take where ``path`` would be made (its file system's, else ``NAME_MAX``)."""
+    existing = next((p for p in path.absolute().parents if os.path.exists(p)), Path("/"))  # os.path: no raising
+    try:
+        return os.pathconf(existing, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):  # no pathconf (Windows), or no answer
+        return NAME_MAX
+
+
 def check_picture_output(path: str | Path, overwrite: bool) -> Path:
     """``path`` as a picture to write, checked before any work: a known format, not a folder, not an existing file
     unless ``overwrite``, and creatable."""
     from .errors import PeftEditError
 
     path = Path(path)
+    check_creatable(path)  # first: a name too long for a file makes is_dir and exists raise
     if path.is_dir():
         raise PeftEditError(f"{path} is a folder; give a file name such as {path / 'edit.png'}")
     if path.suffix.lower() not in PICTURE_SUFFIXES:
         raise PeftEditError(f"{path}: name a picture file ({', '.join(PICTURE_SUFFIXES)})")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; choose another name or pass --overwrite")
-    check_creatable(path)
     return path
 
 

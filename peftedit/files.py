@@ -28,12 +28,26 @@ def slug(*parts: str, limit: int = 60) -> str:
     return "-".join(w for w in words if w)[:limit].strip("-") or "edit"
 
 
+# The most bytes a file name may take where the file system does not say (ext4, XFS and btrfs take 255).
+NAME_MAX = 255
+# Bytes of a name kept in the hidden temporary names made beside it: a name near NAME_MAX with ".partial-xxxxxxxx"
+# added would not fit.
+HIDDEN_NAME_BYTES = 100
+
+
+def hidden_name(name: str, kind: str, suffix: str = "") -> str:
+    """A hidden name for a temporary beside ``name``, ``.<name>.<kind>-<8 hex digits><suffix>``, with ``name`` cut to
+    ``HIDDEN_NAME_BYTES`` bytes so that it fits wherever ``name`` does."""
+    short = name.encode("utf-8", "surrogateescape")[:HIDDEN_NAME_BYTES].decode("utf-8", "ignore")
+    return f".{short}.{kind}-{uuid.uuid4().hex[:8]}{suffix}"
+
+
 def write_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
     """``write(tmp)`` into a hidden file beside ``path``, then rename it into place (the suffix is kept, so writers
     that pick a format by it, like Pillow's, see the real one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}{path.suffix}"
+    tmp = path.parent / hidden_name(path.name, "partial", path.suffix)
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -864,3 +864,28 @@ def test_default_picture_names_fit_the_file_system_with_long_non_latin_prompts(
     names = sorted(p.name for p in tmp_path.glob(f"{folder.name}*.png"))
     assert len(names) == 2 and all(len(n.encode()) <= 255 and n.startswith(folder.name) for n in names), names
     assert names[0].endswith("-2.png")
+
+
+def test_output_names_near_the_file_systems_limit_are_saved_and_longer_ones_refused_before_training(
+    eps_dir, photo, tmp_path, capsys
+):
+    """A name of up to 255 bytes is a legal file name, but the hidden temporary beside it added ".partial-" and 8 hex
+    digits: 80 Chinese characters (240 bytes) as -o failed with "File name too long" after the training, losing it;
+    a name over 255 bytes, which no file may have, was not found out before the training either."""
+    fast = ["--model", eps_dir, "--embedding-steps", 1, "--finetune-steps", 1, *FAST]
+    out = tmp_path / ("猫" * 80)
+    for again in ([], ["--overwrite"]):  # replacing: the earlier edit is moved aside under a hidden name too
+        code, _, err = run_cli(capsys, "imagic", photo, "a red circle", *fast, "-o", out, *again)
+        assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != photo.name) == [out.name]
+    picture = tmp_path / f"{'猫' * 82}.png"  # 250 bytes
+    code, _, err = run_cli(capsys, "edit", out, "--steps", 2, "-o", picture)
+    assert code == 0, err
+    assert picture.is_file() and not _leftovers(tmp_path)
+
+    nowhere = ["--model", tmp_path / "no-model"]  # loading it would fail: the names are refused before
+    too_long = "猫" * 86  # 258 bytes
+    code, _, err = run_cli(capsys, "imagic", photo, "a red circle", *nowhere, "-o", tmp_path / too_long / "edit")
+    one_line_error(code, err, "258 bytes", "255")
+    code, _, err = run_cli(capsys, "edit", out, *nowhere, "-o", tmp_path / f"{too_long}.png")
+    one_line_error(code, err, "262 bytes", "255")

@@ -872,6 +872,8 @@ def test_output_names_near_the_file_systems_limit_are_saved_and_longer_ones_refu
     """A name of up to 255 bytes is a legal file name, but the hidden temporary beside it added ".partial-" and 8 hex
     digits: 80 Chinese characters (240 bytes) as -o failed with "File name too long" after the training, losing it;
     a name over 255 bytes, which no file may have, was not found out before the training either."""
+    if os.pathconf(tmp_path, "PC_NAME_MAX") != 255:
+        pytest.skip("the byte counts below are for file systems whose names take up to 255 bytes")
     fast = ["--model", eps_dir, "--embedding-steps", 1, "--finetune-steps", 1, *FAST]
     out = tmp_path / ("猫" * 80)
     for again in ([], ["--overwrite"]):  # replacing: the earlier edit is moved aside under a hidden name too

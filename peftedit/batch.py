@@ -139,6 +139,8 @@ def items_from(
     needed_prompt(method)
     folder = Path("." if images is None else images)
     if not folder.is_dir():
+        if folder.exists():
+            raise PeftEditError(f"images folder {folder} is a file, not a folder")
         raise PeftEditError(f"images folder not found: {folder}")
     if not isinstance(entries, list) or not entries:
         raise PeftEditError(f"{where}: expected a non-empty JSON array of objects")

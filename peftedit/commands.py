@@ -221,6 +221,8 @@ def cmd_edit(args) -> int:
             raise ValueError(f"--save-attention and -o both name {output}; give the attention maps their own file")
     given = runtime_sets(args.set, "edit")
     base = args.model or artifact.meta["base_model"]
+    if args.model is None and Path(base).is_absolute() and not Path(base).exists():
+        raise ValueError(f"{args.folder}: its base model was at {base}, which is gone; pass --model with where it is")
     configs = args.single_file_config or _recorded_configs(artifact, args.model, args.folder)
     # The edit records its base model: no "using the demo model" notice when that is where the edit came from.
     runtime = _runtime_from(artifact, args.folder, given)

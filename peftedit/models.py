@@ -172,8 +172,10 @@ def load_model(
             _no_pickled_weights(path)
             # use_safetensors: without it diffusers falls back to a folder's pickled .bin weights
             pipe = pipeline.from_pretrained(str(path), use_safetensors=True, **kwargs, **_extra_kwargs(pipeline))
-        elif path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        elif path.exists():
             raise PeftEditError(f"model {name!r}: not a diffusers folder, a .safetensors file or a hub id")
+        elif name.startswith((".", "/", "~")) or name.count("/") != 1:  # a path, not an "owner/name" hub id
+            raise PeftEditError(f"model {name!r} not found: no such folder or file (nor a hub id, owner/name)")
         else:
             pipe = hub.load(name, functools.partial(_from_hub, name, kwargs))
     except PeftEditError:

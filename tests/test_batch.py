@@ -146,6 +146,7 @@ def test_cli_errors_come_before_the_model_loads(photos, tmp_path, capsys):
         ([good, "-o", edit_folder], "is an edit folder; give the batch a folder of its own"),
         ([photos], "is a folder; give the JSON list file"),
         ([good, "--images", tmp_path / "nowhere"], "images folder not found"),
+        ([good, "--images", photos / "dog.png"], "is a file, not a folder"),
         ([bad], "is not a JSON list of edits"),
         ([tmp_path / "none.json"], "list not found"),
         ([_list(photos, [{"image": "x.png", "target": "a"}], "missing.json")], "entry 1: image not found"),

@@ -500,6 +500,12 @@ def test_an_edit_from_a_single_checkpoint_file_re_renders_without_its_configs_ag
     code, _, err = run_cli(capsys, "generate", "a red circle", "--model", checkpoint, "-o", tmp_path / "g3.png")
     one_line_error(code, err, "could not load model", "configs come from --single-file-config")
 
+    checkpoint.rename(tmp_path / "moved.safetensors")  # the base model moved: said so, not "not a hub id"
+    code, _, err = run_cli(capsys, "edit", out, "-o", tmp_path / "x.png")
+    one_line_error(code, err, f"its base model was at {checkpoint.resolve()}, which is gone; pass --model")
+    code, _, err = run_cli(capsys, "generate", "a red circle", "--model", checkpoint, "-o", tmp_path / "g3.png")
+    one_line_error(code, err, f"model {str(checkpoint)!r} not found: no such folder or file")
+
 
 def test_unreachable_hub_id_is_one_line_at_once(monkeypatch, capsys, tmp_path):
     """Offline, huggingface_hub retried for most of a minute (printing each retry), then blamed a missing

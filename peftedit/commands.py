@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from .artifact_checks import INVERSIONS as NULLTEXT_METHODS
-from .files import NAME_MAX, save_image_atomic, slug
+from .files import NAME_MAX, finite_json, save_image_atomic, slug
 
 # Picture formats -o may name (Pillow writes each from the RGB pictures peftedit makes).
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -421,7 +421,7 @@ def cmd_inspect(args) -> int:
 
     info = describe(Artifact.load(args.folder), args.folder)
     if args.json:
-        print(json.dumps(info, indent=2, sort_keys=True))
+        print(json.dumps(finite_json(info), indent=2, sort_keys=True, allow_nan=False))
         return 0
     shown = ("folder", "method", "prompts", "base_model", "base_model_config", "base_pipeline", "base_fingerprint")
     for key in (*shown, "resolution"):

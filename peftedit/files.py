@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import unicodedata
@@ -56,9 +57,22 @@ def write_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
     return path
 
 
+def finite_json(data: Any) -> Any:
+    """``data`` with every NaN or infinite float made ``None``: Python writes them as ``NaN``/``Infinity``, which
+    JSON does not have, so strict readers (JavaScript's ``JSON.parse``, jq, most other languages') refuse the file."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        return {key: finite_json(value) for key, value in data.items()}
+    if isinstance(data, list | tuple):
+        return [finite_json(value) for value in data]
+    return data
+
+
 def write_json(path: str | Path, data: Any, default: Callable[[Any], Any] | None = None) -> Path:
-    """``data`` as indented JSON, written atomically (``default`` turns values JSON cannot hold into ones it can)."""
-    text = json.dumps(data, indent=2, default=default) + "\n"
+    """``data`` as indented, strict JSON (NaN and infinities as null: see :func:`finite_json`), written atomically
+    (``default`` turns values JSON cannot hold into ones it can)."""
+    text = json.dumps(finite_json(data), indent=2, default=default, allow_nan=False) + "\n"
     return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 

@@ -4,6 +4,8 @@ than plain DDIM, the early stop is respected, reloads are bit-identical, and mis
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,7 +19,7 @@ from PIL import Image
 from peftedit import Artifact, ArtifactError, NullTextConfig, PeftEditError, RuntimeConfig, imagic, nulltext, p2p
 from peftedit.diffusion import ddim_invert, encode_image, encode_text
 from peftedit.errors import NumericalError
-from peftedit.images import load_image
+from peftedit.images import load_image, psnr
 
 RUNTIME = RuntimeConfig(device="cpu", gradient_checkpointing=False)  # checkpointing: the bf16 test
 SOURCE = "a photo of a red circle"
@@ -397,6 +399,33 @@ def test_bad_control_and_input_are_refused(eps_model, photo, tmp_path):
         nulltext.invert(eps_model, photo, "  ", NullTextConfig(**FAST), RUNTIME, False)
     with pytest.raises(FileNotFoundError):
         nulltext.invert(eps_model, tmp_path / "missing.png", SOURCE, NullTextConfig(**FAST), RUNTIME, False)
+
+
+def test_inspect_json_and_batch_json_are_strict_json(eps_dir, photo, tmp_path, capsys, monkeypatch):
+    """A perfect reconstruction has an infinite PSNR (images.psnr of equal pictures), which Python wrote as Infinity:
+    not JSON, so `inspect --json` and batch.json were refused by strict readers (JavaScript, jq). Now null there."""
+
+    def strict(text: str):
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in JSON output"))
+
+    assert psnr(Image.open(photo), Image.open(photo)) == math.inf
+    monkeypatch.setattr(nulltext, "psnr", lambda a, b: math.inf)  # as if the reconstruction were exact
+    folder = tmp_path / "inv"
+    args = ["--model", eps_dir, "--set", "nulltext.steps=3", "--set", "nulltext.inner_steps=1", "-o"]
+    code, _, err = run_cli(capsys, "invert", photo, SOURCE, *args, folder)
+    assert code == 0, err
+    assert Artifact.load(folder).meta["losses"]["psnr"] == math.inf  # what the edit itself keeps
+    code, out, err = run_cli(capsys, "inspect", folder, "--json")
+    assert code == 0, err
+    assert strict(out)["losses"]["psnr"] is None
+    listed = tmp_path / "list.json"
+    listed.write_text(json.dumps([{"image": photo.name, "source": SOURCE}]))
+    code, _, err = run_cli(
+        capsys, "batch", listed, "--images", photo.parent, "--method", "null-text", *args, tmp_path / "batch"
+    )
+    assert code == 0, err
+    entry = strict((tmp_path / "batch" / "batch.json").read_text())["items"][0]
+    assert entry["status"] == "done" and entry["losses"]["psnr"] is None
 
 
 def test_every_field_has_help():

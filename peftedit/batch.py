@@ -40,7 +40,7 @@ from .errors import ArtifactError, PeftEditError, one_line, shorten
 from .files import save_image_atomic, slug, write_atomic, write_json
 from .images import file_sha256, open_image, read_picture, sheet
 from .methods import imagic, nulltext
-from .methods.common import check_base, check_steps
+from .methods.common import call_runtime, check_base, check_steps
 from .methods.imagic import ImagicConfig
 from .methods.nulltext import NullTextConfig
 from .models import Model
@@ -60,6 +60,8 @@ SHEET_FILE = "batch.png"
 PICTURE_TAG = "peftedit.target"  # a P2P picture's PNG text: the target it was rendered for
 DONE, EARLIER, FAILED, PENDING, INTERRUPTED = "done", "done earlier", "failed", "pending", "interrupted"
 REPORTED_MISTAKES = 3  # a list with more bad entries names this many in its one-line error
+# The runtime settings that change what an edit comes out as: an earlier edit made with others is kept, with a warning.
+RESULT_RUNTIME = ("seed", "optimizer")
 
 
 @dataclass(frozen=True)
@@ -209,6 +211,7 @@ def run(
         except PeftEditError as err:
             raise PeftEditError(f"entry {item.index}: {err} (read the list with method={method!r})") from None
     check_steps(model, *config.sampling_steps())  # once, not as every entry's failure
+    runtime = call_runtime(model, runtime)  # once: what each entry is made with, and earlier ones are compared to
     out = Path(out)
     check_batch_folder(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -306,9 +309,9 @@ def _one(model, item: Item, method: str, config, runtime, out: Path, overwrite: 
     start = time.perf_counter()
     try:
         if not overwrite:
-            _rename_legacy(model, item, method, config, out)
+            _rename_legacy(model, item, method, config, runtime, out)
         if os.path.lexists(folder) and not overwrite:
-            artifact = _earlier(model, folder, item, method, config)
+            artifact = _earlier(model, folder, item, method, config, runtime)
             record["status"] = EARLIER
         else:
             if picture is not None and not overwrite:
@@ -330,7 +333,7 @@ def _one(model, item: Item, method: str, config, runtime, out: Path, overwrite: 
     return record
 
 
-def _rename_legacy(model, item: Item, method: str, config, out: Path) -> None:
+def _rename_legacy(model, item: Item, method: str, config, runtime, out: Path) -> None:
     """An inversion with a target that a batch before 2026-11-24 named after the target: renamed (with its P2P
     picture) to the source-named folder this version looks for, when it holds this entry's inversion, so a resumed
     run reuses it instead of inverting the photo again."""
@@ -341,7 +344,7 @@ def _rename_legacy(model, item: Item, method: str, config, out: Path) -> None:
     if legacy == folder or not legacy.is_dir() or os.path.lexists(folder):
         return
     try:
-        _earlier(model, legacy, item, method, config)
+        _earlier(model, legacy, item, method, config, runtime)
     except (ArtifactError, OSError):
         return  # not this entry's: left alone
     os.replace(legacy, folder)
@@ -371,7 +374,7 @@ def _make(model, item: Item, method: str, config, runtime, show: bool) -> Artifa
     return nulltext.invert(model, item.image, item.source, config, runtime, show_progress=show)
 
 
-def _earlier(model: Model, folder: Path, item: Item, method: str, config) -> Artifact:
+def _earlier(model: Model, folder: Path, item: Item, method: str, config, runtime) -> Artifact:
     """The edit an earlier run left in ``folder``, if it is this item's (method, prompt, photo) on this model; raises
     otherwise. Other settings only warn: the edit is kept."""
     artifact = Artifact.load(folder)
@@ -392,6 +395,8 @@ def _earlier(model: Model, folder: Path, item: Item, method: str, config) -> Art
         )
     made_with = artifact.meta["recipe"].get(recipe_table(method), {})
     changed = sorted(k for k, v in to_dict(config).items() if k in made_with and made_with[k] != v)
+    made_in = artifact.meta["recipe"].get("runtime", {})
+    changed += [f"runtime.{k}" for k in RESULT_RUNTIME if k in made_in and made_in[k] != getattr(runtime, k)]
     if changed:
         log.warning("%s was made with other settings (%s); kept (--overwrite redoes it)", folder, ", ".join(changed))
     return artifact

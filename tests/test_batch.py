@@ -174,10 +174,11 @@ def test_imagic_batch_resumes_and_goes_on_past_a_failed_entry(eps_dir, photos, t
     assert Artifact.load(first).meta["prompts"]["target"] == "a red circle"
     made = (first / "edit.safetensors").stat().st_mtime_ns
 
-    # resumed with a changed setting: the first is kept (with a warning naming the setting), the second made
-    code, stdout, err = run_cli(capsys, *argv, "--set", "finetune_steps=3")
+    # resumed with changed settings: the first is kept (with a warning naming them, the training seed too), the
+    # second made
+    code, stdout, err = run_cli(capsys, *argv, "--set", "finetune_steps=3", "--set", "runtime.seed=5")
     assert code == 0, err
-    assert "001-shapes-a-red-circle was made with other settings (finetune_steps); kept" in err
+    assert "001-shapes-a-red-circle was made with other settings (finetune_steps, runtime.seed); kept" in err
     summary = _summary(out)
     assert [i["status"] for i in summary["items"]] == ["done earlier", "done"]
     assert summary["counts"] == {"done": 1, "done earlier": 1, "failed": 0, "pending": 0, "interrupted": 0}

@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--eta",
         type=_listed(float),
-        help="Imagic interpolation (default: the edit's recipe); several, as 0.6,0.7,0.8: a grid",
+        help="Imagic interpolation (default: the edit's recipe); several, as 0.6,0.7,0.8: a grid (a negative first "
+        "value takes '=': --eta=-0.2,0.5)",
     )
     p.add_argument(
         "--seed",

@@ -595,3 +595,56 @@ def test_blend_words_are_marked_in_the_prompt_that_has_them(eps_model):
     controller = p2p.Controller(pipe.unet, pipe.tokenizer, prompts, p2p.Control(blend=["square"]), 10)
     marked = [controller.blend_alpha[b].nonzero().flatten().tolist() for b in range(2)]
     assert marked == [[], p2p.word_positions(pipe.tokenizer, prompts[1], "square")] and marked[1]
+
+
+def test_a_pivot_noised_all_the_way_is_the_forward_process_at_every_timestep(eps_model, photo):
+    """pivot_noise = 1 (allowed by the config) noises every step: no DDIM inversion step is left."""
+    config, latent, cond, stub, scheduler = _stub_pivot_inputs(eps_model, photo, seed=1)
+    pivots = ddim_invert(stub, config, latent, cond, 6, noised_steps=6, seed=5)
+    assert len(pivots) == 7 and torch.equal(pivots[0], latent)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(5))
+    for k, t in enumerate(scheduler.timesteps.flip(0), start=1):
+        assert torch.allclose(pivots[k], scheduler.add_noise(latent, noise, t.reshape(1)), atol=1e-6), k
+    assert NullTextConfig(pivot_noise=1.0).pivot_noise == 1.0
+
+
+def test_pivot_noise_rounds_to_the_nearest_step_count(eps_model, photo, monkeypatch):
+    """0.4 of 4 steps noises 2 (1.6 truncated would noise 1; 0.58 of 50 is 28.999… in floating point)."""
+    asked = []
+
+    def spy(*args):
+        asked.append(args[6])  # noised_steps
+        return ddim_invert(*args)
+
+    monkeypatch.setattr(nulltext, "ddim_invert", spy)
+    for steps, share in ((4, 0.4), (50, 0.58)):
+        _invert(eps_model, photo, "ddim", steps=steps, pivot_noise=share)
+    assert asked == [2, 29]
+
+
+def test_as_many_steps_as_training_timesteps_are_taken_one_more_is_not(eps_model):
+    from peftedit.methods.common import check_steps
+
+    most = eps_model.pipe.scheduler.config.num_train_timesteps
+    check_steps(eps_model, most, "nulltext.steps")  # DDIM then visits every training timestep once
+    with pytest.raises(PeftEditError, match=f"^nulltext.steps = {most + 1} is more than the model's {most} training"):
+        check_steps(eps_model, most + 1, "nulltext.steps")
+
+
+def test_a_scheduler_list_read_back_from_json_matches_the_tuple_it_was(eps_model):
+    """An edit's header stores the scheduler as JSON, so trained_betas given as a tuple comes back a list."""
+    import json
+
+    from peftedit.methods.common import TRAINING_SCHEDULE, check_schedule
+
+    original = eps_model.pipe.scheduler
+    betas = tuple(float(b) for b in torch.linspace(1e-4, 2e-2, original.config.num_train_timesteps))
+    eps_model.pipe.scheduler = DDIMScheduler.from_config(original.config, trained_betas=betas)
+    try:
+        saved = json.loads(json.dumps(dict(eps_model.pipe.scheduler.config)))
+        check_schedule(eps_model, SimpleNamespace(meta={"scheduler": saved}), TRAINING_SCHEDULE)
+        saved["trained_betas"][-1] *= 2
+        with pytest.raises(ArtifactError, match="differs from the one this edit was made with .trained_betas"):
+            check_schedule(eps_model, SimpleNamespace(meta={"scheduler": saved}), TRAINING_SCHEDULE)
+    finally:
+        eps_model.pipe.scheduler = original

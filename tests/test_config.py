@@ -9,7 +9,7 @@ import pytest
 
 from peftedit import ImagicConfig, NullTextConfig, PeftEditError, RuntimeConfig, build
 from peftedit.commands import recipe_sections
-from peftedit.config import RECIPES_DIR, field_kinds
+from peftedit.config import RECIPES_DIR, field_kinds, option
 
 SECTIONS = {"runtime": RuntimeConfig, "imagic": ImagicConfig}
 
@@ -30,6 +30,7 @@ def test_overrides_reach_the_right_table_and_type():
         ("imagic.lora_rank=big", "imagic.lora_rank = 'big' must be an integer"),
         ("imagic.lora_rank=2.5", "must be an integer"),
         ("imagic.lora_rank=0", "must be > 0"),
+        ("imagic.lora_rank=true", "imagic.lora_rank = True must be an integer"),  # a bool is no count
         ("imagic.lora_targets=['attention','mlp']", r"lora_targets = \['attention', 'mlp'\]: choose from attention, "),
         ("runtime.dtype=fp8", "not one of"),
         ("runtime.device=cuda:abc", r"runtime.device = 'cuda:abc': a CUDA device is cuda or cuda:N"),
@@ -210,3 +211,17 @@ def test_a_recipe_for_the_other_method_says_so():
         build({"runtime": SECTIONS["runtime"], "nulltext": NullTextConfig}, "sd15-8gb")
     with pytest.raises(PeftEditError, match=r"is for inversions \(peftedit invert\), with a \[nulltext\] table; this"):
         build({"runtime": SECTIONS["runtime"], "imagic": SECTIONS["imagic"]}, "nulltext-sd15-8gb")
+
+
+def test_a_list_default_is_a_fresh_copy_for_every_config():
+    """Configs that do not check their fields (the demo model's sizes) would otherwise share one list."""
+
+    @dataclasses.dataclass
+    class Sizes:
+        widths: list = option([16, 32], "widths")
+        names: dict = option({"a": 1}, "names")
+
+    first = Sizes()
+    first.widths.append(64)
+    first.names["b"] = 2
+    assert Sizes().widths == [16, 32] and Sizes().names == {"a": 1}

@@ -155,6 +155,11 @@ TAMPERING = {
         _json_edit("peftedit.files", lambda f: {**f, "notes.txt": "0" * 64}),
         "peftedit.files lists ['notes.txt', 'pytorch_lora_weights.safetensors']; a imagic edit has",
     ),
+    "inversion files list a LoRA": (
+        direct_edit,
+        _json_edit("peftedit.files", lambda f: {**f, LORA_FILE: "0" * 64}),
+        "peftedit.files lists ['pytorch_lora_weights.safetensors']; a direct edit has []",
+    ),
     "guidance NaN": (direct_edit, _set("peftedit.meta", ("guidance",), float("nan")), "meta.guidance is nan, expect"),
     "lora alpha a string": (
         imagic_edit,
@@ -440,6 +445,10 @@ BAD_TENSORS = {
     "timesteps booleans": (
         _changed(direct_edit, timesteps=torch.tensor([True, True, False])),
         "timesteps is bool, expected integers",
+    ),
+    "timesteps and offsets for 2 of 3 steps": (
+        _changed(direct_edit, timesteps=torch.tensor([667, 1]), offsets=torch.randn(2, 4, 2, 2)),
+        "timesteps has shape [2], which does not agree with the edit's other tensors or its step count",
     ),
 }
 

@@ -159,3 +159,35 @@ def test_hub_ids_load_safetensors_only(eps_dir, monkeypatch):
         ("someone/tiny-sd", False),
     ]
     assert all(kwargs["use_safetensors"] is True for _, kwargs in calls), calls
+
+
+def test_a_name_that_is_neither_a_path_nor_a_hub_id_never_asks_the_hub(monkeypatch, tmp_path):
+    """A mistyped folder ("sd15") or a deeper path that does not exist is no owner/name hub id: one line at once."""
+    from peftedit import hub
+
+    monkeypatch.setattr(hub, "load", lambda *args: pytest.fail(f"asked the hub for {args[0]!r}"))
+    monkeypatch.chdir(tmp_path)
+    for name in ("sd15", "models/sd/v1"):
+        with pytest.raises(PeftEditError, match=f"^model '{name}': not a diffusers folder, a .safetensors file or a"):
+            load_model(name, RuntimeConfig(device="cpu"))
+
+
+def test_a_model_shipped_with_another_scheduler_samples_with_ddim_on_its_noise_schedule(eps_dir, tmp_path):
+    """SD 1.5 ships PNDM: the pipe a user gets back (and its recorded scheduler) is DDIM with the model's betas."""
+    import json
+
+    from diffusers import DDIMScheduler
+
+    folder = shutil.copytree(eps_dir, tmp_path / "pndm")
+    for path, change in (
+        (folder / "model_index.json", lambda d: d.update(scheduler=["diffusers", "PNDMScheduler"])),
+        (folder / "scheduler" / "scheduler_config.json", lambda d: d.update(_class_name="PNDMScheduler")),
+    ):
+        data = json.loads(path.read_text())
+        change(data)
+        path.write_text(json.dumps(data))
+    model = load_model(str(folder), RuntimeConfig(device="cpu"))
+    scheduler, shipped = model.pipe.scheduler, json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert type(scheduler) is DDIMScheduler
+    for key in ("beta_start", "beta_end", "beta_schedule", "prediction_type", "num_train_timesteps"):
+        assert scheduler.config[key] == shipped[key], key

@@ -269,17 +269,17 @@ def test_several_etas_and_seeds_render_a_labelled_grid_of_the_single_renders(edi
     assert code == 0, err
     sheet = Image.open(out.split("wrote ", 1)[1].strip())
     assert out.strip().endswith("edit-eta0.5_0.9-seed0_1.png")
-    code, _, err = run_cli(
-        capsys, "edit", edit_dir, "--eta", 0.9, "--seed", 1, "--steps", 4, "-o", tmp_path / "one.png"
-    )
-    assert code == 0, err
-    single = Image.open(tmp_path / "one.png").convert("RGB")
-    cell = max(128, single.width)  # images.grid enlarges small renders to 128 px cells, under a 14 px label
-    row_height = 16 + cell + 14  # images.sheet: a 16 px caption ("seed 1") over each row
-    assert sheet.size == (max(640, 2 * cell), 2 * row_height)
-    top = row_height + 16  # second row (seed 1), second column (eta 0.9)
-    picked = sheet.crop((cell, top, 2 * cell, top + cell))
-    assert np.array_equal(np.array(picked), np.array(single.resize((cell, cell), Image.NEAREST)))
+    for row, column, eta, seed in ((1, 1, 0.9, 1), (0, 1, 0.9, 0)):  # off the diagonal: rows are seeds, not etas
+        one = tmp_path / f"eta{eta}-seed{seed}.png"
+        code, _, err = run_cli(capsys, "edit", edit_dir, "--eta", eta, "--seed", seed, "--steps", 4, "-o", one)
+        assert code == 0, err
+        single = Image.open(one).convert("RGB")
+        cell = max(128, single.width)  # images.grid enlarges small renders to 128 px cells, under a 14 px label
+        row_height = 16 + cell + 14  # images.sheet: a 16 px caption ("seed 1") over each row
+        assert sheet.size == (max(640, 2 * cell), 2 * row_height)
+        top = row * row_height + 16
+        picked = sheet.crop((column * cell, top, (column + 1) * cell, top + cell))
+        assert np.array_equal(np.array(picked), np.array(single.resize((cell, cell), Image.NEAREST))), (eta, seed)
 
 
 def test_a_grid_keeps_the_renders_that_did_not_diverge(edit_dir, tmp_path, capsys):
@@ -897,3 +897,87 @@ def test_output_names_near_the_file_systems_limit_are_saved_and_longer_ones_refu
     one_line_error(code, err, "258 bytes", "255")
     code, _, err = run_cli(capsys, "edit", out, *nowhere, "-o", tmp_path / f"{too_long}.png")
     one_line_error(code, err, "262 bytes", "255")
+
+
+def test_the_hub_check_connects_to_the_endpoints_host_and_port(monkeypatch):
+    """HTTPS on 443 unless HF_ENDPOINT names a port (a firewall that lets only 443 out is common)."""
+    from huggingface_hub import constants
+
+    tries = []
+
+    def refuse(address, *args, **kwargs):
+        tries.append(address)
+        raise OSError("network blocked by the test")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    for name in hub.PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for endpoint in ("https://huggingface.co", "http://mirror.example", "https://mirror.example:8443"):
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+        assert not hub.reachable()
+    assert tries == [("huggingface.co", 443), ("mirror.example", 80), ("mirror.example", 8443)]
+
+
+def test_hf_hub_offline_set_after_import_is_read_in_any_case(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # read once, when huggingface_hub was imported
+    for value, offline in (("true", True), ("Yes", True), ("1", True), ("0", False), ("", False)):
+        monkeypatch.setenv("HF_HUB_OFFLINE", value)
+        assert hub.offline() is offline, value
+
+
+def test_generate_takes_guidance_zero_as_given(eps_model, monkeypatch):
+    """Guidance 0 (the unconditional picture) is a value, not "use the model's recommendation"."""
+    import peftedit.generate as generating
+
+    real, used = generating.sample, []
+
+    def spy(*args, **kwargs):
+        used.append(args[5])  # guidance
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generating, "sample", spy)
+    for guidance in (0.0, None):
+        generating.generate(eps_model, "a red circle", steps=2, guidance=guidance)
+    assert used == [0.0, generating.DEFAULT_GUIDANCE]
+
+
+def test_generate_samples_exactly_like_vanilla_diffusers(eps_model, monkeypatch):
+    """The same seed, steps and guidance as the pipeline's own call: the same latents (guided towards the prompt)."""
+    import peftedit.generate as generating
+    from peftedit.diffusion import initial_noise
+
+    real, ours = generating.sample, []
+    monkeypatch.setattr(generating, "sample", lambda *args, **kwargs: ours.append(real(*args, **kwargs)) or ours[-1])
+    generating.generate(eps_model, "a red circle", seed=3, steps=3, guidance=7.5)
+    pipe = eps_model.pipe
+    side = pipe.unet.config.sample_size
+    noise = initial_noise((1, pipe.unet.config.in_channels, side, side), seed=3)
+    theirs = pipe("a red circle", num_inference_steps=3, guidance_scale=7.5, latents=noise, output_type="latent")
+    assert torch.allclose(ours[0], theirs.images, atol=1e-6), (ours[0] - theirs.images).abs().max()
+
+
+def test_edit_run_below_its_folder_writes_the_default_picture_beside_the_folder(tmp_path, monkeypatch):
+    """Inside any folder under the edit, too: a picture there would stop --overwrite from replacing the edit."""
+    from peftedit.commands import _outside
+
+    edit = tmp_path / "edit"
+    (edit / "notes" / "deeper").mkdir(parents=True)
+    for here, expected in ((edit, tmp_path), (edit / "notes" / "deeper", tmp_path), (tmp_path, Path())):
+        monkeypatch.chdir(here)
+        assert _outside(edit) == expected, here
+
+
+def test_an_edit_rendered_on_another_base_does_not_take_its_recorded_single_file_configs(tmp_path):
+    from types import SimpleNamespace
+
+    from peftedit.commands import _recorded_configs
+
+    base, other, gone = tmp_path / "base.safetensors", tmp_path / "other", tmp_path / "configs"
+    artifact = SimpleNamespace(meta={"base_model": str(base), "base_model_config": str(gone)})
+    assert _recorded_configs(artifact, str(other), "edit") is None  # --model names another base: not its configs
+    with pytest.raises(ValueError, match="which is gone; pass --single-file-config"):
+        _recorded_configs(artifact, str(base), "edit")  # the recorded base itself: its configs, which are gone
+    gone.mkdir()
+    assert _recorded_configs(artifact, None, "edit") == str(gone)

@@ -168,8 +168,11 @@ def test_a_name_that_is_neither_a_path_nor_a_hub_id_never_asks_the_hub(monkeypat
     monkeypatch.setattr(hub, "load", lambda *args: pytest.fail(f"asked the hub for {args[0]!r}"))
     monkeypatch.chdir(tmp_path)
     for name in ("sd15", "models/sd/v1"):
-        with pytest.raises(PeftEditError, match=f"^model '{name}': not a diffusers folder, a .safetensors file or a"):
+        with pytest.raises(PeftEditError, match=f"^model '{name}' not found: no such folder or file"):
             load_model(name, RuntimeConfig(device="cpu"))
+    (tmp_path / "notes.txt").write_text("not a model")  # there, but not a model: said so
+    with pytest.raises(PeftEditError, match="^model '.*notes.txt': not a diffusers folder, a .safetensors file or a"):
+        load_model("notes.txt", RuntimeConfig(device="cpu"))
 
 
 def test_a_model_shipped_with_another_scheduler_samples_with_ddim_on_its_noise_schedule(eps_dir, tmp_path):

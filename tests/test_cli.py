@@ -507,9 +507,8 @@ def test_an_edit_from_a_single_checkpoint_file_re_renders_without_its_configs_ag
     one_line_error(code, err, f"model {str(checkpoint)!r} not found: no such folder or file")
 
 
-def test_unreachable_hub_id_is_one_line_at_once(monkeypatch, capsys, tmp_path):
-    """Offline, huggingface_hub retried for most of a minute (printing each retry), then blamed a missing
-    model_index.json; and it reads HF_HUB_OFFLINE only when first imported."""
+def _network_refused(monkeypatch) -> list:
+    """Every connection refused (no proxy set); returns the list of the addresses tried."""
     tries = []
 
     def refuse(address, *args, **kwargs):
@@ -519,6 +518,13 @@ def test_unreachable_hub_id_is_one_line_at_once(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(socket, "create_connection", refuse)
     for name in hub.PROXY_VARIABLES:
         monkeypatch.delenv(name, raising=False)
+    return tries
+
+
+def test_unreachable_hub_id_is_one_line_at_once(monkeypatch, capsys, tmp_path):
+    """Offline, huggingface_hub retried for most of a minute (printing each retry), then blamed a missing
+    model_index.json; and it reads HF_HUB_OFFLINE only when first imported."""
+    tries = _network_refused(monkeypatch)
     argv = ("generate", "a dog", "--model", "nobody-here/no-such-model", "-o", tmp_path / "x.png")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, _, err = run_cli(capsys, *argv)
@@ -903,15 +909,7 @@ def test_the_hub_check_connects_to_the_endpoints_host_and_port(monkeypatch):
     """HTTPS on 443 unless HF_ENDPOINT names a port (a firewall that lets only 443 out is common)."""
     from huggingface_hub import constants
 
-    tries = []
-
-    def refuse(address, *args, **kwargs):
-        tries.append(address)
-        raise OSError("network blocked by the test")
-
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    for name in hub.PROXY_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
+    tries = _network_refused(monkeypatch)
     for endpoint in ("https://huggingface.co", "http://mirror.example", "https://mirror.example:8443"):
         monkeypatch.setattr(constants, "ENDPOINT", endpoint)
         assert not hub.reachable()

@@ -595,6 +595,11 @@ def test_blend_words_are_marked_in_the_prompt_that_has_them(eps_model):
     controller = p2p.Controller(pipe.unet, pipe.tokenizer, prompts, p2p.Control(blend=["square"]), 10)
     marked = [controller.blend_alpha[b].nonzero().flatten().tolist() for b in range(2)]
     assert marked == [[], p2p.word_positions(pipe.tokenizer, prompts[1], "square")] and marked[1]
+    several = p2p.Control(blend=["blue square"])  # several words in one --blend argument: each is a blend word
+    assert several.blend == ["blue", "square"]
+    controller = p2p.Controller(pipe.unet, pipe.tokenizer, prompts, several, 10)  # "blue square" was in no prompt
+    expected = sorted(p2p.word_positions(pipe.tokenizer, prompts[1], "blue") + marked[1])
+    assert controller.blend_alpha[1].nonzero().flatten().tolist() == expected
 
 
 def test_a_pivot_noised_all_the_way_is_the_forward_process_at_every_timestep(eps_model, photo):

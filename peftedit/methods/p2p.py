@@ -81,6 +81,7 @@ class Control:
             if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not 0 <= factor < math.inf:
                 raise PeftEditError(f"--reweight {word}={factor!r}: the factor must be a finite number >= 0")
         check_fields(self, lambda name: name.replace("_", "-"))
+        self.blend = [word for words in self.blend for word in words.split()]  # --blend "red square": both words
         if self.mode is not None and self.mode not in MODES:
             raise PeftEditError(f"--p2p {self.mode!r}: choose one of {', '.join(MODES)}")
         for name in ("cross_replace", "self_replace", "blend_threshold", "blend_start"):

@@ -111,6 +111,8 @@ class Artifact:
     def save(self, folder: str | Path, overwrite: bool = False) -> Path:
         """Write the folder atomically; returns its path. An existing folder is replaced only with ``overwrite``."""
         folder = Path(folder)
+        if folder.name in ("", ".", ".."):  # "." inside an edit folder: the folder by its real path
+            folder = folder.resolve()
         check_replaceable(folder, overwrite)
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = folder.parent / hidden_name(folder.name, "partial")

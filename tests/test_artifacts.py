@@ -349,6 +349,18 @@ def test_overwrite_replaces_an_earlier_edit(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["edit"]
 
 
+def test_saving_to_dot_inside_an_edit_folder_replaces_that_folder(tmp_path, monkeypatch):
+    """save(".") from inside an edit folder: Path(".").name is "", so the hidden temporary folder went beside
+    nothing; it is the folder by its real path (as the CLI's -o . already was)."""
+    folder = imagic_edit("a red square").save(tmp_path / "edit")
+    monkeypatch.chdir(folder)
+    with pytest.raises(ArtifactError, match="already exists"):
+        imagic_edit("a blue square").save(".")
+    assert imagic_edit("a blue square").save(".", overwrite=True) == folder
+    assert Artifact.load(folder).meta["prompts"]["target"] == "a blue square"
+    assert [p.name for p in tmp_path.iterdir()] == ["edit"]
+
+
 @pytest.mark.parametrize("failure", ["edit file", "preview", "rename"])
 def test_an_overwrite_that_fails_part_way_keeps_the_earlier_edit(failure, tmp_path, monkeypatch):
     """Written in place, a failed overwrite left a half-replaced edit; with the old folder deleted before the rename

@@ -265,10 +265,13 @@ def _shareable(folder: Path) -> None:
 
 
 def check_replaceable(path: str | Path, overwrite: bool) -> None:
-    """Raise :class:`ArtifactError` unless an edit may be saved at ``path``: nothing is there, or, with
-    ``overwrite``, an earlier peftedit edit folder holding only files an edit writes. Call it before any work."""
+    """Raise :class:`ArtifactError` unless an edit may be saved at ``path``: nothing is there, an empty folder (made
+    for it beforehand: nothing is lost), or, with ``overwrite``, an earlier peftedit edit folder holding only files an
+    edit writes. Call it before any work."""
     path = Path(path)
     if not os.path.lexists(path):
+        return
+    if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
         return
     if not overwrite:
         raise ArtifactError(f"{path} already exists; choose another path or pass --overwrite (overwrite=True)")

@@ -298,12 +298,6 @@ def _garbage_safetensors(tmp_path):
     return folder
 
 
-def _empty(tmp_path):
-    folder = tmp_path / "out"
-    folder.mkdir()
-    return folder
-
-
 def _link_to_an_edit(tmp_path):
     target = direct_edit().save(tmp_path / "real")
     link = tmp_path / "out"
@@ -318,7 +312,6 @@ NOT_EDITS = {
     "edit plus a subfolder": (_edit_with_a_subfolder, "(preview.png)"),
     "other safetensors": (_other_safetensors, "without a peftedit header"),
     "garbage safetensors": (_garbage_safetensors, f"unreadable {EDIT_FILE}"),
-    "empty folder": (_empty, f"has no {EDIT_FILE}"),
     "symbolic link": (_link_to_an_edit, "is a symbolic link"),
 }
 
@@ -347,6 +340,22 @@ def test_overwrite_replaces_an_earlier_edit(tmp_path):
     direct_edit().save(folder, overwrite=True)  # an inversion replaces an Imagic edit: the LoRA file goes too
     assert Artifact.load(folder).method == "direct" and not (folder / LORA_FILE).exists()
     assert [p.name for p in tmp_path.iterdir()] == ["edit"]
+
+
+def test_an_empty_folder_made_for_the_edit_takes_it(tmp_path):
+    """`mkdir out` then saving there was refused ("already exists"), and with --overwrite too ("has no
+    edit.safetensors"): a dead end with nothing to lose. An empty folder is used as it is; a symbolic link to one is
+    not (saving would replace the link, not fill its target)."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    check_replaceable(folder, overwrite=False)
+    assert imagic_edit("a red square").save(folder) == folder
+    assert Artifact.load(folder).meta["prompts"]["target"] == "a red square"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "empty", target_is_directory=True)
+    with pytest.raises(ArtifactError, match="already exists"):
+        check_replaceable(tmp_path / "link", overwrite=False)
 
 
 def test_saving_to_dot_inside_an_edit_folder_replaces_that_folder(tmp_path, monkeypatch):

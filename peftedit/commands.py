@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from .artifact_checks import INVERSIONS as NULLTEXT_METHODS
-from .files import NAME_MAX, finite_json, save_image_atomic, slug
+from .files import NAME_MAX, cut_to_bytes, finite_json, save_image_atomic, slug
 
 # Picture formats -o may name (Pillow writes each from the RGB pictures peftedit makes).
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -84,8 +84,7 @@ DEFAULT_NAME_BYTES = 200
 def _fitted(stem: str, suffix: str = ".png") -> str:
     """``stem + suffix``, the stem cut so the name takes at most ``DEFAULT_NAME_BYTES`` bytes (UTF-8): an edit
     folder's name and a prompt's, each 60 characters of a non-Latin script (3 bytes each), made a name over 255."""
-    while len(f"{stem}{suffix}".encode()) > DEFAULT_NAME_BYTES:
-        stem = stem[:-1]
+    stem = cut_to_bytes(stem, DEFAULT_NAME_BYTES - len(suffix.encode()))
     return f"{stem.rstrip('-_')}{suffix}"
 
 

@@ -36,11 +36,15 @@ NAME_MAX = 255
 HIDDEN_NAME_BYTES = 100
 
 
+def cut_to_bytes(text: str, limit: int) -> str:
+    """The longest start of ``text`` that takes at most ``limit`` bytes in UTF-8 (no character cut in half)."""
+    return text.encode("utf-8", "surrogateescape")[:limit].decode("utf-8", "ignore")
+
+
 def hidden_name(name: str, kind: str, suffix: str = "") -> str:
     """A hidden name for a temporary beside ``name``, ``.<name>.<kind>-<8 hex digits><suffix>``, with ``name`` cut to
     ``HIDDEN_NAME_BYTES`` bytes so that it fits wherever ``name`` does."""
-    short = name.encode("utf-8", "surrogateescape")[:HIDDEN_NAME_BYTES].decode("utf-8", "ignore")
-    return f".{short}.{kind}-{uuid.uuid4().hex[:8]}{suffix}"
+    return f".{cut_to_bytes(name, HIDDEN_NAME_BYTES)}.{kind}-{uuid.uuid4().hex[:8]}{suffix}"
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:

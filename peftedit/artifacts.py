@@ -110,9 +110,7 @@ class Artifact:
 
     def save(self, folder: str | Path, overwrite: bool = False) -> Path:
         """Write the folder atomically; returns its path. An existing folder is replaced only with ``overwrite``."""
-        folder = Path(folder)
-        if folder.name in ("", ".", ".."):  # "." inside an edit folder: the folder by its real path
-            folder = folder.resolve()
+        folder = edit_path(folder)
         check_replaceable(folder, overwrite)
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = folder.parent / hidden_name(folder.name, "partial")
@@ -262,6 +260,13 @@ def _shareable(folder: Path) -> None:
     probe.unlink()
     for path in folder.iterdir():
         path.chmod(mode)
+
+
+def edit_path(folder: str | Path) -> Path:
+    """Where an edit saved at ``folder`` goes: ``folder``, or for "." or ".." (inside an edit folder) its real path,
+    whose name the hidden temporary folder beside it is named after."""
+    folder = Path(folder)
+    return folder.resolve() if folder.name in ("", ".", "..") else folder
 
 
 def check_replaceable(path: str | Path, overwrite: bool) -> None:

@@ -134,7 +134,7 @@ def _sections(*names: str) -> dict[str, type]:
 def _prepare(args, table: str, flags: dict[str, str], prompt: str):
     """Configs from recipe, --set and the command's own flags; the output folder (checked: see check_replaceable); the
     model. The photo, the prompt and the output are checked before the model loads."""
-    from .artifacts import check_replaceable
+    from .artifacts import check_replaceable, edit_path
     from .config import build
     from .diffusion import require_text
     from .images import open_image
@@ -145,9 +145,7 @@ def _prepare(args, table: str, flags: dict[str, str], prompt: str):
     overrides += [f"{key}={getattr(args, flag)}" for flag, key in flags.items() if getattr(args, flag) is not None]
     configs = build(_sections("runtime", table), args.recipe, overrides)
     require_text(prompt)  # first: an empty prompt's default folder is the photo's name, maybe taken already
-    output = Path(args.output or Path("adapters") / slug(Path(args.image).stem, prompt))
-    if output.name in ("", ".", ".."):  # "-o ." inside an edit folder: it is replaced by its real path
-        output = output.resolve()
+    output = edit_path(args.output or Path("adapters") / slug(Path(args.image).stem, prompt))
     check_replaceable(output, args.overwrite)
     check_creatable(output)
     # The photo and the prompt are checked before the model loads (minutes for Stable Diffusion).

@@ -14,6 +14,9 @@ from .commands import cmd_batch, cmd_edit, cmd_generate, cmd_imagic, cmd_inspect
 from .errors import one_line, out_of_memory
 
 MODEL_HELP = "SD 1.x/2.x or SDXL: hub id, diffusers folder or .safetensors file (default: the demo model)"
+SINGLE_FILE_CONFIG_HELP = (
+    "diffusers config folder or hub id for a single .safetensors file (default: diffusers' guess from its tensors)"
+)
 EXAMPLES = {
     "imagic": """\
   peftedit imagic photo.png "a photo of a sitting dog" -o adapters/dog-sitting
@@ -66,7 +69,7 @@ def _listed(kind: type):
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help=MODEL_HELP)
-    p.add_argument("--single-file-config", help="diffusers config folder/id for a single .safetensors checkpoint")
+    p.add_argument("--single-file-config", help=SINGLE_FILE_CONFIG_HELP)
     p.add_argument("--recipe", help="recipe name in recipes/ or a .toml path")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
 
@@ -192,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "generate", "plain text-to-image with any model")
     p.add_argument("prompt", help="what to draw")
     p.add_argument("--model", help=MODEL_HELP)
-    p.add_argument("--single-file-config", help="diffusers config folder/id for a single .safetensors checkpoint")
+    p.add_argument("--single-file-config", help=SINGLE_FILE_CONFIG_HELP)
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's recommendation)")
     p.add_argument("--guidance", type=float, default=None, help="guidance (default: the model's recommendation)")

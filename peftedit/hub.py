@@ -41,19 +41,24 @@ def reachable() -> bool:
     return True
 
 
-def load(name: str, loader):
+LOCAL_MODEL = "pass a local diffusers folder or .safetensors file"
+
+
+def load(name: str, loader, what: str | None = None, instead: str = LOCAL_MODEL):
     """``loader(local_files_only=True)`` (which must not touch the network) when the cache holds ``name``; else
     ``loader(local_files_only=False)``, after a one-line error when the hub cannot be reached. ``loader`` raises
-    ``OSError`` for files it cannot find."""
+    ``OSError`` for files it cannot find. Errors name the files ``what`` (default: "model NAME") and advise
+    ``instead``."""
+    what = what or f"model {name!r}"
     try:
         return loader(local_files_only=True)
     except OSError:
         pass  # not in the cache (or not all of it): download
     if offline():
-        raise PeftEditError(f"model {name!r} is not in the local Hugging Face cache, and HF_HUB_OFFLINE is set")
+        raise PeftEditError(f"{what} is not in the local Hugging Face cache, and HF_HUB_OFFLINE is set")
     if not reachable():
         raise PeftEditError(
-            f"model {name!r} is not in the local Hugging Face cache and the hub cannot be reached (no network?); "
-            "download it where there is one, or pass a local diffusers folder or .safetensors file"
+            f"{what} is not in the local Hugging Face cache and the hub cannot be reached (no network?); "
+            f"download it where there is one, or {instead}"
         )
     return loader(local_files_only=False)

@@ -3,12 +3,16 @@ choosing device, precision and attention backend, and fingerprinting the base we
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import importlib.util
+import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -22,6 +26,8 @@ log = logging.getLogger("peftedit")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SINGLE_FILE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# The files of a hub id a single checkpoint's configs take (those diffusers' single-file loader fetches).
+CONFIG_PATTERNS = ["*.json", "**/*.json", "*.txt", "**/*.txt", "**/*.model"]
 # Values sampled from each weight tensor for the fingerprint's probe.
 PROBE_PER_TENSOR = 8
 # Relative tolerance when comparing probes: loose enough for fp16/bf16 loads of the same weights.
@@ -154,17 +160,18 @@ def load_model(
     elif path.exists():
         name = str(path.resolve())  # recorded in edits as their base: found again from any working folder
     kwargs: dict = {"dtype": dtype}
+    configs = None  # a single checkpoint file's
     if single_file_config and not (path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES):
         log.warning("--single-file-config is only for a single .safetensors checkpoint; %s is not one: ignored", name)
     try:
         if path.suffix.lower() in PICKLE_SUFFIXES:
             raise PeftEditError(f"{path}: pickle checkpoints are not loaded (unsafe); convert it to .safetensors")
         if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
-            if single_file_config:
-                config = Path(single_file_config).expanduser()  # a folder is recorded absolute, like `name`
-                kwargs["config"] = str(config.resolve()) if config.exists() else single_file_config
-            pipeline = pipeline_class(_single_file_kind(path, kwargs.get("config")))
-            pipe = pipeline.from_single_file(str(path), **kwargs, **_extra_kwargs(pipeline))
+            configs = _checkpoint_configs(path, single_file_config)
+            pipeline = pipeline_class(_single_file_kind(path, configs.folder, configs.source))
+            pipe = pipeline.from_single_file(
+                str(path), config=configs.folder, local_files_only=True, **kwargs, **_extra_kwargs(pipeline)
+            )
         elif path.is_dir():
             if not (path / "model_index.json").is_file():
                 raise PeftEditError(f"{path} is not a diffusers model folder (no model_index.json)")
@@ -182,7 +189,7 @@ def load_model(
         raise
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # a broken folder fails in many ways
         said = f"could not load model {name!r}: {type(err).__name__}: {first_line(err)}"
-        if path.is_file() and "config" not in kwargs:
+        if path.is_file() and not single_file_config:
             said += " (a single checkpoint file's configs come from --single-file-config: diffusers folder or hub id)"
         raise PeftEditError(said) from err
     if is_xl(pipe):
@@ -210,8 +217,8 @@ def load_model(
     for part in text_parts(pipe) + [pipe.unet, pipe.vae]:
         part.requires_grad_(False)
         part.eval()
-    configs = kwargs.get("config")  # set above for a single checkpoint file only
-    return Model(pipe=pipe, name=name, device=device, dtype=dtype, runtime=runtime, single_file_config=configs)
+    recorded = configs.recorded if configs else None
+    return Model(pipe=pipe, name=name, device=device, dtype=dtype, runtime=runtime, single_file_config=recorded)
 
 
 # Architectures peftedit runs: a pipeline class name containing "XL" loads as SDXL, any other as SD 1.x/2.x.
@@ -252,28 +259,109 @@ def _from_hub(name: str, kwargs: dict, local_files_only: bool):
     )
 
 
-def _single_file_kind(path: Path, config: str | None) -> str:
-    """The architecture of a single checkpoint: its configs' (``--single-file-config``), else its tensor names
-    (SDXL's original layout keeps both text encoders under ``conditioner.embedders``)."""
+class CheckpointConfigs(NamedTuple):
+    """The diffusers configs a single checkpoint file loads with."""
+
+    folder: str  # local
+    recorded: str | None  # in edits: the folder or hub id given (a folder absolute, like a model's); None: guessed
+    source: str  # where they came from, for errors
+
+
+def _checkpoint_configs(path: Path, given: str | None) -> CheckpointConfigs:
+    """The diffusers configs for the single checkpoint ``path``, in a local folder.
+
+    ``given`` (``--single-file-config``) is a folder, used as it is, or a hub id; without it the hub id is
+    diffusers' guess from the file's tensors (SD 1.5, SD 2.x, SDXL base, ...). A hub id's configs (no weights) come
+    from the local Hugging Face cache when it holds them, with no request (diffusers' own loader asks the hub first,
+    and offline retries for most of a minute); else they are downloaded, after a one-line error when the hub
+    cannot be reached.
+    """
+    if given:
+        folder = Path(given).expanduser()
+        if folder.is_dir():
+            folder = str(folder.resolve())
+            return CheckpointConfigs(folder, folder, f"--single-file-config {folder}")
+        if folder.exists() or given.startswith((".", "/", "~")) or given.count("/") != 1:
+            raise PeftEditError(f"--single-file-config {given!r}: no such folder (nor a hub id, owner/name)")
+    repo = given or _guessed_configs(path)
+    snapshot = hub.load(
+        repo,
+        functools.partial(_config_snapshot, repo),
+        what=f"{repo!r} (the configs of {path.name}{'' if given else ', guessed from its tensors'})",
+        instead="pass --single-file-config with a local diffusers folder of the file's architecture",
+    )
+    source = f"--single-file-config {given}" if given else f"diffusers' guess of its configs, {repo},"
+    return CheckpointConfigs(snapshot, given, source)
+
+
+def _config_snapshot(repo: str, local_files_only: bool) -> str:
+    """The local folder of hub id ``repo``'s configs (JSON and tokenizer files), from the cache only with
+    ``local_files_only``."""
+    from huggingface_hub import snapshot_download
+
+    folder = Path(snapshot_download(repo, allow_patterns=CONFIG_PATTERNS, local_files_only=local_files_only))
+    index = folder / "model_index.json"
+    parts = json.loads(index.read_text()) if index.is_file() else {}
+    missing = [name for name, entry in parts.items() if isinstance(entry, list) and None not in entry]
+    missing = [name for name in missing if not any((folder / name).glob("*.json"))]
+    if not index.is_file() or missing:  # a partial snapshot (another download stopped early): fetch the rest
+        raise FileNotFoundError(f"{folder}: configs missing for {missing or ['model_index.json']}")
+    return str(folder)
+
+
+def _guessed_configs(path: Path) -> str:
+    """The hub id whose configs diffusers' single-file loader takes for ``path`` when given none."""
+    from diffusers.loaders.single_file_utils import fetch_diffusers_config
+
+    with _open_checkpoint(path) as checkpoint:
+        return fetch_diffusers_config(_Tensors(checkpoint))["pretrained_model_name_or_path"]
+
+
+class _Tensors(Mapping):
+    """A checkpoint file's tensors by name, each read only when asked for (a guess reads a few)."""
+
+    def __init__(self, checkpoint):
+        self._checkpoint, self._names = checkpoint, set(checkpoint.keys())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._checkpoint.get_tensor(name)
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+@contextlib.contextmanager
+def _open_checkpoint(path: Path):
+    """``path`` opened with safetensors (only its header read), or a one-line error."""
     from safetensors import SafetensorError, safe_open
 
     try:
-        with safe_open(str(path), framework="pt") as checkpoint:
-            names = list(checkpoint.keys())
+        checkpoint = safe_open(str(path), framework="pt")
     except SafetensorError as err:
         raise PeftEditError(f"{path}: not a readable .safetensors checkpoint ({first_line(err)})") from err
-    # The original layouts' text-encoder prefixes tell SDXL from SD for sure; other layouts say nothing.
+    with checkpoint:
+        yield checkpoint
+
+
+def _single_file_kind(path: Path, configs: str, source: str) -> str:
+    """The architecture of a single checkpoint: its configs' (a local folder, named ``source`` in errors), when the
+    file's tensor names do not say otherwise (the original layouts' text-encoder prefixes tell SDXL from SD)."""
+    with _open_checkpoint(path) as checkpoint:
+        names = list(checkpoint.keys())
     said = {SDXL: "conditioner.embedders.", SD: "cond_stage_model."}
     found = next((kind for kind, prefix in said.items() if any(n.startswith(prefix) for n in names)), None)
-    if config:
-        kind = _folder_kind(config)
-        if found is not None and found != kind:
-            raise PeftEditError(
-                f"{path} is an {found.upper()} checkpoint but --single-file-config {config} is an {kind.upper()} "
-                "pipeline; give the configs of the file's architecture"
-            )
-        return kind
-    return found or SD
+    kind = _folder_kind(configs)
+    if found is not None and found != kind:
+        raise PeftEditError(
+            f"{path} is an {found.upper()} checkpoint but {source} is an {kind.upper()} pipeline; "
+            "give the configs of the file's architecture with --single-file-config"
+        )
+    return kind
 
 
 def _check_xl_parts(pipe, name: str) -> None:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+import socket
+from pathlib import Path
+
+from peftedit import hub
 from peftedit.cli import main
 
 
@@ -24,3 +29,30 @@ def one_line_error(code: int, err: str, *fragments: str, warned=()) -> None:
     assert lines[-1].startswith("peftedit: error: "), err
     for fragment in fragments:
         assert fragment in lines[-1], err
+
+
+def network_refused(monkeypatch) -> list:
+    """Every connection refused (no proxy set); returns the list of the addresses tried."""
+    tries = []
+
+    def refuse(address, *args, **kwargs):
+        tries.append(address)
+        raise OSError("network blocked by the test")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    for name in hub.PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    return tries
+
+
+def cache_snapshot(cache: Path, repo: str, source: Path, weights: bool = True) -> Path:
+    """``source``'s files as hub id ``repo``'s snapshot in the Hugging Face cache folder ``cache`` (its layout:
+    ``models--OWNER--NAME/snapshots/COMMIT`` and ``refs/main`` naming the commit); without ``weights``, no
+    ``.safetensors`` file."""
+    commit = "0" * 40
+    root = cache / f"models--{repo.replace('/', '--')}"
+    ignored = None if weights else shutil.ignore_patterns("*.safetensors")
+    shutil.copytree(source, root / "snapshots" / commit, ignore=ignored)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(commit)
+    return root / "snapshots" / commit

@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
-from cli_run import one_line_error, run_cli
+from cli_run import cache_snapshot, network_refused, one_line_error, run_cli
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -464,7 +464,9 @@ def test_model_sources_dispatch_to_the_right_loader(tmp_path, monkeypatch, capsy
     one_line_error(code, err, "not a readable .safetensors checkpoint")
 
 
-def test_an_edit_from_a_single_checkpoint_file_re_renders_without_its_configs_again(eps_dir, photo, tmp_path, capsys):
+def test_an_edit_from_a_single_checkpoint_file_re_renders_without_its_configs_again(
+    eps_dir, photo, tmp_path, monkeypatch, capsys
+):
     """A real LDM-layout file (the loader was tested with a stub only): `generate` on it crashed reading the folder's
     sampling advice, and `edit` needed --single-file-config again, which the edit can record."""
     from ldm_checkpoint import write_single_file
@@ -497,8 +499,10 @@ def test_an_edit_from_a_single_checkpoint_file_re_renders_without_its_configs_ag
     code, _, err = run_cli(capsys, "edit", out, "-o", tmp_path / "x.png")
     one_line_error(code, err, f"base model's configs were in {configs.resolve()}, which is gone")
 
+    network_refused(monkeypatch)  # without configs: diffusers' guess, neither cached nor reachable
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     code, _, err = run_cli(capsys, "generate", "a red circle", "--model", checkpoint, "-o", tmp_path / "g3.png")
-    one_line_error(code, err, "could not load model", "configs come from --single-file-config")
+    one_line_error(code, err, "(the configs of tiny.safetensors, guessed from its tensors) is not in the local")
 
     checkpoint.rename(tmp_path / "moved.safetensors")  # the base model moved: said so, not "not a hub id"
     code, _, err = run_cli(capsys, "edit", out, "-o", tmp_path / "x.png")
@@ -507,24 +511,10 @@ def test_an_edit_from_a_single_checkpoint_file_re_renders_without_its_configs_ag
     one_line_error(code, err, f"model {str(checkpoint)!r} not found: no such folder or file")
 
 
-def _network_refused(monkeypatch) -> list:
-    """Every connection refused (no proxy set); returns the list of the addresses tried."""
-    tries = []
-
-    def refuse(address, *args, **kwargs):
-        tries.append(address)
-        raise OSError("network blocked by the test")
-
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    for name in hub.PROXY_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    return tries
-
-
 def test_unreachable_hub_id_is_one_line_at_once(monkeypatch, capsys, tmp_path):
     """Offline, huggingface_hub retried for most of a minute (printing each retry), then blamed a missing
     model_index.json; and it reads HF_HUB_OFFLINE only when first imported."""
-    tries = _network_refused(monkeypatch)
+    tries = network_refused(monkeypatch)
     argv = ("generate", "a dog", "--model", "nobody-here/no-such-model", "-o", tmp_path / "x.png")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, _, err = run_cli(capsys, *argv)
@@ -543,10 +533,7 @@ def test_a_cached_hub_id_loads_without_the_network(eps_dir, tmp_path):
     """A hub id the local Hugging Face cache holds loads from it with no request at all (huggingface_hub would ask
     the hub for updates first, and offline retry for most of a minute). In a fresh interpreter: the hub's cache
     folder is fixed when huggingface_hub is imported."""
-    snapshot = tmp_path / "hf" / "hub" / "models--someone--tiny-sd" / "snapshots" / ("0" * 40)
-    shutil.copytree(eps_dir, snapshot)
-    (snapshot.parents[1] / "refs").mkdir()
-    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    cache_snapshot(tmp_path / "hf" / "hub", "someone/tiny-sd", eps_dir)
     script = (
         "import socket, traceback\n"
         "tries = []\n"
@@ -909,7 +896,7 @@ def test_the_hub_check_connects_to_the_endpoints_host_and_port(monkeypatch):
     """HTTPS on 443 unless HF_ENDPOINT names a port (a firewall that lets only 443 out is common)."""
     from huggingface_hub import constants
 
-    tries = _network_refused(monkeypatch)
+    tries = network_refused(monkeypatch)
     for endpoint in ("https://huggingface.co", "http://mirror.example", "https://mirror.example:8443"):
         monkeypatch.setattr(constants, "ENDPOINT", endpoint)
         assert not hub.reachable()

@@ -172,22 +172,21 @@ def test_half_precision_keeps_sdxl_vae_in_float32(xl_dir, eps_dir):
     assert sd.pipe.vae.dtype == torch.float16  # SD's VAE runs in float16, as in diffusers' SD pipeline
 
 
-def test_a_single_file_is_read_as_sdxl_by_its_tensor_names(tmp_path, xl_dir, eps_dir):
+def test_a_single_files_tensor_names_must_agree_with_its_configs(tmp_path, xl_dir, eps_dir):
     xl_file, sd_file = tmp_path / "xl.safetensors", tmp_path / "sd.safetensors"
     save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(2)}, str(xl_file))
     save_file({"cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(2)}, str(sd_file))
-    other_file = tmp_path / "other.safetensors"  # a layout whose names say nothing: SD unless configs say otherwise
+    other_file = tmp_path / "other.safetensors"  # a layout whose names say nothing: as its configs say
     save_file({"unet.conv_in.weight": torch.zeros(2)}, str(other_file))
-    assert _single_file_kind(xl_file, None) == SDXL
-    assert _single_file_kind(sd_file, None) == SD
-    assert _single_file_kind(other_file, None) == SD
-    assert _single_file_kind(other_file, str(xl_dir)) == SDXL
-    assert _single_file_kind(xl_file, str(xl_dir)) == SDXL
+    assert _single_file_kind(other_file, str(xl_dir), "X") == SDXL
+    assert _single_file_kind(other_file, str(eps_dir), "X") == SD
+    assert _single_file_kind(xl_file, str(xl_dir), "X") == SDXL
+    assert _single_file_kind(sd_file, str(eps_dir), "X") == SD
     # Configs of the other architecture: one clear line instead of diffusers' weight-shape error.
-    with pytest.raises(PeftEditError, match="is an SDXL checkpoint but --single-file-config .* is an SD pipeline"):
-        _single_file_kind(xl_file, str(eps_dir))
-    with pytest.raises(PeftEditError, match="is an SD checkpoint but --single-file-config .* is an SDXL pipeline"):
-        _single_file_kind(sd_file, str(xl_dir))
+    with pytest.raises(PeftEditError, match="is an SDXL checkpoint but --single-file-config X is an SD pipeline"):
+        _single_file_kind(xl_file, str(eps_dir), "--single-file-config X")
+    with pytest.raises(PeftEditError, match="is an SD checkpoint but diffusers' guess, Y, is an SDXL pipeline"):
+        _single_file_kind(sd_file, str(xl_dir), "diffusers' guess, Y,")
 
 
 def test_cli_imagic_edit_invert_and_generate_on_sdxl(xl_dir, photo, tmp_path, monkeypatch, capsys):

@@ -1,6 +1,6 @@
 """SDXL from one checkpoint file in SDXL's original layout (written by tests/ldm_checkpoint.py from the tiny SDXL):
-every weight loads bit-identically through diffusers' single-file loader, the file's tensor names pick the SDXL
-pipeline when no configs are given, and `generate` draws the same picture from the file as from its folder."""
+every weight loads bit-identically through diffusers' single-file loader, the file's tensor names refuse SD
+configs, and `generate` draws the same picture from the file as from its folder."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from cli_run import cache_snapshot
+from diffusers import UNet2DConditionModel
 from ldm_checkpoint import write_single_file
 from PIL import Image
 from safetensors.torch import load_file
@@ -84,30 +85,44 @@ def test_every_weight_round_trips_bit_identically(layers, xl_dir, xl_file, tmp_p
         assert not different, (component, different[:5])
 
 
-def test_without_configs_the_tensor_names_choose_sdxl_and_offline_fails_in_one_line(
-    xl_file, tmp_path, monkeypatch, capsys
+def test_without_configs_the_guess_comes_from_the_cache_and_must_agree_with_the_tensor_names(
+    xl_file, xl_dir, eps_dir, tmp_path, monkeypatch, capsys
 ):
-    """No --single-file-config: peftedit picks the XL pipeline from the ``conditioner.embedders.`` names; diffusers
-    then needs its configs from the hub, which offline is one clear line, not a traceback. (diffusers' own guess for
-    this tiny file is SD 1.5's configs: see ldm_checkpoint; a real SDXL file reads as SDXL base there too.)"""
+    """No --single-file-config: the configs are diffusers' guess from the file's tensors, read from the local cache
+    (for this tiny file SD 1.5's, see ldm_checkpoint; a real SDXL file reads as SDXL base). Offline and not cached:
+    one line. Cached, SD configs for SDXL tensor names: one line, not diffusers' weight-shape error. An SDXL hub id
+    given: its cached configs load the XL pipeline."""
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: the env var is too late
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # nothing cached
-    calls = []
-    for pipeline in (StableDiffusionPipeline, StableDiffusionXLPipeline):
-        real = pipeline.from_single_file  # bound to its class
-
-        def spy(path, real=real, name=pipeline.__name__, **kwargs):
-            calls.append((name, path, kwargs.get("config")))
-            return real(path, **kwargs)
-
-        monkeypatch.setattr(pipeline, "from_single_file", staticmethod(spy))
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    guess, xl_id = "stable-diffusion-v1-5/stable-diffusion-v1-5", "someone/tiny-xl-configs"
+    argv = [
+        "--quiet",
+        "generate",
+        "a red circle",
+        "--steps",
+        "2",
+        "--model",
+        str(xl_file),
+        "-o",
+        str(tmp_path / "x.png"),
+    ]
     capsys.readouterr()  # the command's stderr only
-    code = main(["--quiet", "generate", "a red circle", "--model", str(xl_file), "-o", str(tmp_path / "x.png")])
+    code = main(argv)
     err = capsys.readouterr().err
-    assert calls == [("StableDiffusionXLPipeline", str(xl_file.resolve()), None)]
     assert code == 2 and err.startswith("peftedit: error: ") and err.count("\n") == 1, err  # all of it one line
-    assert "could not load model" in err and "configs come from --single-file-config" in err
-    assert not (tmp_path / "x.png").exists()
+    assert f"{guess!r} (the configs of tiny-xl.safetensors, guessed from its tensors) is not in the local" in err
+    assert "HF_HUB_OFFLINE is set" in err
+
+    cache_snapshot(cache, guess, eps_dir, weights=False)
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"is an SDXL checkpoint but diffusers' guess of its configs, {guess}, is an SD pipeline" in err
+
+    cache_snapshot(cache, xl_id, xl_dir, weights=False)
+    model = load_model(str(xl_file), RUNTIME, single_file_config=xl_id)
+    assert is_xl(model.pipe) and model.single_file_config == xl_id
 
 
 def test_generate_draws_the_same_picture_from_the_file_as_from_the_folder(xl_dir, xl_file, tmp_path):

@@ -1,0 +1,87 @@
+"""A single checkpoint file's configs without --single-file-config: diffusers' guess from its tensors (a hub id),
+taken from the local Hugging Face cache with no request, or one line at once when neither cache nor hub has it."""
+
+from __future__ import annotations
+
+import huggingface_hub
+import numpy as np
+import pytest
+from cli_run import cache_snapshot, network_refused, one_line_error, run_cli
+from ldm_checkpoint import write_single_file
+from PIL import Image
+
+from peftedit.config import RuntimeConfig
+from peftedit.models import load_model
+
+GUESS = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # diffusers' guess for the tiny SD file (and SD 1.5's)
+
+
+@pytest.fixture
+def checkpoint(eps_dir, tmp_path):
+    path = tmp_path / "tiny.safetensors"
+    write_single_file(eps_dir, path)
+    return path
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    folder = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(folder))  # read when huggingface_hub loads
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    return folder
+
+
+def test_guessed_configs_come_from_the_cache_with_no_request(
+    checkpoint, cache, eps_dir, tmp_path, monkeypatch, capsys
+):
+    """diffusers' loader asked the hub for them even when cached (offline it retried for most of a minute); and
+    uncached with the hub out of reach, it failed after that minute."""
+    tries = network_refused(monkeypatch)
+    argv = ("generate", "a red circle", "--steps", 3, "--model", checkpoint, "-o", tmp_path / "file.png")
+    code, _, err = run_cli(capsys, *argv)
+    one_line_error(
+        code, err, f"{GUESS!r} (the configs of tiny.safetensors, guessed from its tensors) is not in the local",
+        "the hub cannot be reached", "pass --single-file-config with a local diffusers folder",
+    )  # fmt: skip
+    assert len(tries) == 1 and not (tmp_path / "file.png").exists()  # the one reachability check
+
+    tries.clear()
+    cache_snapshot(cache, GUESS, eps_dir, weights=False)  # configs only, as the loader fetches them
+    assert run_cli(capsys, *argv)[0] == 0
+    assert tries == []
+    code, _, err = run_cli(capsys, *argv[:4], "--model", eps_dir, "-o", tmp_path / "dir.png")
+    assert code == 0, err
+    file, folder = (np.array(Image.open(tmp_path / name)) for name in ("file.png", "dir.png"))
+    assert np.array_equal(file, folder)
+
+
+def test_configs_given_as_a_hub_id_come_from_the_cache_and_are_recorded(checkpoint, cache, eps_dir, monkeypatch):
+    tries = network_refused(monkeypatch)
+    cache_snapshot(cache, "someone/tiny-configs", eps_dir, weights=False)
+    runtime = RuntimeConfig(device="cpu")
+    assert load_model(str(checkpoint), runtime, single_file_config="someone/tiny-configs").single_file_config == (
+        "someone/tiny-configs"
+    )
+    cache_snapshot(cache, GUESS, eps_dir, weights=False)
+    assert load_model(str(checkpoint), runtime).single_file_config is None  # guessed again when re-rendered
+    assert tries == []
+
+
+def test_configs_that_are_neither_a_folder_nor_a_hub_id_are_one_line(checkpoint, tmp_path, capsys):
+    for given in (tmp_path / "no-such-folder", "a/b/c", checkpoint):
+        code, _, err = run_cli(capsys, "generate", "a", "--model", checkpoint, "--single-file-config", given)
+        one_line_error(code, err, f"--single-file-config {str(given)!r}: no such folder (nor a hub id, owner/name)")
+
+
+def test_a_partial_snapshot_of_the_configs_is_fetched_again(checkpoint, cache, eps_dir, tmp_path, monkeypatch, capsys):
+    """A cache holding only ``model_index.json`` (what reading a hub id's architecture fetches) is not the configs:
+    downloaded (here: unreachable, one line), not diffusers' missing-file error."""
+    tries = network_refused(monkeypatch)
+    only_index = tmp_path / "only-index"
+    only_index.mkdir()
+    (only_index / "model_index.json").write_text((eps_dir / "model_index.json").read_text())
+    cache_snapshot(cache, GUESS, only_index)
+    code, _, err = run_cli(capsys, "generate", "a", "--model", checkpoint, "-o", tmp_path / "x.png")
+    one_line_error(code, err, "is not in the local Hugging Face cache and the hub cannot be reached")
+    assert len(tries) == 1

@@ -43,7 +43,7 @@ def generate(
 ):
     """One image for ``prompt`` (PIL); steps and guidance default to the model's recommendation."""
     pipe = model.pipe
-    check_seed("seed", seed)  # always: None is not "the default" here
+    seed = check_seed("seed", seed)  # always: None is not "the default" here; a numpy integer becomes an int
     check_sampling(guidance=guidance, steps=steps)
     prompt = check_prompt(pipe.tokenizer, prompt)
     rec_steps, rec_guidance = recommended_sampling(model)

@@ -230,6 +230,26 @@ def test_api_misuse_is_named(eps_model, photo, fitted, tiny_model):
         imagic.render(tiny_model, fitted, seed=None)
 
 
+def test_render_takes_tuples_and_numpy_seeds_and_names_an_empty_list(eps_model, photo):
+    """A tuple of etas or seeds rendered as the list does (it was "must be a number"), a numpy seed as its int (it was
+    torch's TypeError), and an empty list is named (it was an IndexError)."""
+    config = ImagicConfig(embedding_steps=1, finetune_steps=1, render_steps=2, preview_etas=[0.5])
+    fitted = imagic.fit(eps_model, photo, "a red circle", config, RUNTIME, False)
+    listed = imagic.render(eps_model, fitted, eta=[0.5, 0.9], seed=[1, 2])
+    paired = imagic.render(eps_model, fitted, eta=(0.5, 0.9), seed=(1, 2))
+    assert len(paired) == 4
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(listed, paired, strict=True))
+    one = imagic.render(eps_model, fitted, eta=0.5, seed=np.int64(1))
+    assert np.array_equal(np.asarray(one), np.asarray(listed[0]))
+    assert np.array_equal(np.asarray(generate.generate(eps_model, "a red circle", np.int64(3), steps=2)),
+                          np.asarray(generate.generate(eps_model, "a red circle", 3, steps=2)))  # fmt: skip
+    for empty in ({"eta": []}, {"seed": ()}):
+        with pytest.raises(PeftEditError, match=r"^(eta = \[\]|seed = \(\)): give at least one value$"):
+            imagic.render(eps_model, fitted, **empty)
+    with pytest.raises(PeftEditError, match=r"^eta = \[\]: give at least one value$"):
+        imagic.render_grid(eps_model, fitted, [], [0])
+
+
 def test_an_imagic_edit_is_refused_on_another_prediction_type(fitted, tiny_model, tiny_dir):
     """The epsilon and v-prediction tiny models share their weights: only the scheduler tells them apart, and an
     Imagic LoRA trained for one target renders garbage under the other."""

@@ -317,17 +317,17 @@ def lora_applied(unet, artifact: Artifact):
 def render(
     model: Model,
     artifact: Artifact,
-    eta: float | list[float] | None = None,
-    seed: int | list[int] = 0,
+    eta: float | list[float] | tuple[float, ...] | None = None,
+    seed: int | list[int] | tuple[int, ...] = 0,
     guidance: float | None = None,
     steps: int | None = None,
     check: bool = True,
     show_progress: bool = False,
     skip_diverged: bool = False,
 ) -> Image.Image | list[Image.Image | None]:
-    """Render an Imagic edit at ``eta`` with ``seed``; returns a PIL image, or for a list of etas or seeds a list:
-    every eta for the first seed, then every eta for the next (the LoRA goes on, and with ``runtime.offload_idle``
-    the UNet and then the VAE onto the GPU, once for them all).
+    """Render an Imagic edit at ``eta`` with ``seed``; returns a PIL image, or for a list (or tuple) of etas or seeds
+    a list: every eta for the first seed, then every eta for the next (the LoRA goes on, and with
+    ``runtime.offload_idle`` the UNet and then the VAE onto the GPU, once for them all).
 
     Guidance and steps default to the artifact's recipe. Raises :class:`ArtifactError` for another base model, and
     :class:`RenderDiverged` for a render that diverged (NaN or infinite values); with ``skip_diverged`` such a render
@@ -339,15 +339,12 @@ def render(
     if check:
         check_base(model, artifact)
     recipe = artifact.meta["recipe"][METHOD]
-    etas = [eta] if not isinstance(eta, list) else eta
-    etas = [recipe["eta"] if e is None else e for e in etas]
+    etas = [recipe["eta"] if e is None else e for e in _several("eta", eta)]
     guidance = recipe["guidance"] if guidance is None else guidance
     steps = recipe["render_steps"] if steps is None else steps
     for value in etas:
         check_sampling(eta=value)
-    seeds = seed if isinstance(seed, list) else [seed]
-    for value in seeds:
-        check_seed("seed", value)  # always: None is not "the default" here
+    seeds = [check_seed("seed", value) for value in _several("seed", seed)]  # always: None is not "the default"
     check_sampling(guidance=guidance, steps=steps)
     etas, steps = [float(e) for e in etas], int(steps)
     check_steps(model, steps)
@@ -383,7 +380,16 @@ def render(
         raise diverged[0][1]
     for said, err in diverged:
         log.warning("%s: %s", said, err)
-    return images if isinstance(eta, list) or isinstance(seed, list) else images[0]
+    return images if isinstance(eta, list | tuple) or isinstance(seed, list | tuple) else images[0]
+
+
+def _several(name: str, value) -> list:
+    """A render argument as a list: a list or tuple as it is (raising when it is empty), one value as a list of one."""
+    if not isinstance(value, list | tuple):
+        return [value]
+    if not value:
+        raise PeftEditError(f"{name} = {value!r}: give at least one value")
+    return list(value)
 
 
 def render_grid(

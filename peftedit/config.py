@@ -249,6 +249,8 @@ def build(
     ``sections`` maps table names (``runtime``, ``imagic``…) to dataclasses. Returns a dict of config objects.
     A key in an override may omit its table when only one table has it. Unknown tables and keys raise.
     """
+    if isinstance(overrides, str):  # read character by character, it said "--set 'i': expected key=value"
+        raise TypeError(f"overrides must be a list of 'key=value' strings, not one string ({overrides!r:.60})")
     raw: dict[str, dict[str, Any]] = {name: {} for name in sections}
     if recipe is not None:
         path = resolve_recipe(recipe, tuple(sections))

@@ -143,6 +143,8 @@ def load_model(
     """
     from diffusers import DDIMScheduler
 
+    if runtime is not None and not isinstance(runtime, RuntimeConfig):
+        raise TypeError(f"runtime must be a RuntimeConfig (or None for the defaults), not {type(runtime).__name__}")
     runtime = runtime or RuntimeConfig()
     device = resolve_device(runtime)
     dtype = resolve_dtype(runtime, device)

@@ -53,6 +53,12 @@ def test_bad_overrides_raise_naming_the_key(override, message):
         build(SECTIONS, None, [override])
 
 
+def test_one_override_string_is_refused_not_read_letter_by_letter():
+    with pytest.raises(TypeError, match="^overrides must be a list of 'key=value' strings, not one string"):
+        build(SECTIONS, None, "imagic.lora_rank=16")
+    assert build(SECTIONS, None, ["imagic.lora_rank=16"])["imagic"].lora_rank == 16
+
+
 def test_unknown_recipe_key_and_table_are_errors(tmp_path):
     bad_key = tmp_path / "bad.toml"
     bad_key.write_text("[imagic]\nembedding_step = 10\n")

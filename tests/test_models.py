@@ -89,6 +89,11 @@ def test_an_inpainting_unet_is_refused_in_one_line(tokenizer_dir, tmp_path):
         load_model(str(tmp_path / "inpaint"), RuntimeConfig(device="cpu"))
 
 
+def test_a_runtime_of_the_wrong_type_is_named_before_loading(eps_dir):
+    with pytest.raises(TypeError, match="^runtime must be a RuntimeConfig \\(or None for the defaults\\), not dict$"):
+        load_model(str(eps_dir), {"device": "cpu"})  # it was an AttributeError on .device
+
+
 def test_single_file_configs_for_a_folder_are_said_to_be_ignored(eps_dir, caplog):
     load_model(str(eps_dir), RuntimeConfig(device="cpu"), single_file_config="somewhere")
     assert "--single-file-config is only for a single .safetensors checkpoint" in caplog.text

@@ -307,6 +307,10 @@ def test_mismatched_edits_are_clear_errors(eps_model, eps_inverted):
         nulltext.edit(eps_model, eps_inverted, "a photo of a blue circle", p2p.Control(reweight={"tiger": 2.0}))
     with pytest.raises(PeftEditError, match="'tiger'.*neither prompt"):
         nulltext.edit(eps_model, eps_inverted, "a photo of a blue circle", p2p.Control(blend=["tiger"]))
+    for control in ({"mode": "refine"}, "refine"):  # an AttributeError on .mode, deep in the edit
+        named = f"^control must be a p2p.Control \\(or None\\), not {type(control).__name__}$"
+        with pytest.raises(TypeError, match=named):
+            nulltext.edit(eps_model, eps_inverted, "a photo of a blue circle", control)
     with pytest.raises(PeftEditError, match="drop the --blend words"):
         p2p.Control(blend=["circle"], blend_mask="difference")
     with pytest.raises(PeftEditError, match="choose one of attention, difference"):

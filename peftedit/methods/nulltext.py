@@ -288,6 +288,8 @@ def run_edit(
     show_progress: bool = False,
 ) -> EditResult:
     """Sample from the inversion: the source branch alone (reconstruction) or [source, target] with P2P control."""
+    if control is not None and not isinstance(control, p2p.Control):
+        raise TypeError(f"control must be a p2p.Control (or None), not {type(control).__name__}")
     check_sampling(guidance=guidance, steps=steps)
     check_inversion(model, artifact, steps, check)
     pipe, unet, meta = model.pipe, model.pipe.unet, artifact.meta

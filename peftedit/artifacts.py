@@ -201,14 +201,26 @@ class Artifact:
         lora = None
         if LORA_FILE in files:
             lora = _read_lora(folder / LORA_FILE, lora_config)
-        # rendering does not need the preview, so a broken one only warns
-        return cls(method, tensors, meta, lora, lora_config, read_picture(folder / PREVIEW_FILE))
+        # rendering needs neither the preview nor the card, so a broken one only warns; both are kept for a later save
+        return cls(method, tensors, meta, lora, lora_config, read_picture(folder / PREVIEW_FILE), _read_card(folder))
 
     def require(self, *names: str) -> None:
         """Raise :class:`ArtifactError` when a tensor the method needs is absent."""
         missing = [n for n in names if n not in self.tensors]
         if missing:
             raise ArtifactError(f"{self.method} edit is missing tensors: {', '.join(missing)}")
+
+
+def _read_card(folder: Path) -> str:
+    """The edit folder's model card, or "" when it has none or it cannot be read (with a warning)."""
+    path = folder / CARD_FILE
+    if not path.is_file():
+        return ""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        log.warning("ignoring %s: not a readable text file (%s)", path, first_line(err))
+        return ""
 
 
 def _read_lora(path: Path, lora_config: dict) -> dict[str, torch.Tensor]:

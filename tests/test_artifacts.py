@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from peftedit.artifact_checks import HEADER_CHECKSUM
-from peftedit.artifacts import EDIT_FILE, LORA_FILE, Artifact, check_replaceable
+from peftedit.artifacts import CARD_FILE, EDIT_FILE, LORA_FILE, PREVIEW_FILE, Artifact, check_replaceable
 from peftedit.errors import ArtifactError
 
 RANK = 8
@@ -340,6 +340,18 @@ def test_overwrite_replaces_an_earlier_edit(tmp_path):
     direct_edit().save(folder, overwrite=True)  # an inversion replaces an Imagic edit: the LoRA file goes too
     assert Artifact.load(folder).method == "direct" and not (folder / LORA_FILE).exists()
     assert [p.name for p in tmp_path.iterdir()] == ["edit"]
+
+
+def test_a_loaded_edit_saved_elsewhere_keeps_its_card_and_preview(tmp_path):
+    """Artifact.load dropped the README, so copying an edit through the API (load, save) lost its model card."""
+    edit = imagic_edit()
+    edit.card, edit.preview = "# an edit\n\nmade with care\n", Image.new("RGB", (8, 8), "red")
+    copy = Artifact.load(edit.save(tmp_path / "edit")).save(tmp_path / "copy")
+    assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in (tmp_path / "edit").iterdir())
+    assert (copy / CARD_FILE).read_text() == edit.card
+    assert (copy / PREVIEW_FILE).read_bytes() == (tmp_path / "edit" / PREVIEW_FILE).read_bytes()
+    (tmp_path / "edit" / CARD_FILE).write_bytes(b"\xff\xfe broken")
+    assert Artifact.load(tmp_path / "edit").card == ""  # a card is not needed to render: unreadable, it is left out
 
 
 def test_an_empty_folder_made_for_the_edit_takes_it(tmp_path):

@@ -251,8 +251,8 @@ def _imagic_pictures(model, artifact, etas: list[float], seeds: list[int], guida
     from .methods import imagic
 
     if len(etas) == len(seeds) == 1:
-        return imagic.render(model, artifact, etas[0], seeds[0], guidance, steps, show_progress=show)
-    return imagic.render_grid(model, artifact, etas, seeds, guidance, steps, show_progress=show)
+        return imagic.render(model, artifact, etas[0], seeds[0], guidance=guidance, steps=steps, show_progress=show)
+    return imagic.render_grid(model, artifact, etas, seeds, guidance=guidance, steps=steps, show_progress=show)
 
 
 def cmd_batch(args) -> int:
@@ -332,8 +332,8 @@ def _edit_inversion(args, model, artifact, control):
         artifact,
         args.target,
         control,
-        args.steps,
-        args.guidance,
+        steps=args.steps,
+        guidance=args.guidance,
         maps=bool(args.save_attention),
         show_progress=not args.quiet,
     )

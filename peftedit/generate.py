@@ -37,6 +37,7 @@ def generate(
     model: Model,
     prompt: str,
     seed: int = 0,
+    *,
     steps: int | None = None,
     guidance: float | None = None,
     show_progress: bool = False,

@@ -250,6 +250,23 @@ def test_render_takes_tuples_and_numpy_seeds_and_names_an_empty_list(eps_model, 
         imagic.render_grid(eps_model, fitted, [], [0])
 
 
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: imagic.render(None, None, 0.7, 0, 30, 10),
+        lambda: imagic.render_grid(None, None, [0.7], [0], 30, 10),
+        lambda: nulltext.edit(None, None, "a blue circle", None, 10, 30),
+        lambda: nulltext.run_edit(None, None, "a blue circle", None, 10, 30),
+        lambda: generate.generate(None, "a blue circle", 0, 10, 30),
+    ],
+)
+def test_guidance_and_steps_are_keywords_in_every_render(call):
+    """Imagic's render took (guidance, steps) in that order, nulltext.edit and generate (steps, guidance): a call
+    written for one order ran guidance 30 at 10 steps in the other, without a word."""
+    with pytest.raises(TypeError, match="positional argument"):
+        call()
+
+
 def test_an_imagic_edit_is_refused_on_another_prediction_type(fitted, tiny_model, tiny_dir):
     """The epsilon and v-prediction tiny models share their weights: only the scheduler tells them apart, and an
     Imagic LoRA trained for one target renders garbage under the other."""

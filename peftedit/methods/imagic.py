@@ -319,6 +319,7 @@ def render(
     artifact: Artifact,
     eta: float | list[float] | tuple[float, ...] | None = None,
     seed: int | list[int] | tuple[int, ...] = 0,
+    *,
     guidance: float | None = None,
     steps: int | None = None,
     check: bool = True,
@@ -397,6 +398,7 @@ def render_grid(
     artifact: Artifact,
     etas: list[float],
     seeds: list[int],
+    *,
     guidance: float | None = None,
     steps: int | None = None,
     show_progress: bool = False,
@@ -404,7 +406,9 @@ def render_grid(
     """Every eta with every seed, as one labelled picture: a row per seed, a column per eta (``render`` with
     ``skip_diverged``: a render that diverged is a grey cell; an error only when every one did)."""
     etas, seeds = list(etas), list(seeds)
-    pictures = render(model, artifact, etas, seeds, guidance, steps, show_progress=show_progress, skip_diverged=True)
+    pictures = render(
+        model, artifact, etas, seeds, guidance=guidance, steps=steps, show_progress=show_progress, skip_diverged=True
+    )
     return eta_seed_grid(pictures, etas, seeds)
 
 

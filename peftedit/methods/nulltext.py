@@ -280,6 +280,7 @@ def run_edit(
     artifact: Artifact,
     target_prompt: str | None = None,
     control: p2p.Control | None = None,
+    *,
     steps: int | None = None,
     guidance: float | None = None,
     maps: bool = False,
@@ -344,6 +345,7 @@ def edit(
     artifact: Artifact,
     target_prompt: str | None = None,
     control: p2p.Control | None = None,
+    *,
     steps: int | None = None,
     guidance: float | None = None,
     show_progress: bool = False,
@@ -353,7 +355,9 @@ def edit(
     DDIM with eta 0 is deterministic, so there is no seed. Raises :class:`ArtifactError` for another base model,
     scheduler or step count than the inversion was made with.
     """
-    return run_edit(model, artifact, target_prompt, control, steps, guidance, show_progress=show_progress).image
+    return run_edit(
+        model, artifact, target_prompt, control, steps=steps, guidance=guidance, show_progress=show_progress
+    ).image
 
 
 def reconstruct(model: Model, artifact: Artifact) -> Image.Image:

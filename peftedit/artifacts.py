@@ -157,8 +157,9 @@ class Artifact:
 
     @classmethod
     def load(cls, folder: str | Path) -> Artifact:
-        """Read and verify an edit folder; raises :class:`ArtifactError` for anything incomplete or tampered."""
-        folder = Path(folder)
+        """Read and verify an edit folder (a leading ``~`` expanded); raises :class:`ArtifactError` for anything
+        incomplete or tampered."""
+        folder = Path(folder).expanduser()
         if folder.exists() and not folder.is_dir():
             raise ArtifactError(f"{folder} is a file; give the edit folder written by 'imagic' or 'invert'")
         if not folder.is_dir():
@@ -275,9 +276,10 @@ def _shareable(folder: Path) -> None:
 
 
 def edit_path(folder: str | Path) -> Path:
-    """Where an edit saved at ``folder`` goes: ``folder``, or for "." or ".." (inside an edit folder) its real path,
-    whose name the hidden temporary folder beside it is named after."""
-    folder = Path(folder)
+    """Where an edit saved at ``folder`` goes: ``folder`` with a leading ``~`` expanded (as ``load_model`` does; it
+    made a folder named "~" here), or for "." or ".." (inside an edit folder) its real path, whose name the hidden
+    temporary folder beside it is named after."""
+    folder = Path(folder).expanduser()
     return folder.resolve() if folder.name in ("", ".", "..") else folder
 
 

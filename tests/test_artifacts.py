@@ -354,6 +354,15 @@ def test_a_loaded_edit_saved_elsewhere_keeps_its_card_and_preview(tmp_path):
     assert Artifact.load(tmp_path / "edit").card == ""  # a card is not needed to render: unreadable, it is left out
 
 
+def test_a_home_relative_edit_folder_goes_home(tmp_path, monkeypatch):
+    """save("~/edit") made a folder named "~" in the working folder, while load_model expands "~" in a model's path."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert imagic_edit().save("~/edit") == tmp_path / "home" / "edit"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]
+    assert Artifact.load("~/edit").meta["prompts"]["target"] == "a red square"
+
+
 def test_an_empty_folder_made_for_the_edit_takes_it(tmp_path):
     """`mkdir out` then saving there was refused ("already exists"), and with --overwrite too ("has no
     edit.safetensors"): a dead end with nothing to lose. An empty folder is used as it is; a symbolic link to one is

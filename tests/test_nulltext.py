@@ -559,6 +559,19 @@ def test_reweight_scales_only_the_chosen_word_in_the_target(eps_model):
     assert where and torch.equal(out[-1], expected)
 
 
+def test_a_reweighted_phrase_scales_its_words_where_they_stand_together(eps_model):
+    """--reweight "blue circle=2" said the word was not in the target: each prompt word was searched alone."""
+    tokenizer = eps_model.pipe.tokenizer
+    target = "a blue square and a blue circle"
+    phrase = p2p.word_positions(tokenizer, target, "blue circle")
+    blue, circle = (p2p.word_positions(tokenizer, target, word) for word in ("blue", "circle"))
+    assert len(blue) == 2 and len(circle) == 1 and phrase == [blue[1], circle[0]] == [circle[0] - 1, circle[0]]
+    controller = p2p.Controller(
+        eps_model.pipe.unet, tokenizer, [SOURCE, target], p2p.Control(reweight={"blue circle": 2.0}), 4
+    )
+    assert torch.equal(torch.nonzero(controller.equalizer.cpu() == 2.0).flatten(), torch.tensor(phrase))
+
+
 def test_self_attention_is_replaced_at_layers_up_to_the_max_side(eps_model):
     """self_replace_max_side is inclusive: layers of exactly that many latents a side are edited."""
     unet, tokenizer = eps_model.pipe.unet, eps_model.pipe.tokenizer

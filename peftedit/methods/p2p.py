@@ -121,15 +121,14 @@ def parse_reweight(items: list[str] | str | None) -> dict[str, float]:
 
 
 def word_positions(tokenizer, prompt: str, word: str) -> list[int]:
-    """Token positions (start token = 0) of every occurrence of ``word`` in ``prompt``; empty when absent."""
-    positions, index = [], 1
+    """Token positions (start token = 0) of every occurrence of ``word`` in ``prompt``; empty when absent. ``word``
+    may be several words ("red square": their tokens in a row), found across the prompt's words."""
+    positions = []
     wanted = tokenizer(word, add_special_tokens=False).input_ids
-    for piece in prompt.split():
-        ids = tokenizer(piece, add_special_tokens=False).input_ids
-        for k in range(len(ids) - len(wanted) + 1):
-            if wanted and ids[k : k + len(wanted)] == wanted:
-                positions.extend(range(index + k, index + k + len(wanted)))
-        index += len(ids)
+    ids = [i for piece in prompt.split() for i in tokenizer(piece, add_special_tokens=False).input_ids]
+    for k in range(len(ids) - len(wanted) + 1):
+        if wanted and ids[k : k + len(wanted)] == wanted:
+            positions.extend(range(1 + k, 1 + k + len(wanted)))
     return [p for p in positions if p < tokenizer.model_max_length - 1]
 
 

@@ -2,11 +2,12 @@
 
 Python API::
 
-    from peftedit import Artifact, ImagicConfig, imagic, load_model
+    from peftedit import Artifact, ImagicConfig, imagic, load_base, load_model
     model = load_model(None)                      # the demo model; or a hub id / folder / .safetensors
     edit = imagic.fit(model, "photo.png", "a photo of a sitting dog")
     edit.save("adapters/dog-sitting")
     image = imagic.render(model, Artifact.load("adapters/dog-sitting"), eta=0.7, seed=3)
+    later = load_base(Artifact.load("adapters/dog-sitting"))  # the model it was made on, as `peftedit edit` loads it
 
     from peftedit import nulltext, p2p               # null-text inversion + Prompt-to-Prompt
     inversion = nulltext.invert(model, "cat.png", "a photo of a cat")
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 
 from . import batch  # noqa: E402
 from .artifacts import Artifact  # noqa: E402
+from .base import load_base  # noqa: E402
 from .config import RuntimeConfig, build  # noqa: E402
 from .errors import ArtifactError, NumericalError, PeftEditError, RenderDiverged  # noqa: E402
 from .methods import imagic, nulltext, p2p  # noqa: E402
@@ -44,6 +46,7 @@ __all__ = [
     "build",
     "imagic",
     "load",
+    "load_base",
     "load_model",
     "nulltext",
     "p2p",

@@ -183,8 +183,8 @@ P2P_FLAGS = ("p2p", "blend", "blend_mask", "reweight", "cross_replace", "self_re
 
 def cmd_edit(args) -> int:
     from .artifacts import Artifact
+    from .base import load_base
     from .diffusion import require_text
-    from .models import load_model
 
     artifact = Artifact.load(args.folder)
     name = Path(args.folder).resolve().name  # "." names the folder it is
@@ -217,13 +217,7 @@ def cmd_edit(args) -> int:
         if maps_to.resolve() == output.resolve():
             raise ValueError(f"--save-attention and -o both name {output}; give the attention maps their own file")
     given = runtime_sets(args.set, "edit")
-    base = args.model or artifact.meta["base_model"]
-    if args.model is None and Path(base).is_absolute() and not Path(base).exists():
-        raise ValueError(f"{args.folder}: its base model was at {base}, which is gone; pass --model with where it is")
-    configs = args.single_file_config or _recorded_configs(artifact, args.model, args.folder)
-    # The edit records its base model: no "using the demo model" notice when that is where the edit came from.
-    runtime = _runtime_from(artifact, args.folder, given)
-    model = load_model(base, runtime, configs, announce_demo=args.model is not None)
+    model = load_base(artifact, args.model, args.single_file_config, given, args.folder)
     show = not args.quiet
     if artifact.method == "imagic":
         image = _imagic_pictures(model, artifact, etas, seeds, args.guidance, args.steps, show)
@@ -231,19 +225,6 @@ def cmd_edit(args) -> int:
         image = _edit_inversion(args, model, artifact, control)
     print(f"wrote {save_image_atomic(image, output)}")
     return 0
-
-
-def _recorded_configs(artifact, model: str | None, folder: str) -> str | None:
-    """The configs a single-file base was loaded with, as the edit recorded them, unless ``model`` names another base;
-    raises when they were a folder that is gone."""
-    recorded, base = artifact.meta.get("base_model_config"), artifact.meta["base_model"]
-    if recorded is None or (model is not None and Path(model).expanduser().resolve() != Path(base)):
-        return None
-    if Path(recorded).is_absolute() and not Path(recorded).exists():
-        raise ValueError(
-            f"{folder}: its base model's configs were in {recorded}, which is gone; pass --single-file-config"
-        )
-    return recorded
 
 
 def _imagic_pictures(model, artifact, etas: list[float], seeds: list[int], guidance, steps, show: bool):
@@ -352,42 +333,6 @@ def _outside(folder: str | Path) -> Path:
     picture in an edit folder would stop ``--overwrite`` from replacing the edit)."""
     here, edit = Path.cwd().resolve(), Path(folder).resolve()
     return edit.parent if here == edit or edit in here.parents else Path()
-
-
-def _runtime_from(artifact, folder: str | Path, given: dict | None = None):
-    """The runtime config an artifact was made with, for re-rendering on this machine: device, precision and
-    attention backend picked afresh (the edit may come from a machine with CUDA or xformers), no compilation (one
-    render is too few UNet calls to win back the compile time), settings this version does not know (an edit made by
-    a newer peftedit) left out with a warning, and the ``given`` ones (``--set``) over all that. A precision lower
-    than the edit was made in is said in a warning (an inversion's null embeddings fit the precision they were made
-    in)."""
-    import dataclasses
-
-    from .config import RuntimeConfig
-    from .errors import ArtifactError
-    from .models import DTYPES, dtype_name, resolve_device, resolve_dtype
-
-    saved = dict(artifact.meta.get("recipe", {}).get("runtime", {}))
-    known = {f.name for f in dataclasses.fields(RuntimeConfig)}
-    unknown = sorted(set(saved) - known)
-    if unknown:
-        logging.getLogger("peftedit").warning(
-            "ignoring runtime settings this peftedit does not know: %s", ", ".join(unknown)
-        )
-    saved = {k: v for k, v in saved.items() if k in known}
-    made_in = artifact.meta.get("dtype") or saved.get("dtype")  # edits before meta.dtype: the setting, maybe "auto"
-    saved.update(device="auto", dtype="auto", attention="auto", compile=False)
-    try:
-        runtime = RuntimeConfig(**{**saved, **(given or {})})
-    except (TypeError, ValueError) as err:  # only a format-1 edit (no header checksum) can carry a changed value
-        raise ArtifactError(f"{folder}: damaged metadata: recorded runtime settings: {err}") from None
-    dtype = resolve_dtype(runtime, resolve_device(runtime))
-    if made_in in DTYPES and dtype not in (DTYPES[made_in], DTYPES["fp32"]):
-        name = dtype_name(dtype)
-        logging.getLogger("peftedit").warning(
-            "the edit was made in %s; rendering in %s (--set runtime.dtype=%s to match)", made_in, name, made_in
-        )
-    return runtime
 
 
 def describe(artifact, folder: str | Path) -> dict:

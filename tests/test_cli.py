@@ -471,7 +471,7 @@ def test_an_edit_from_a_single_checkpoint_file_re_renders_without_its_configs_ag
     sampling advice, and `edit` needed --single-file-config again, which the edit can record."""
     from ldm_checkpoint import write_single_file
 
-    from peftedit import Artifact
+    from peftedit import Artifact, imagic, load_base
 
     checkpoint, configs = tmp_path / "tiny.safetensors", tmp_path / "configs"
     write_single_file(eps_dir, checkpoint)
@@ -494,6 +494,11 @@ def test_an_edit_from_a_single_checkpoint_file_re_renders_without_its_configs_ag
         assert code == 0, err
     first = np.array(Image.open(pictures[0]))
     assert all(np.array_equal(first, np.array(Image.open(p))) for p in pictures[1:])
+    edit = Artifact.load(out)
+    base = load_base(edit, settings={"offload_idle": True})  # the API's way to what `edit` loads
+    assert (base.name, base.single_file_config) == (str(checkpoint.resolve()), str(configs.resolve()))
+    assert base.runtime.offload_idle and not base.runtime.compile
+    assert np.array_equal(first, np.array(imagic.render(base, edit, eta=0.6, steps=4)))
     assert f"base_model_config {configs.resolve()}" in run_cli(capsys, "inspect", out)[1]
     configs.rename(tmp_path / "moved")
     code, _, err = run_cli(capsys, "edit", out, "-o", tmp_path / "x.png")
@@ -556,24 +561,24 @@ def test_a_cached_hub_id_loads_without_the_network(eps_dir, tmp_path):
 def test_rerender_runtime_drops_compile_and_unknown_settings(caplog):
     from types import SimpleNamespace
 
-    from peftedit.commands import _runtime_from
+    from peftedit.base import recorded_runtime
 
     made = {"device": "cuda", "dtype": "fp16", "attention": "xformers", "channels_last": True, "compile": True}
-    runtime = _runtime_from(SimpleNamespace(meta={"recipe": {"runtime": {**made, "from_the_future": 1}}}), "e")
+    runtime = recorded_runtime(SimpleNamespace(meta={"recipe": {"runtime": {**made, "from_the_future": 1}}}), "e")
     assert (runtime.device, runtime.dtype, runtime.channels_last, runtime.compile) == ("auto", "auto", True, False)
     assert runtime.attention == "auto"  # an xformers edit re-renders where xformers is missing
     assert "from_the_future" in caplog.text
     assert "rendering in" not in caplog.text  # fp16 made, fp32 here on the CPU: not less precise
-    given = _runtime_from(SimpleNamespace(meta={"recipe": {"runtime": made}}), "e", {"offload_idle": True})
+    given = recorded_runtime(SimpleNamespace(meta={"recipe": {"runtime": made}}), "e", {"offload_idle": True})
     assert given.offload_idle and given.channels_last  # --set over the recorded ones
     fp32 = {**made, "dtype": "fp32"}
-    _runtime_from(SimpleNamespace(meta={"recipe": {"runtime": fp32}}), "e", {"device": "cpu", "dtype": "bf16"})
+    recorded_runtime(SimpleNamespace(meta={"recipe": {"runtime": fp32}}), "e", {"device": "cpu", "dtype": "bf16"})
     assert "the edit was made in fp32; rendering in bf16 (--set runtime.dtype=fp32 to match)" in caplog.text
     caplog.clear()  # "auto" recorded: meta.dtype says what it became
     auto = {"runtime": {**made, "dtype": "auto"}}
-    _runtime_from(SimpleNamespace(meta={"recipe": auto, "dtype": "fp32"}), "e", {"device": "cpu", "dtype": "bf16"})
+    recorded_runtime(SimpleNamespace(meta={"recipe": auto, "dtype": "fp32"}), "e", {"device": "cpu", "dtype": "bf16"})
     assert "the edit was made in fp32; rendering in bf16" in caplog.text
-    older = _runtime_from(SimpleNamespace(meta={"recipe": {"runtime": {"gradient_checkpointing": False}}}), "e")
+    older = recorded_runtime(SimpleNamespace(meta={"recipe": {"runtime": {"gradient_checkpointing": False}}}), "e")
     assert not older.gradient_checkpointing and not older.channels_last  # edits made before a setting existed
 
 
@@ -581,12 +586,12 @@ def test_a_bad_recorded_runtime_names_the_edit_folder():
     """Only a format-1 edit (no header checksum) can carry a hand-changed setting; the error names the folder."""
     from types import SimpleNamespace
 
-    from peftedit.commands import _runtime_from
+    from peftedit.base import recorded_runtime
     from peftedit.errors import ArtifactError
 
     for bad in ({"optimizer": "warp-drive"}, {"gradient_checkpointing": "often"}):
         with pytest.raises(ArtifactError, match=r"^adapters/old: damaged metadata: recorded runtime settings"):
-            _runtime_from(SimpleNamespace(meta={"recipe": {"runtime": bad}}), "adapters/old")
+            recorded_runtime(SimpleNamespace(meta={"recipe": {"runtime": bad}}), "adapters/old")
 
 
 def test_edit_pictures_are_checked_before_any_work(edit_dir, tmp_path, capsys):
@@ -745,11 +750,17 @@ def test_inspect_of_a_file_says_it_is_not_a_folder(photo, capsys):
 @pytest.fixture
 def loaded(monkeypatch) -> list:
     """Every model the CLI loads in the test, in order."""
-    from peftedit import models
+    from peftedit import base, models
 
     models_loaded: list = []
     real = models.load_model
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: models_loaded.append(real(*a, **k)) or models_loaded[-1])
+
+    def recorded(*args, **kwargs):
+        models_loaded.append(real(*args, **kwargs))
+        return models_loaded[-1]
+
+    for module in (models, base):  # edit loads through base.load_base
+        monkeypatch.setattr(module, "load_model", recorded)
     return models_loaded
 
 
@@ -957,12 +968,12 @@ def test_edit_run_below_its_folder_writes_the_default_picture_beside_the_folder(
 def test_an_edit_rendered_on_another_base_does_not_take_its_recorded_single_file_configs(tmp_path):
     from types import SimpleNamespace
 
-    from peftedit.commands import _recorded_configs
+    from peftedit.base import recorded_configs
 
     base, other, gone = tmp_path / "base.safetensors", tmp_path / "other", tmp_path / "configs"
     artifact = SimpleNamespace(meta={"base_model": str(base), "base_model_config": str(gone)})
-    assert _recorded_configs(artifact, str(other), "edit") is None  # --model names another base: not its configs
+    assert recorded_configs(artifact, str(other), "edit") is None  # --model names another base: not its configs
     with pytest.raises(ValueError, match="which is gone; pass --single-file-config"):
-        _recorded_configs(artifact, str(base), "edit")  # the recorded base itself: its configs, which are gone
+        recorded_configs(artifact, str(base), "edit")  # the recorded base itself: its configs, which are gone
     gone.mkdir()
-    assert _recorded_configs(artifact, None, "edit") == str(gone)
+    assert recorded_configs(artifact, None, "edit") == str(gone)

@@ -338,6 +338,8 @@ def test_several_seeds_render_in_one_call_like_one_call_each(fitted, tiny_model)
     top = 16 + cell + 14 + 16  # second row (seed 2), second column (eta 0.9)
     picked = np.asarray(sheet.crop((cell, top, 2 * cell, top + cell)))
     assert np.array_equal(picked, np.asarray(together[3].resize((cell, cell), Image.NEAREST)))
+    one = imagic.render_grid(tiny_model, fitted, (0.5,), 1, steps=3)  # a number or tuple as render takes them
+    assert np.array_equal(np.asarray(one), np.asarray(eta_seed_grid(together[:1], [0.5], [1])))
 
 
 def test_a_render_that_diverges_is_an_error_not_a_black_picture(eps_model, photo, caplog):

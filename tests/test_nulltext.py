@@ -191,7 +191,7 @@ def test_noised_pivot_starts_on_the_forward_process_then_inverts(eps_model, phot
         NullTextConfig(pivot_noise=1.5)
 
 
-def test_reload_reproduces_the_reconstruction_bit_identically(model, inversions, tmp_path):
+def test_reload_reproduces_the_reconstruction_bit_identically(model, inversions, tmp_path, capsys):
     inverted = inversions("null-text")
     first = nulltext.run_edit(model, inverted)
     inverted.save(tmp_path / "inv")
@@ -200,7 +200,11 @@ def test_reload_reproduces_the_reconstruction_bit_identically(model, inversions,
     assert all(torch.equal(loaded.tensors[k], inverted.tensors[k]) for k in inverted.tensors)
     second = nulltext.run_edit(model, loaded)
     assert torch.equal(first.latents, second.latents)
+    capsys.readouterr()
     assert np.array_equal(np.asarray(first.image), np.asarray(nulltext.reconstruct(model, loaded)))
+    assert capsys.readouterr().err == ""
+    assert np.array_equal(np.asarray(first.image), np.asarray(nulltext.reconstruct(model, loaded, show_progress=True)))
+    assert "edit" in capsys.readouterr().err  # its bar, as nulltext.edit's
     error = float(torch.nn.functional.mse_loss(second.latents.cpu(), inverted.tensors["z_0"]))
     assert error == pytest.approx(inverted.meta["losses"]["latent_error"], rel=1e-4)
 

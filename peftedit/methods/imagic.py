@@ -396,16 +396,17 @@ def _several(name: str, value) -> list:
 def render_grid(
     model: Model,
     artifact: Artifact,
-    etas: list[float],
-    seeds: list[int],
+    etas: float | list[float],
+    seeds: int | list[int],
     *,
     guidance: float | None = None,
     steps: int | None = None,
     show_progress: bool = False,
 ) -> Image.Image:
     """Every eta with every seed, as one labelled picture: a row per seed, a column per eta (``render`` with
-    ``skip_diverged``: a render that diverged is a grey cell; an error only when every one did)."""
-    etas, seeds = list(etas), list(seeds)
+    ``skip_diverged``: a render that diverged is a grey cell; an error only when every one did). One eta or seed
+    may be given as a number."""
+    etas, seeds = (list(v) if isinstance(v, list | tuple) else [v] for v in (etas, seeds))
     pictures = render(
         model, artifact, etas, seeds, guidance=guidance, steps=steps, show_progress=show_progress, skip_diverged=True
     )

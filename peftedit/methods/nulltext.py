@@ -360,9 +360,9 @@ def edit(
     ).image
 
 
-def reconstruct(model: Model, artifact: Artifact) -> Image.Image:
+def reconstruct(model: Model, artifact: Artifact, *, show_progress: bool = False) -> Image.Image:
     """The inversion's reconstruction of the input photo (PIL)."""
-    return edit(model, artifact)
+    return edit(model, artifact, show_progress=show_progress)
 
 
 def model_card(artifact: Artifact) -> str:

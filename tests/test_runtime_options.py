@@ -277,12 +277,17 @@ def test_a_method_call_runs_and_records_the_models_load_time_settings(eps_dir, p
     assert plain.meta["recipe"]["runtime"] == dataclasses.asdict(loaded)
     assert "set when the model is loaded" not in caplog.text
 
-    call = RuntimeConfig(device="cpu", optimizer="adamw", gradient_checkpointing=False, seed=3)
+    call = RuntimeConfig(optimizer="adamw", gradient_checkpointing=False, seed=3)  # load-time ones left at defaults
     inversion = nulltext.invert(model, photo, "a red circle", NullTextConfig(steps=2, inner_steps=1), call, False)
     recorded = inversion.meta["recipe"]["runtime"]
     assert (recorded["optimizer"], recorded["gradient_checkpointing"], recorded["seed"]) == ("adamw", False, 3)
-    assert (recorded["vae_slicing"], recorded["offload_idle"]) == (False, True)
-    assert "runtime.vae_slicing, runtime.offload_idle are set when the model is loaded" in caplog.text
+    assert (recorded["device"], recorded["vae_slicing"], recorded["offload_idle"]) == ("cpu", False, True)
+    assert "set when the model is loaded" not in caplog.text  # the defaults asked for nothing
+    asked = RuntimeConfig(channels_last=True, seed=3)  # one asked for, which the model was not loaded with
+    inversion = nulltext.invert(model, photo, "a red circle", NullTextConfig(steps=2, inner_steps=1), asked, False)
+    assert inversion.meta["recipe"]["runtime"]["channels_last"] is False
+    said = "runtime.channels_last is set when the model is loaded: using the model's (runtime.channels_last=False)"
+    assert said in caplog.text
 
 
 def test_checkpointing_block_leaves_a_unet_that_had_it_on_as_it_was():

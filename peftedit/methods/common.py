@@ -34,14 +34,19 @@ def call_runtime(model: Model, runtime: RuntimeConfig | None) -> RuntimeConfig:
     ``model`` was loaded with; ``None`` means the model's own.
 
     A load-time setting (``LOAD_TIME_SETTINGS``) cannot change after loading, so one that differs is the model's, with
-    a warning naming it.
+    a warning naming it when it is not the default (``RuntimeConfig(seed=1)`` asks for no other device).
     """
     if runtime is None:
         return model.runtime
     if not isinstance(runtime, RuntimeConfig):
         raise TypeError(f"runtime must be a RuntimeConfig (or None for the model's), not {type(runtime).__name__}")
     loaded = {name: getattr(model.runtime, name) for name in LOAD_TIME_SETTINGS}
-    differ = [f"runtime.{name}" for name, value in loaded.items() if getattr(runtime, name) != value]
+    default = RuntimeConfig()
+    differ = [
+        f"runtime.{name}"
+        for name, value in loaded.items()
+        if getattr(runtime, name) not in (value, getattr(default, name))
+    ]
     if differ:
         log.warning(
             "%s %s set when the model is loaded: using the model's (%s)",

@@ -54,16 +54,27 @@ def eps_model(eps_dir):
     return load_model(str(eps_dir), RuntimeConfig(device="cpu"))
 
 
-@pytest.fixture
-def photo(tmp_path):
-    """A small non-square RGB picture: a red disc and a blue bar on white."""
+def write_photo(folder):
+    """A small non-square RGB picture: a red disc and a blue bar on white, saved as ``folder``/photo.png."""
     image = Image.new("RGB", (48, 40), "white")
     draw = ImageDraw.Draw(image)
     draw.ellipse((6, 6, 26, 26), fill=(220, 40, 40))
     draw.rectangle((30, 10, 42, 34), fill=(40, 90, 220))
-    path = tmp_path / "photo.png"
+    path = folder / "photo.png"
     image.save(path)
     return path
+
+
+@pytest.fixture
+def photo(tmp_path):
+    """:func:`write_photo` in the test's own folder."""
+    return write_photo(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def shared_photo(tmp_path_factory):
+    """The same picture for session- and module-scoped fixtures (which must not change it)."""
+    return write_photo(tmp_path_factory.mktemp("photo"))
 
 
 @pytest.fixture(autouse=True)

@@ -21,6 +21,7 @@ from peftedit import (
     RuntimeConfig,
     generate,
     imagic,
+    load_model,
     nulltext,
 )
 from peftedit.diffusion import (
@@ -37,9 +38,13 @@ FAST = dict(embedding_steps=60, finetune_steps=60, render_steps=8, preview_etas=
 RUNTIME = RuntimeConfig(device="cpu")
 
 
-@pytest.fixture
-def fitted(tiny_model, photo):
-    return imagic.fit(tiny_model, photo, "a photo of a red circle", ImagicConfig(**FAST), RUNTIME, False)
+@pytest.fixture(scope="module")
+def fitted(tiny_dir, shared_photo):
+    """One fit per prediction type, shared by the tests that only read it and render it on their own ``tiny_model``
+    (a fit was ~6 s, and nine tests took one each). The model it is fitted on is loaded as ``tiny_model`` is, and the
+    photo is the ``photo`` fixture's picture (``shared_photo``); fitting leaves the model as loaded (checked below)."""
+    model = load_model(str(tiny_dir), RUNTIME)
+    return imagic.fit(model, shared_photo, "a photo of a red circle", ImagicConfig(**FAST), RUNTIME, False)
 
 
 def test_embedding_stage_lowers_the_loss(tiny_model, photo):

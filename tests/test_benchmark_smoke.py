@@ -375,7 +375,9 @@ def test_savers_estimate_what_keeping_idle_parts_off_the_gpu_buys(tmp_path, one_
     encoders while the UNet samples; the training stages, whose encoders are already off, do not move."""
     from benchmarks import savers
 
-    argv = ["--model", "tiny", "--device", "cpu", "--set", "runtime.dtype=fp32", "--out", str(tmp_path / "s.json")]
+    # one step per stage: what is resident when a stage starts is what differs, not anything a second step does
+    common = ["--device", "cpu", "--steps", "1", "--warmup", "0", "--set", "runtime.dtype=fp32"]
+    argv = ["--model", "tiny", *common, "--out", str(tmp_path / "s.json")]
     rows = savers.main([*argv, "--variants", "idle parts off the GPU"])
     idle = {(r["method"], r["stage"]): r for r in rows if r["variant"] == "idle parts off the GPU"}
     pipe = build_pipeline("tiny")
@@ -387,7 +389,7 @@ def test_savers_estimate_what_keeping_idle_parts_off_the_gpu_buys(tmp_path, one_
         elif stage != "pipeline":
             assert saved == 0, (method, stage, saved)
     # the other way round on the SDXL layout, whose recipes have it on; the variant equal to the recipe is not run
-    argv = ["--model", "tiny-xl", "--device", "cpu", "--set", "runtime.dtype=fp32", "--out", str(tmp_path / "x.json")]
+    argv = ["--model", "tiny-xl", *common, "--out", str(tmp_path / "x.json")]
     rows = savers.main([*argv, "--variants", "idle parts off the GPU", "every part kept on the GPU"])
     assert {r["variant"] for r in rows} == {"recipe", "every part kept on the GPU"}
     kept = {(r["method"], r["stage"]): r for r in rows if r["variant"] == "every part kept on the GPU"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -23,26 +25,25 @@ from peftedit.cli import main
 FAST = ["--set", "render_steps=6", "--set", "preview_etas=[0.6]", "--set", "runtime.device=cpu"]
 
 
+@pytest.fixture(scope="module")
+def made_edit(eps_dir, shared_photo, tmp_path_factory):
+    """One small Imagic edit made through the CLI for the module (a run was ~2 s, and ~20 tests took one each)."""
+    from peftedit.cli import main
+
+    out = tmp_path_factory.mktemp("made") / "adapters" / "edit"
+    steps = ["--embedding-steps", "20", "--finetune-steps", "20"]
+    argv = ["imagic", str(shared_photo), "a photo of a red circle", "--model", str(eps_dir), "-o", str(out)]
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        assert main(["--quiet", *argv, *steps, *FAST]) == 0
+    assert "saved" in stdout.getvalue()
+    return out
+
+
 @pytest.fixture
-def edit_dir(eps_dir, photo, tmp_path, capsys):
+def edit_dir(made_edit, tmp_path):
+    """A copy of ``made_edit`` at tmp_path/adapters/edit, the test's own to change or damage."""
     out = tmp_path / "adapters" / "edit"
-    code, stdout, err = run_cli(
-        capsys,
-        "imagic",
-        photo,
-        "a photo of a red circle",
-        "--model",
-        eps_dir,
-        "-o",
-        out,
-        "--embedding-steps",
-        20,
-        "--finetune-steps",
-        20,
-        *FAST,
-    )
-    assert code == 0, err
-    assert "saved" in stdout
+    shutil.copytree(made_edit, out)
     return out
 
 

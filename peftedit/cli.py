@@ -28,6 +28,7 @@ EXAMPLES = {
     "invert": """\
   peftedit invert cat.png "a photo of a cat" -o adapters/cat              # null-text inversion
   peftedit invert cat.png "a photo of a cat" --method negative-prompt    # no optimisation: seconds, not minutes
+  peftedit invert cat.png "a photo of a cat" --model model.safetensors   # one checkpoint file (configs guessed)
   peftedit invert cat.png "a photo of a cat" --model model.safetensors --single-file-config ./sd15-config""",
     "edit": """\
   peftedit edit adapters/dog-sitting --eta 0.7 --seed 3 -o sitting.png   # Imagic: vary eta and seed

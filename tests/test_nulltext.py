@@ -393,8 +393,8 @@ def test_bad_control_and_input_are_refused(eps_model, photo, tmp_path):
         for value in (float("nan"), float("inf")):
             with pytest.raises(PeftEditError, match=f"{name.replace('_', '-')} = .* must be a finite number"):
                 p2p.Control(**{name: value})
-    for factor in (float("nan"), float("inf"), -1.0, "2", True):
-        with pytest.raises(PeftEditError, match="--reweight cat=.*: the factor must be a finite number >= 0"):
+    for factor in (float("nan"), float("inf"), float("-inf"), "2", True):
+        with pytest.raises(PeftEditError, match="--reweight cat=.*: the factor must be a finite number$"):
             p2p.Control(reweight={"cat": factor})
     with pytest.raises(PeftEditError, match="map-divisor = 0 must be > 0"):
         p2p.Control(map_divisor=0)
@@ -560,6 +560,20 @@ def test_reweight_scales_only_the_chosen_word_in_the_target(eps_model):
     out = controller.attend(probs.clone(), cross=True, edit=True, store=False)
     expected = probs[-2].clone()
     expected[..., where] *= 2.0
+    assert where and torch.equal(out[-1], expected)
+
+
+def test_a_negative_reweight_factor_is_taken_as_the_p2p_paper_allows(eps_model):
+    """P2P scales a word's map by c in [-2, 2]: below 0 weakens the word past its absence. Factors < 0 were refused."""
+    pipe = eps_model.pipe
+    target = "a photo of a blue circle"
+    assert p2p.parse_reweight(["blue=-1.5"]) == {"blue": -1.5}
+    controller = p2p.Controller(pipe.unet, pipe.tokenizer, [SOURCE, target], p2p.Control(reweight={"blue": -1.5}), 10)
+    where = p2p.word_positions(pipe.tokenizer, target, "blue")
+    probs = torch.rand(4, 2, 16, 77, generator=torch.Generator().manual_seed(0))
+    out = controller.attend(probs.clone(), cross=True, edit=True, store=False)
+    expected = probs[-2].clone()
+    expected[..., where] *= -1.5
     assert where and torch.equal(out[-1], expected)
 
 

@@ -49,7 +49,9 @@ class Control:
         0.4, "Share of steps whose target self-attention comes from the source. P2P reference: 0.4."
     )
     reweight: dict[str, float] = option(
-        {}, "Word -> factor on its cross-attention in the target, e.g. {'cat': 2.0}. P2P reference: equalizer."
+        {},
+        "Word -> factor on its cross-attention in the target, e.g. {'cat': 2.0}; any finite number: the P2P paper "
+        "scales by c in [-2, 2] (below 0 weakens the word past its absence). P2P reference: equalizer.",
     )
     blend: list[str] = option(
         [],
@@ -78,8 +80,8 @@ class Control:
         if not isinstance(self.reweight, dict):
             raise PeftEditError(f"reweight = {self.reweight!r} must be a table of WORD: FACTOR")
         for word, factor in self.reweight.items():
-            if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not 0 <= factor < math.inf:
-                raise PeftEditError(f"--reweight {word}={factor!r}: the factor must be a finite number >= 0")
+            if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not math.isfinite(factor):
+                raise PeftEditError(f"--reweight {word}={factor!r}: the factor must be a finite number")
         check_fields(self, lambda name: name.replace("_", "-"))
         self.blend = [word for words in self.blend for word in words.split()]  # --blend "red square": both words
         if self.mode is not None and self.mode not in MODES:

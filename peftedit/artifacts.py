@@ -153,7 +153,7 @@ class Artifact:
         for name, image in self.extra_images.items():
             image.save(tmp / name)
         if self.card:
-            (tmp / CARD_FILE).write_text(self.card)
+            (tmp / CARD_FILE).write_text(self.card, encoding="utf-8")  # as load reads it, whatever the locale
 
     @classmethod
     def load(cls, folder: str | Path) -> Artifact:

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -342,7 +346,7 @@ def test_overwrite_replaces_an_earlier_edit(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["edit"]
 
 
-def test_a_loaded_edit_saved_elsewhere_keeps_its_card_and_preview(tmp_path):
+def test_a_loaded_edit_saved_elsewhere_keeps_its_card_and_preview(tmp_path, caplog):
     """Artifact.load dropped the README, so copying an edit through the API (load, save) lost its model card."""
     edit = imagic_edit()
     edit.card, edit.preview = "# an edit\n\nmade with care\n", Image.new("RGB", (8, 8), "red")
@@ -351,7 +355,38 @@ def test_a_loaded_edit_saved_elsewhere_keeps_its_card_and_preview(tmp_path):
     assert (copy / CARD_FILE).read_text() == edit.card
     assert (copy / PREVIEW_FILE).read_bytes() == (tmp_path / "edit" / PREVIEW_FILE).read_bytes()
     (tmp_path / "edit" / CARD_FILE).write_bytes(b"\xff\xfe broken")
-    assert Artifact.load(tmp_path / "edit").card == ""  # a card is not needed to render: unreadable, it is left out
+    with caplog.at_level(logging.WARNING, logger="peftedit"):
+        assert Artifact.load(tmp_path / "edit").card == ""  # a card is not needed to render: unreadable, left out
+    assert f"ignoring {tmp_path / 'edit' / CARD_FILE}: not a readable text file" in caplog.text
+    caplog.clear()
+    (tmp_path / "edit" / CARD_FILE).unlink()
+    with caplog.at_level(logging.WARNING, logger="peftedit"):
+        assert Artifact.load(tmp_path / "edit").card == ""
+    assert caplog.text == ""  # an edit saved without a card is not warned about
+
+
+def test_a_card_is_utf8_whatever_the_locale(tmp_path):
+    """The card was written in the locale's encoding and read back as UTF-8: under an ASCII locale saving an edit
+    whose card (its prompts) is not ASCII failed, and a card written in cp1252 (Windows) was dropped on load."""
+    card = "# un caf\u00e9 \u2615\n"
+    edit = imagic_edit().save(tmp_path / "edit")
+    script = (  # ASCII only, the card escaped: the command line is decoded in the locale's encoding too
+        f"import locale, sys; from peftedit import Artifact; edit = Artifact.load(sys.argv[1]); edit.card = {card!a}; "
+        f"edit.save(sys.argv[2]); print(locale.getpreferredencoding(False), "
+        f"Artifact.load(sys.argv[2]).card == {card!a})"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(edit), str(tmp_path / "copy")], env=env, capture_output=True
+    )
+    assert run.returncode == 0, run.stderr.decode(errors="replace")[-2000:]
+    encoding, same = run.stdout.decode().split()[-2:]
+    assert same == "True", encoding
+    assert (tmp_path / "copy" / CARD_FILE).read_bytes() == card.encode("utf-8")
+    if encoding.lower().replace("-", "") == "utf8":
+        pytest.skip("this system's C locale is UTF-8: the encoding was not tested")
 
 
 def test_a_home_relative_edit_folder_goes_home(tmp_path, monkeypatch):

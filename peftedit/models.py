@@ -142,6 +142,7 @@ def load_model(
     model).
     """
     from diffusers import DDIMScheduler
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
 
     if runtime is not None and not isinstance(runtime, RuntimeConfig):
         raise TypeError(f"runtime must be a RuntimeConfig (or None for the defaults), not {type(runtime).__name__}")
@@ -189,7 +190,8 @@ def load_model(
             pipe = hub.load(name, functools.partial(_from_hub, name, kwargs))
     except PeftEditError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # a broken folder fails in many ways
+    # A broken folder fails in many ways; a file without a part's weights (a VAE or LoRA file) in diffusers' own.
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SingleFileComponentError) as err:
         said = f"could not load model {name!r}: {type(err).__name__}: {first_line(err)}"
         if path.is_file() and not single_file_config:
             said += " (a single checkpoint file's configs come from --single-file-config: diffusers folder or hub id)"

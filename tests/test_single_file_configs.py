@@ -9,7 +9,9 @@ import pytest
 from cli_run import cache_snapshot, network_refused, one_line_error, run_cli
 from ldm_checkpoint import write_single_file
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
+from peftedit import hub
 from peftedit.config import RuntimeConfig
 from peftedit.models import load_model
 
@@ -68,8 +70,11 @@ def test_configs_given_as_a_hub_id_come_from_the_cache_and_are_recorded(checkpoi
     assert tries == []
 
 
-def test_configs_that_are_neither_a_folder_nor_a_hub_id_are_one_line(checkpoint, tmp_path, capsys):
-    for given in (tmp_path / "no-such-folder", "a/b/c", checkpoint):
+def test_configs_that_are_neither_a_folder_nor_a_hub_id_are_one_line(checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(hub, "load", lambda name, *args, **kwargs: pytest.fail(f"asked the hub for {name!r}"))
+    for given in (tmp_path / "no-such-folder", "a/b/c", checkpoint, "./configs", "~/configs", "configs"):
         code, _, err = run_cli(capsys, "generate", "a", "--model", checkpoint, "--single-file-config", given)
         one_line_error(code, err, f"--single-file-config {str(given)!r}: no such folder (nor a hub id, owner/name)")
 
@@ -85,3 +90,25 @@ def test_a_partial_snapshot_of_the_configs_is_fetched_again(checkpoint, cache, e
     code, _, err = run_cli(capsys, "generate", "a", "--model", checkpoint, "-o", tmp_path / "x.png")
     one_line_error(code, err, "is not in the local Hugging Face cache and the hub cannot be reached")
     assert len(tries) == 1
+
+
+def test_a_relative_configs_folder_is_recorded_absolute(checkpoint, eps_dir, monkeypatch):
+    """An edit records its base's configs to load them again from any working folder, as it records the base."""
+    monkeypatch.chdir(eps_dir.parent)
+    model = load_model(str(checkpoint), RuntimeConfig(device="cpu"), single_file_config=eps_dir.name)
+    assert model.single_file_config == str(eps_dir.resolve())
+
+
+def test_a_file_missing_a_parts_weights_is_one_line(checkpoint, eps_dir, tmp_path, capsys):
+    """A file without the UNet's weights (a VAE or LoRA file given as the model) was diffusers' traceback; and the
+    advice to give --single-file-config is not repeated to one who gave it."""
+    tensors = load_file(checkpoint)
+    save_file(
+        {k: v for k, v in tensors.items() if not k.startswith("model.diffusion_model.")},
+        tmp_path / "no-unet.safetensors",
+    )
+    code, _, err = run_cli(
+        capsys, "generate", "a", "--model", tmp_path / "no-unet.safetensors", "--single-file-config", eps_dir
+    )
+    one_line_error(code, err, "could not load model", "SingleFileComponentError: Failed to load UNet2DConditionModel")
+    assert "configs come from --single-file-config" not in err

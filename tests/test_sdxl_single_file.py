@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from peftedit import RuntimeConfig, load_model
 from peftedit.cli import main
+from peftedit.errors import PeftEditError
 from peftedit.models import is_xl
 from peftedit.tiny import build_xl_pipeline
 
@@ -137,3 +138,12 @@ def test_generate_draws_the_same_picture_from_the_file_as_from_the_folder(xl_dir
     # which changes the BLAS kernel's rounding in its last bit (measured: text_projection, 2.4e-7 on the pooled text);
     # after a few guided steps that can flip a pixel by one level.
     assert np.abs(file_picture.astype(int) - folder_picture.astype(int)).max() <= 1
+
+
+def test_an_sd_file_with_sdxl_configs_is_refused_by_its_tensor_names(xl_dir, eps_dir, tmp_path):
+    """SD's original layout (text encoder under cond_stage_model) tells an SD file from SDXL configs, as the other way
+    round: one line naming both, not diffusers' error from deep inside the XL loader."""
+    path = tmp_path / "tiny-sd.safetensors"
+    write_single_file(eps_dir, path)
+    with pytest.raises(PeftEditError, match="is an SD checkpoint but --single-file-config .* is an SDXL pipeline"):
+        load_model(str(path), RUNTIME, single_file_config=str(xl_dir))

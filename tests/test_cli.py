@@ -504,7 +504,9 @@ def test_an_edit_from_a_single_checkpoint_file_re_renders_without_its_configs_ag
     assert f"base_model_config {configs.resolve()}" in run_cli(capsys, "inspect", out)[1]
     configs.rename(tmp_path / "moved")
     code, _, err = run_cli(capsys, "edit", out, "-o", tmp_path / "x.png")
-    one_line_error(code, err, f"base model's configs were in {configs.resolve()}, which is gone")
+    one_line_error(code, err, f"{out}: its base model's configs were in {configs.resolve()}, which is gone")
+    given = load_base(edit, single_file_config=str(tmp_path / "moved"))  # given: over the recorded ones
+    assert given.single_file_config == str((tmp_path / "moved").resolve())
 
     network_refused(monkeypatch)  # without configs: diffusers' guess, neither cached nor reachable
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
@@ -967,7 +969,7 @@ def test_edit_run_below_its_folder_writes_the_default_picture_beside_the_folder(
         assert _outside(edit) == expected, here
 
 
-def test_an_edit_rendered_on_another_base_does_not_take_its_recorded_single_file_configs(tmp_path):
+def test_an_edit_rendered_on_another_base_does_not_take_its_recorded_single_file_configs(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
     from peftedit.base import recorded_configs
@@ -977,5 +979,10 @@ def test_an_edit_rendered_on_another_base_does_not_take_its_recorded_single_file
     assert recorded_configs(artifact, str(other), "edit") is None  # --model names another base: not its configs
     with pytest.raises(ValueError, match="which is gone; pass --single-file-config"):
         recorded_configs(artifact, str(base), "edit")  # the recorded base itself: its configs, which are gone
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(ValueError, match="which is gone"):
+        recorded_configs(artifact, "~/base.safetensors", "edit")  # the recorded base too, as load_model reads it
     gone.mkdir()
     assert recorded_configs(artifact, None, "edit") == str(gone)
+    by_id = SimpleNamespace(meta={"base_model": str(base), "base_model_config": "someone/configs"})
+    assert recorded_configs(by_id, None, "edit") == "someone/configs"  # a hub id is no folder that is gone

@@ -13,7 +13,7 @@ import torch
 
 from peftedit import ImagicConfig, NullTextConfig, RuntimeConfig, imagic, load_model, nulltext, p2p
 from peftedit.generate import generate
-from peftedit.methods.common import checkpointing, encoders_offloaded, parts_offloaded
+from peftedit.methods.common import call_runtime, checkpointing, encoders_offloaded, parts_offloaded
 from peftedit.models import TEXT_ENCODERS, Model
 
 SHORT_IMAGIC = ImagicConfig(embedding_steps=3, finetune_steps=3, render_steps=3, preview_etas=[0.7])
@@ -283,6 +283,8 @@ def test_a_method_call_runs_and_records_the_models_load_time_settings(eps_dir, p
     assert (recorded["optimizer"], recorded["gradient_checkpointing"], recorded["seed"]) == ("adamw", False, 3)
     assert (recorded["device"], recorded["vae_slicing"], recorded["offload_idle"]) == ("cpu", False, True)
     assert "set when the model is loaded" not in caplog.text  # the defaults asked for nothing
+    same = call_runtime(model, dataclasses.replace(loaded, seed=7))  # asks for what the model was loaded with
+    assert same.seed == 7 and "set when the model is loaded" not in caplog.text
     asked = RuntimeConfig(channels_last=True, seed=3)  # one asked for, which the model was not loaded with
     inversion = nulltext.invert(model, photo, "a red circle", NullTextConfig(steps=2, inner_steps=1), asked, False)
     assert inversion.meta["recipe"]["runtime"]["channels_last"] is False

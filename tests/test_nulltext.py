@@ -584,10 +584,21 @@ def test_a_reweighted_phrase_scales_its_words_where_they_stand_together(eps_mode
     phrase = p2p.word_positions(tokenizer, target, "blue circle")
     blue, circle = (p2p.word_positions(tokenizer, target, word) for word in ("blue", "circle"))
     assert len(blue) == 2 and len(circle) == 1 and phrase == [blue[1], circle[0]] == [circle[0] - 1, circle[0]]
+    ids = tokenizer(target).input_ids  # with the start token: positions index the text encoder's sequence
+    assert [ids[p] for p in phrase] == tokenizer("blue circle", add_special_tokens=False).input_ids
     controller = p2p.Controller(
         eps_model.pipe.unet, tokenizer, [SOURCE, target], p2p.Control(reweight={"blue circle": 2.0}), 4
     )
     assert torch.equal(torch.nonzero(controller.equalizer.cpu() == 2.0).flatten(), torch.tensor(phrase))
+
+
+def test_a_word_past_the_text_encoders_reach_has_no_position(eps_model):
+    """The encoder's sequence ends with the end token at model_max_length - 1: a word truncated to that slot or past
+    it is not in the prompt the encoder sees."""
+    tokenizer = eps_model.pipe.tokenizer
+    words = tokenizer.model_max_length - 3  # "a" at 1 .. model_max_length - 3
+    assert p2p.word_positions(tokenizer, "a " * words + "blue", "blue") == [tokenizer.model_max_length - 2]
+    assert p2p.word_positions(tokenizer, "a " * (words + 1) + "blue", "blue") == []
 
 
 def test_self_attention_is_replaced_at_layers_up_to_the_max_side(eps_model):

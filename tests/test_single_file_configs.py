@@ -3,6 +3,8 @@ taken from the local Hugging Face cache with no request, or one line at once whe
 
 from __future__ import annotations
 
+import shutil
+
 import huggingface_hub
 import numpy as np
 import pytest
@@ -90,6 +92,14 @@ def test_a_partial_snapshot_of_the_configs_is_fetched_again(checkpoint, cache, e
     code, _, err = run_cli(capsys, "generate", "a", "--model", checkpoint, "-o", tmp_path / "x.png")
     one_line_error(code, err, "is not in the local Hugging Face cache and the hub cannot be reached")
     assert len(tries) == 1
+
+    no_index = tmp_path / "no-index"  # the parts' configs without the pipeline's index: fetched again too
+    shutil.copytree(eps_dir, no_index, ignore=shutil.ignore_patterns("*.safetensors", "model_index.json"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-2"))
+    cache_snapshot(tmp_path / "hub-2", GUESS, no_index)
+    code, _, err = run_cli(capsys, "generate", "a", "--model", checkpoint, "-o", tmp_path / "x.png")
+    one_line_error(code, err, "is not in the local Hugging Face cache and the hub cannot be reached")
+    assert len(tries) == 2
 
 
 def test_a_relative_configs_folder_is_recorded_absolute(checkpoint, eps_dir, monkeypatch):

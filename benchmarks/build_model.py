@@ -36,7 +36,7 @@ def load_config(name: str) -> dict:
     path = CONFIG_DIR / f"{name}.json"
     if not path.is_file():
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(model_names())}")
-    return json.loads(path.read_text())
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def resolution(name: str) -> int:

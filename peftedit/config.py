@@ -315,6 +315,8 @@ def resolve_recipe(recipe: str | Path, tables: tuple[str, ...] | None = None) ->
         if candidate.is_file():
             return candidate
     shipped = sorted(RECIPES_DIR.glob("*.toml"))
-    usable = [p.stem for p in shipped if tables is None or set(tomllib.loads(p.read_text())) <= set(tables)]
+    usable = [
+        p.stem for p in shipped if tables is None or set(tomllib.loads(p.read_text(encoding="utf-8"))) <= set(tables)
+    ]
     names = f"one of: {', '.join(usable)}" if usable else "no shipped recipe is for these tables"
     raise PeftEditError(f"recipe {recipe!r} not found (a file path, or {names})")

@@ -28,7 +28,7 @@ def recommended_sampling(model: Model) -> tuple[int, float]:
     path = next((Path(f) / DEMO_SETTINGS_FILE for f in folders if f and Path(f).is_dir()), None)
     guidance = DEFAULT_GUIDANCE_XL if is_xl(model.pipe) else DEFAULT_GUIDANCE
     if path is not None and path.is_file():
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
         return int(data.get("num_inference_steps", DEFAULT_STEPS)), float(data.get("guidance_scale", guidance))
     return DEFAULT_STEPS, guidance
 

@@ -305,7 +305,7 @@ def _config_snapshot(repo: str, local_files_only: bool) -> str:
 
     folder = Path(snapshot_download(repo, allow_patterns=CONFIG_PATTERNS, local_files_only=local_files_only))
     index = folder / "model_index.json"
-    parts = json.loads(index.read_text()) if index.is_file() else {}
+    parts = json.loads(index.read_text(encoding="utf-8")) if index.is_file() else {}
     missing = [name for name, entry in parts.items() if isinstance(entry, list) and None not in entry]
     missing = [name for name in missing if not any((folder / name).glob("*.json"))]
     if not index.is_file() or missing:  # a partial snapshot (another download stopped early): fetch the rest

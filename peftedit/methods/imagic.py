@@ -406,7 +406,7 @@ def render_grid(
     """Every eta with every seed, as one labelled picture: a row per seed, a column per eta (``render`` with
     ``skip_diverged``: a render that diverged is a grey cell; an error only when every one did). One eta or seed
     may be given as a number."""
-    etas, seeds = (list(v) if isinstance(v, list | tuple) else [v] for v in (etas, seeds))
+    etas, seeds = _several("eta", etas), _several("seed", seeds)
     pictures = render(
         model, artifact, etas, seeds, guidance=guidance, steps=steps, show_progress=show_progress, skip_diverged=True
     )

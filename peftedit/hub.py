@@ -19,6 +19,11 @@ CONNECT_TIMEOUT = 5.0
 TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
 
 
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` has a hub id's shape, "owner/name", rather than a path's ("./x", "/x", "~/x", "x", "a/b/c")."""
+    return not name.startswith((".", "/", "~")) and name.count("/") == 1
+
+
 def offline() -> bool:
     """Whether ``HF_HUB_OFFLINE`` is set, read now (huggingface_hub reads it once, when first imported)."""
     from huggingface_hub import constants

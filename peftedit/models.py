@@ -184,7 +184,7 @@ def load_model(
             pipe = pipeline.from_pretrained(str(path), use_safetensors=True, **kwargs, **_extra_kwargs(pipeline))
         elif path.exists():
             raise PeftEditError(f"model {name!r}: not a diffusers folder, a .safetensors file or a hub id")
-        elif name.startswith((".", "/", "~")) or name.count("/") != 1:  # a path, not an "owner/name" hub id
+        elif not hub.is_hub_id(name):
             raise PeftEditError(f"model {name!r} not found: no such folder or file (nor a hub id, owner/name)")
         else:
             pipe = hub.load(name, functools.partial(_from_hub, name, kwargs))
@@ -285,7 +285,7 @@ def _checkpoint_configs(path: Path, given: str | None) -> CheckpointConfigs:
         if folder.is_dir():
             folder = str(folder.resolve())
             return CheckpointConfigs(folder, folder, f"--single-file-config {folder}")
-        if folder.exists() or given.startswith((".", "/", "~")) or given.count("/") != 1:
+        if folder.exists() or not hub.is_hub_id(given):
             raise PeftEditError(f"--single-file-config {given!r}: no such folder (nor a hub id, owner/name)")
     repo = given or _guessed_configs(path)
     snapshot = hub.load(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -10,7 +11,8 @@ import traceback
 
 from . import __version__
 from .artifact_checks import INVERSIONS as NULLTEXT_METHODS
-from .commands import cmd_batch, cmd_edit, cmd_generate, cmd_imagic, cmd_inspect, cmd_invert
+from .commands import cmd_batch, cmd_edit, cmd_generate, cmd_imagic, cmd_inspect, cmd_invert, recipe_sections
+from .config import shipped_recipes
 from .errors import one_line, out_of_memory
 
 MODEL_HELP = "SD 1.x/2.x or SDXL: hub id, diffusers folder or .safetensors file (default: the demo model)"
@@ -68,10 +70,27 @@ def _listed(kind: type):
     return parse
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _set(text: str, key: str) -> str:
+    """The help of a flag that sets the recipe key ``key``: ``text``, the key and its default, read from the config
+    dataclass so that the help cannot drift from the code."""
+    section, _, name = key.partition(".")
+    (default,) = [f.default for f in dataclasses.fields(recipe_sections()[section]) if f.name == name]
+    return f"{text} ({key}; default {default} unless the recipe sets it)"
+
+
+def _control(text: str, name: str) -> str:
+    """The help of an edit flag that sets ``p2p.Control.<name>``, with its default read from there."""
+    from .methods.p2p import Control
+
+    (default,) = [f.default for f in dataclasses.fields(Control) if f.name == name]
+    return f"{text} (default {default})"
+
+
+def _add_model_args(p: argparse.ArgumentParser, tables: tuple[str, ...]) -> None:
     p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--single-file-config", help=SINGLE_FILE_CONFIG_HELP)
-    p.add_argument("--recipe", help="recipe name in recipes/ or a .toml path")
+    names = ", ".join(shipped_recipes(tables))
+    p.add_argument("--recipe", help=f"a shipped recipe ({names}) or a .toml path (default: none: built-in defaults)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
 
 
@@ -109,26 +128,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "imagic", "fit an Imagic edit (embedding + LoRA) to a photo")
     p.add_argument("image", help="input photo")
     p.add_argument("text", help="target text: the photo as it should become")
-    _add_model_args(p)
+    _add_model_args(p, ("runtime", "imagic"))
     p.add_argument("-o", "--output", help="edit folder to write (default: adapters/<image>-<text>)")
-    p.add_argument("--embedding-steps", type=int, help="stage 1 steps (imagic.embedding_steps)")
-    p.add_argument("--finetune-steps", type=int, help="stage 2 steps (imagic.finetune_steps)")
-    p.add_argument("--seed", type=int, help="training seed (runtime.seed)")
+    p.add_argument("--embedding-steps", type=int, help=_set("stage 1 steps", "imagic.embedding_steps"))
+    p.add_argument("--finetune-steps", type=int, help=_set("stage 2 steps", "imagic.finetune_steps"))
+    p.add_argument("--seed", type=int, help=_set("training seed", "runtime.seed"))
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
     p = _command(sub, "invert", "invert a photo for Prompt-to-Prompt editing (null-text and others)")
     p.add_argument("image", help="input photo")
     p.add_argument("source", help="source prompt: what the photo shows")
-    _add_model_args(p)
+    _add_model_args(p, ("runtime", "nulltext"))
     p.add_argument("-o", "--output", help="edit folder to write (default: adapters/<image>-<prompt>)")
-    p.add_argument("--method", choices=NULLTEXT_METHODS, help="inversion method (nulltext.method; default null-text)")
-    p.add_argument("--steps", type=int, help="DDIM steps, also of every edit (nulltext.steps)")
-    p.add_argument("--inner-steps", type=int, help="most optimizer steps per timestep (nulltext.inner_steps)")
-    p.add_argument("--guidance", type=float, help="guidance the inversion is made for (nulltext.guidance)")
+    p.add_argument("--method", choices=NULLTEXT_METHODS, help=_set("inversion method", "nulltext.method"))
+    p.add_argument("--steps", type=int, help=_set("DDIM steps, also of every edit", "nulltext.steps"))
+    p.add_argument("--inner-steps", type=int, help=_set("most optimizer steps per timestep", "nulltext.inner_steps"))
+    p.add_argument("--guidance", type=float, help=_set("guidance the inversion is made for", "nulltext.guidance"))
     p.add_argument(
-        "--pivot-noise", type=float, help="share of steps with a forward-noised pivot (nulltext.pivot_noise; 0.4)"
+        "--pivot-noise", type=float, help=_set("share of steps with a forward-noised pivot", "nulltext.pivot_noise")
     )
-    p.add_argument("--seed", type=int, help="seed of the pivot's noise (nulltext.seed)")
+    p.add_argument("--seed", type=int, help=_set("seed of the pivot's noise", "nulltext.seed"))
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
     p = _command(sub, "edit", "render a saved edit (no re-training)")
@@ -160,7 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="picture to write, .png/.jpg/.webp… (default <folder name>-<settings>.png here, or beside the edit "
         "folder when run inside it; -2, -3… when taken)",
     )
-    p.add_argument("--p2p", choices=("replace", "refine", "reweight"), help="Prompt-to-Prompt edit (inversions)")
+    p.add_argument(
+        "--p2p",
+        choices=("replace", "refine", "reweight"),
+        help="Prompt-to-Prompt edit of an inversion (default: replace when both prompts have as many tokens, else "
+        "refine)",
+    )
     p.add_argument("--blend", nargs="+", metavar="WORD", help="local blend: only where these words attend may change")
     p.add_argument(
         "--blend-mask",
@@ -169,8 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
         "latents (for models whose attention maps are not localised, e.g. the demo)",
     )
     p.add_argument("--reweight", action="append", metavar="WORD=F", help="scale a target word's attention, e.g. cat=2")
-    p.add_argument("--cross-replace", type=float, help="share of steps with the source's cross-attention (0.8)")
-    p.add_argument("--self-replace", type=float, help="share of steps with the source's self-attention (0.4)")
+    p.add_argument(
+        "--cross-replace",
+        type=float,
+        help=_control("share of steps with the source's cross-attention", "cross_replace"),
+    )
+    p.add_argument(
+        "--self-replace", type=float, help=_control("share of steps with the source's self-attention", "self_replace")
+    )
     p.add_argument("--save-attention", metavar="PNG", help="write the per-word cross-attention maps as a grid")
     p.add_argument("--overwrite", action="store_true", help="replace existing output pictures")
     _add_runtime_set(p, "over the edit's recorded ones; runtime.offload_idle=true: only the part at work on the GPU")
@@ -179,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("list", help='JSON array of {"image", "target", "source"} (or img_name, target_text, source_text)')
     p.add_argument("--images", help="folder the image names are relative to (default: the list's folder)")
     p.add_argument("--method", choices=("imagic", *NULLTEXT_METHODS), default="imagic", help="default imagic")
-    _add_model_args(p)
+    _add_model_args(p, ("runtime", "imagic", "nulltext"))
     p.add_argument("-o", "--output", help="folder of the edits and batch.json (default: adapters/<list>-<method>)")
     p.add_argument("--limit", type=int, help="only the first N entries (the others are not checked)")
     p.add_argument(

@@ -305,6 +305,14 @@ def _locate(sections: dict[str, type], key: str) -> tuple[str, str]:
     return owners[0], key
 
 
+def shipped_recipes(tables: tuple[str, ...] | None = None) -> list[str]:
+    """The names of the recipes in ``recipes/``; with ``tables``, only those made of these tables."""
+    shipped = sorted(RECIPES_DIR.glob("*.toml"))
+    return [
+        p.stem for p in shipped if tables is None or set(tomllib.loads(p.read_text(encoding="utf-8"))) <= set(tables)
+    ]
+
+
 def resolve_recipe(recipe: str | Path, tables: tuple[str, ...] | None = None) -> Path:
     """A recipe path, or the name of one shipped in ``recipes/`` (with or without ``.toml``); the error for an unknown
     name lists the shipped recipes, only those made of ``tables`` when given (the ones this command can use)."""
@@ -314,9 +322,6 @@ def resolve_recipe(recipe: str | Path, tables: tuple[str, ...] | None = None) ->
     for candidate in (RECIPES_DIR / f"{recipe}", RECIPES_DIR / f"{recipe}.toml"):
         if candidate.is_file():
             return candidate
-    shipped = sorted(RECIPES_DIR.glob("*.toml"))
-    usable = [
-        p.stem for p in shipped if tables is None or set(tomllib.loads(p.read_text(encoding="utf-8"))) <= set(tables)
-    ]
+    usable = shipped_recipes(tables)
     names = f"one of: {', '.join(usable)}" if usable else "no shipped recipe is for these tables"
     raise PeftEditError(f"recipe {recipe!r} not found (a file path, or {names})")

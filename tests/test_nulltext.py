@@ -296,7 +296,9 @@ def test_half_precision_unet_optimizes_fp32_embeddings(eps_dir, photo, dtype):
 
 
 def test_mismatched_edits_are_clear_errors(eps_model, eps_inverted):
-    with pytest.raises(ArtifactError, match="made with 4 DDIM steps"):
+    with pytest.raises(
+        ArtifactError, match=r"made with 4 DDIM steps.*invert again with --steps \(nulltext.steps\) 20$"
+    ):
         nulltext.edit(eps_model, eps_inverted, steps=20)
     original = eps_model.pipe.scheduler
     eps_model.pipe.scheduler = DDIMScheduler.from_config(original.config, timestep_spacing="trailing")
@@ -305,7 +307,7 @@ def test_mismatched_edits_are_clear_errors(eps_model, eps_inverted):
             nulltext.edit(eps_model, eps_inverted)
     finally:
         eps_model.pipe.scheduler = original
-    with pytest.raises(PeftEditError, match="use --p2p refine"):
+    with pytest.raises(PeftEditError, match=r"use --p2p \(mode\) refine"):
         nulltext.edit(eps_model, eps_inverted, "a photo of a big red circle", p2p.Control(mode="replace"))
     with pytest.raises(PeftEditError, match="'tiger'.*not in the target"):
         nulltext.edit(eps_model, eps_inverted, "a photo of a blue circle", p2p.Control(reweight={"tiger": 2.0}))
@@ -315,7 +317,7 @@ def test_mismatched_edits_are_clear_errors(eps_model, eps_inverted):
         named = f"^control must be a p2p.Control \\(or None\\), not {type(control).__name__}$"
         with pytest.raises(TypeError, match=named):
             nulltext.edit(eps_model, eps_inverted, "a photo of a blue circle", control)
-    with pytest.raises(PeftEditError, match="drop the --blend words"):
+    with pytest.raises(PeftEditError, match=r"drop the --blend \(blend\) words"):
         p2p.Control(blend=["circle"], blend_mask="difference")
     with pytest.raises(PeftEditError, match="choose one of attention, difference"):
         p2p.Control(blend_mask="edges")
@@ -375,11 +377,37 @@ def eps_inverted(eps_model, photo):
         (dict(steps=200), "lr_decay"),
         (dict(inner_steps=-1), "must be >= 0"),
         (dict(guidance=1.0), "nulltext.guidance = 1 leaves null-text nothing to optimize"),
+        (dict(guidance=1.0), r"; --method \(nulltext.method\) ddim inverts for guidance 1 as it is$"),
     ],
 )
 def test_bad_config_is_refused(kwargs, fragment):
     with pytest.raises(PeftEditError, match=fragment):
         NullTextConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, said",
+    [
+        (dict(mode="swap"), "--p2p (mode) 'swap': choose one of replace, refine, reweight"),
+        (dict(blend_mask="edges"), "--blend-mask (blend_mask) 'edges': choose one of attention, difference"),
+        (dict(blend=["cat"], blend_mask="difference"), "drop the --blend (blend) words"),
+        (dict(mode="reweight"), "--p2p (mode) reweight needs --reweight (reweight) words and factors"),
+        (dict(reweight="cat=2"), "--reweight (reweight) = 'cat=2' must be a table of WORD: FACTOR"),
+        (dict(reweight={"cat": math.nan}), "--reweight (reweight) cat=nan: the factor must be a finite number"),
+        (dict(self_replace=1.5), "--self-replace (self_replace) = 1.5 must be between 0 and 1"),
+        (dict(blend_start=-0.5), "blend_start = -0.5 must be between 0 and 1"),
+        (dict(self_replace_max_side=-1), "self_replace_max_side = -1 must be >= 0"),
+    ],
+)
+def test_control_errors_name_the_python_argument(kwargs, said):
+    """A Control built in Python is refused in terms of its own arguments (mode=, blend_mask=...), each beside the
+    `peftedit edit` flag that sets it; a field with no flag by its Python name alone (not "blend-start")."""
+    with pytest.raises(PeftEditError) as caught:
+        p2p.Control(**kwargs)
+    message = str(caught.value)
+    assert said in message and "\n" not in message, message
+    for name in kwargs:
+        assert name in message, message
 
 
 def test_bad_control_and_input_are_refused(eps_model, photo, tmp_path):
@@ -389,16 +417,24 @@ def test_bad_control_and_input_are_refused(eps_model, photo, tmp_path):
         p2p.Control(cross_replace=1.5)
     with pytest.raises(PeftEditError, match="needs --reweight"):
         p2p.Control(mode="reweight")
-    for name in ("cross_replace", "self_replace", "blend_threshold", "blend_start"):
+    shown = {  # a field that `peftedit edit` sets is named by its flag and its Python name, the others by the latter
+        "cross_replace": r"--cross-replace \(cross_replace\)",
+        "self_replace": r"--self-replace \(self_replace\)",
+        "blend_threshold": "blend_threshold",
+        "blend_start": "blend_start",
+    }
+    for name, said in shown.items():
         for value in (float("nan"), float("inf")):
-            with pytest.raises(PeftEditError, match=f"{name.replace('_', '-')} = .* must be a finite number"):
+            with pytest.raises(PeftEditError, match=rf"^{said} = .* must be a finite number$"):
                 p2p.Control(**{name: value})
     for factor in (float("nan"), float("inf"), float("-inf"), "2", True):
-        with pytest.raises(PeftEditError, match="--reweight cat=.*: the factor must be a finite number$"):
+        with pytest.raises(
+            PeftEditError, match=r"^--reweight \(reweight\) cat=.*: the factor must be a finite number$"
+        ):
             p2p.Control(reweight={"cat": factor})
-    with pytest.raises(PeftEditError, match="map-divisor = 0 must be > 0"):
+    with pytest.raises(PeftEditError, match="^map_divisor = 0 must be > 0$"):
         p2p.Control(map_divisor=0)
-    with pytest.raises(PeftEditError, match="blend = 'cat' must be a list"):
+    with pytest.raises(PeftEditError, match=r"^--blend \(blend\) = 'cat' must be a list"):
         p2p.Control(blend="cat")
     with pytest.raises(PeftEditError, match="WORD=FACTOR"):
         p2p.parse_reweight(["cat:2"])
@@ -466,7 +502,7 @@ def test_cli_invert_edit_and_errors(eps_dir, photo, tmp_path, capsys):
     edited = tmp_path / "not-written.png"
     for argv, fragment in (
         (["edit", folder, "--steps", 7, "-o", edited], "made with 6 DDIM steps"),
-        (["edit", folder, "a photo of a big red circle", "--p2p", "replace", "-o", edited], "use --p2p refine"),
+        (["edit", folder, "a photo of a big red circle", "--p2p", "replace", "-o", edited], "use --p2p (mode) refine"),
         (["edit", folder, SOURCE, "--blend", "circle", "--blend-mask", "difference", "-o", edited], "drop the"),
         (["invert", photo, SOURCE, *args], "already exists"),
         (["invert", photo, SOURCE, *args, "--overwrite", "--set", "nulltext.method=fast"], "choose one of"),
@@ -475,8 +511,14 @@ def test_cli_invert_edit_and_errors(eps_dir, photo, tmp_path, capsys):
         (["edit", folder, "--guidance", "nan", "-o", edited], "--guidance = nan must be a finite number"),
         (["edit", folder, SOURCE, "--guidance", "inf", "-o", edited], "--guidance = inf must be a finite number"),
         (["edit", folder, "--steps", 0, "-o", edited], "--steps = 0 must be > 0"),
-        (["edit", folder, SOURCE, "--cross-replace", "nan", "-o", edited], "cross-replace = nan must be a finite"),
-        (["edit", folder, SOURCE, "--reweight", "circle=inf", "-o", edited], "--reweight circle=inf: the factor"),
+        (
+            ["edit", folder, SOURCE, "--cross-replace", "nan", "-o", edited],
+            "--cross-replace (cross_replace) = nan must be a",
+        ),
+        (
+            ["edit", folder, SOURCE, "--reweight", "circle=inf", "-o", edited],
+            "--reweight (reweight) circle=inf: the factor",
+        ),
     ):
         code, out, err = run_cli(capsys, *argv)
         assert code == 2 and err.startswith("peftedit: error: ") and err.count("\n") == 1, (argv, err)
@@ -507,7 +549,7 @@ def test_a_pil_image_inverts_like_its_file(eps_model, tmp_path):
 
 def test_a_p2p_mode_without_a_target_says_it_changes_nothing(eps_model, eps_inverted, caplog):
     nulltext.edit(eps_model, eps_inverted, control=p2p.Control(mode="refine"))
-    assert "without a target prompt edits the source into itself" in caplog.text
+    assert "--p2p (mode) refine without a target prompt edits the source into itself" in caplog.text
     caplog.clear()
     nulltext.edit(eps_model, eps_inverted, control=p2p.Control(reweight={"circle": 2.0}))
     assert "edits the source into itself" not in caplog.text  # reweighting the source's own words is an edit

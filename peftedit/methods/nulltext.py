@@ -110,7 +110,7 @@ class NullTextConfig:
         if self.method == "null-text" and self.guidance == 1:
             raise PeftEditError(
                 "nulltext.guidance = 1 leaves null-text nothing to optimize (guided sampling at 1 does not use the "
-                "null embedding); --method ddim inverts for guidance 1 as it is"
+                "null embedding); --method (nulltext.method) ddim inverts for guidance 1 as it is"
             )
         if self.lr_decay * (self.steps - 1) >= 1:
             raise PeftEditError(
@@ -264,7 +264,7 @@ def check_inversion(model: Model, artifact: Artifact, steps: int | None = None, 
     if steps is not None and steps != made:
         raise ArtifactError(
             f"this inversion was made with {made} DDIM steps and only edits with {made} (asked for {steps}); "
-            f"invert again with --steps {steps}"
+            f"invert again with --steps (nulltext.steps) {steps}"
         )
     if check:
         check_base(model, artifact)
@@ -306,7 +306,11 @@ def run_edit(
     elif control is not None and (control.mode or control.reweight):
         prompts.append(prompts[0])
         if not control.reweight:
-            log.warning("--p2p %s without a target prompt edits the source into itself: nothing changes", control.mode)
+            log.warning(
+                "%s %s without a target prompt edits the source into itself: nothing changes",
+                p2p.named("mode"),
+                control.mode,
+            )
     elif control is not None and control.blends:
         log.warning("the local blend is ignored without a target prompt")
     branches = len(prompts)

@@ -31,6 +31,22 @@ from ..images import grid
 
 MODES = ("replace", "refine", "reweight")
 BLEND_MASKS = ("attention", "difference")
+# The ``peftedit edit`` flag of each Control field that has one: errors name both, "--p2p (mode)", so that a message
+# speaks to a CLI user and to one who built the Control in Python alike.
+FLAGS = {
+    "mode": "--p2p",
+    "reweight": "--reweight",
+    "blend": "--blend",
+    "blend_mask": "--blend-mask",
+    "cross_replace": "--cross-replace",
+    "self_replace": "--self-replace",
+}
+
+
+def named(field: str) -> str:
+    """How errors name a Control field: its flag and, in parentheses, its Python name ("--p2p (mode)"); the Python
+    name alone for a field no flag sets."""
+    return f"{FLAGS[field]} ({field})" if field in FLAGS else field
 
 
 @dataclass
@@ -78,26 +94,30 @@ class Control:
 
     def __post_init__(self) -> None:
         if not isinstance(self.reweight, dict):
-            raise PeftEditError(f"reweight = {self.reweight!r} must be a table of WORD: FACTOR")
+            raise PeftEditError(f"{named('reweight')} = {self.reweight!r} must be a table of WORD: FACTOR")
         for word, factor in self.reweight.items():
             if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not math.isfinite(factor):
-                raise PeftEditError(f"--reweight {word}={factor!r}: the factor must be a finite number")
-        check_fields(self, lambda name: name.replace("_", "-"))
+                raise PeftEditError(f"{named('reweight')} {word}={factor!r}: the factor must be a finite number")
+        check_fields(self, named)
         self.blend = [word for words in self.blend for word in words.split()]  # --blend "red square": both words
         if self.mode is not None and self.mode not in MODES:
-            raise PeftEditError(f"--p2p {self.mode!r}: choose one of {', '.join(MODES)}")
+            raise PeftEditError(f"{named('mode')} {self.mode!r}: choose one of {', '.join(MODES)}")
         for name in ("cross_replace", "self_replace", "blend_threshold", "blend_start"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
-                raise PeftEditError(f"{name.replace('_', '-')} = {value!r} must be between 0 and 1")
-        count("self-replace-max-side", self.self_replace_max_side, zero_ok=True)
-        count("map-divisor", self.map_divisor)
+                raise PeftEditError(f"{named(name)} = {value!r} must be between 0 and 1")
+        count(named("self_replace_max_side"), self.self_replace_max_side, zero_ok=True)
+        count(named("map_divisor"), self.map_divisor)
         if self.blend_mask not in BLEND_MASKS:
-            raise PeftEditError(f"--blend-mask {self.blend_mask!r}: choose one of {', '.join(BLEND_MASKS)}")
+            raise PeftEditError(f"{named('blend_mask')} {self.blend_mask!r}: choose one of {', '.join(BLEND_MASKS)}")
         if self.blend_mask == "difference" and self.blend:
-            raise PeftEditError("--blend-mask difference finds the region itself; drop the --blend words")
+            raise PeftEditError(
+                f"{named('blend_mask')} difference finds the region itself; drop the {named('blend')} words"
+            )
         if self.mode == "reweight" and not self.reweight:
-            raise PeftEditError("--p2p reweight needs --reweight WORD=FACTOR (e.g. --reweight cat=2.0)")
+            raise PeftEditError(
+                f"{named('mode')} reweight needs {named('reweight')} words and factors, e.g. cat=2.0 ({{'cat': 2.0}})"
+            )
 
     @property
     def blends(self) -> bool:
@@ -145,9 +165,10 @@ def token_mapping(tokenizer, source: str, target: str, mode: str) -> tuple[torch
     index, aligned = torch.arange(length), torch.ones(length)
     if mode == "replace":
         if len(src) != len(tgt):
+            flag = named("mode")
             raise PeftEditError(
-                f"--p2p replace needs prompts of the same token count (source {len(src)}, target {len(tgt)}); "
-                "use --p2p refine when words are added or removed"
+                f"{flag} replace needs prompts of the same token count (source {len(src)}, target {len(tgt)}); "
+                f"use {flag} refine when words are added or removed"
             )
         return index, aligned
     aligned[1 : len(tgt) + 1] = 0.0
@@ -177,13 +198,17 @@ class Controller:
             for word, factor in self.control.reweight.items():
                 where = word_positions(tokenizer, prompts[1], word)
                 if not where:
-                    raise PeftEditError(f"--reweight {word!r}: the word is not in the target prompt {prompts[1]!r}")
+                    raise PeftEditError(
+                        f"{named('reweight')} {word!r}: the word is not in the target prompt {prompts[1]!r}"
+                    )
                 self.equalizer[where] = factor
         self.blend_alpha = torch.zeros(self.branches, length)
         for word in self.control.blend:
             found = [word_positions(tokenizer, p, word) for p in prompts]
             if not any(found):
-                raise PeftEditError(f"--blend {word!r}: the word is in neither prompt ({' / '.join(prompts)})")
+                raise PeftEditError(
+                    f"{named('blend')} {word!r}: the word is in neither prompt ({' / '.join(prompts)})"
+                )
             for b, where in enumerate(found):
                 self.blend_alpha[b, where] = 1.0
         self.latent_side = int(unet.config.sample_size)

@@ -10,7 +10,7 @@ from pathlib import Path
 from .artifacts import Artifact
 from .config import RuntimeConfig
 from .errors import ArtifactError
-from .models import DTYPES, Model, dtype_name, load_model, resolve_device, resolve_dtype
+from .models import CONFIGS_OPTION, DTYPES, MODEL_OPTION, Model, dtype_name, load_model, resolve_device, resolve_dtype
 
 log = logging.getLogger("peftedit")
 
@@ -28,7 +28,9 @@ def load_base(
     :func:`recorded_runtime`). ``name`` names the edit in errors (its folder)."""
     base = model if model is not None else artifact.meta["base_model"]
     if model is None and Path(base).is_absolute() and not Path(base).exists():
-        raise ArtifactError(f"{name}: its base model was at {base}, which is gone; pass --model with where it is")
+        raise ArtifactError(
+            f"{name}: its base model was at {base}, which is gone; pass {MODEL_OPTION} with where it is"
+        )
     configs = single_file_config or recorded_configs(artifact, model, name)
     runtime = recorded_runtime(artifact, name, settings)
     # The edit records its base model: no "using the demo model" notice when that is where the edit came from.
@@ -43,7 +45,7 @@ def recorded_configs(artifact: Artifact, model: str | Path | None, name: str = "
         return None
     if Path(recorded).is_absolute() and not Path(recorded).exists():
         raise ArtifactError(
-            f"{name}: its base model's configs were in {recorded}, which is gone; pass --single-file-config"
+            f"{name}: its base model's configs were in {recorded}, which is gone; pass {CONFIGS_OPTION}"
         )
     return recorded
 
@@ -69,7 +71,7 @@ def recorded_runtime(artifact: Artifact, name: str = "the edit", settings: dict 
     dtype = resolve_dtype(runtime, resolve_device(runtime))
     if made_in in DTYPES and dtype not in (DTYPES[made_in], DTYPES["fp32"]):
         log.warning(
-            "the edit was made in %s; rendering in %s (--set runtime.dtype=%s to match)",
+            "the edit was made in %s; rendering in %s; to match, --set (settings) runtime.dtype=%s",
             made_in,
             dtype_name(dtype),
             made_in,

@@ -26,6 +26,10 @@ log = logging.getLogger("peftedit")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SINGLE_FILE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# How messages name the model and a single checkpoint's configs: the CLI flag, then the argument of load_model and
+# load_base (both call them so), as every library message names an option.
+MODEL_OPTION = "--model (model)"
+CONFIGS_OPTION = "--single-file-config (single_file_config)"
 # The files of a hub id a single checkpoint's configs take (those diffusers' single-file loader fetches).
 CONFIG_PATTERNS = ["*.json", "**/*.json", "*.txt", "**/*.txt", "**/*.model"]
 # Values sampled from each weight tensor for the fingerprint's probe.
@@ -155,17 +159,17 @@ def load_model(
         if announce_demo:
             log.warning(
                 "using the built-in demo model (a tiny world of coloured shapes); for Stable Diffusion give a hub id, "
-                "folder or .safetensors file, e.g. --model stable-diffusion-v1-5/stable-diffusion-v1-5"
+                f"folder or .safetensors file as {MODEL_OPTION}, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5"
             )
         path = demo_model_dir()
         if not (path / "model_index.json").is_file():
-            raise PeftEditError(f"the demo model is not installed at {path}; pass --model")
+            raise PeftEditError(f"the demo model is not installed at {path}; pass {MODEL_OPTION}")
     elif path.exists():
         name = str(path.resolve())  # recorded in edits as their base: found again from any working folder
     kwargs: dict = {"dtype": dtype}
     configs = None  # a single checkpoint file's
     if single_file_config and not (path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES):
-        log.warning("--single-file-config is only for a single .safetensors checkpoint; %s is not one: ignored", name)
+        log.warning("%s is only for a single .safetensors checkpoint; %s is not one: ignored", CONFIGS_OPTION, name)
     try:
         if path.suffix.lower() in PICKLE_SUFFIXES:
             raise PeftEditError(f"{path}: pickle checkpoints are not loaded (unsafe); convert it to .safetensors")
@@ -194,7 +198,7 @@ def load_model(
     except (OSError, ValueError, KeyError, TypeError, AttributeError, SingleFileComponentError) as err:
         said = f"could not load model {name!r}: {type(err).__name__}: {first_line(err)}"
         if path.is_file() and not single_file_config:
-            said += " (a single checkpoint file's configs come from --single-file-config: diffusers folder or hub id)"
+            said += f"; a single checkpoint file's configs come from {CONFIGS_OPTION}, a diffusers folder or hub id"
         raise PeftEditError(said) from err
     if is_xl(pipe):
         _check_xl_parts(pipe, name)
@@ -284,17 +288,17 @@ def _checkpoint_configs(path: Path, given: str | None) -> CheckpointConfigs:
         folder = Path(given).expanduser()
         if folder.is_dir():
             folder = str(folder.resolve())
-            return CheckpointConfigs(folder, folder, f"--single-file-config {folder}")
+            return CheckpointConfigs(folder, folder, f"{CONFIGS_OPTION} {folder}")
         if folder.exists() or not hub.is_hub_id(given):
-            raise PeftEditError(f"--single-file-config {given!r}: no such folder (nor a hub id, owner/name)")
+            raise PeftEditError(f"{CONFIGS_OPTION} {given!r}: no such folder (nor a hub id, owner/name)")
     repo = given or _guessed_configs(path)
     snapshot = hub.load(
         repo,
         functools.partial(_config_snapshot, repo),
         what=f"{repo!r} (the configs of {path.name}{'' if given else ', guessed from its tensors'})",
-        instead="pass --single-file-config with a local diffusers folder of the file's architecture",
+        instead=f"pass {CONFIGS_OPTION} with a local diffusers folder of the file's architecture",
     )
-    source = f"--single-file-config {given}" if given else f"diffusers' guess of its configs, {repo},"
+    source = f"{CONFIGS_OPTION} {given}" if given else f"diffusers' guess of its configs, {repo},"
     return CheckpointConfigs(snapshot, given, source)
 
 
@@ -363,7 +367,7 @@ def _single_file_kind(path: Path, configs: str, source: str) -> str:
     if found is not None and found != kind:
         raise PeftEditError(
             f"{path} is an {found.upper()} checkpoint but {source} is an {kind.upper()} pipeline; "
-            "give the configs of the file's architecture with --single-file-config"
+            f"give the configs of the file's architecture with {CONFIGS_OPTION}"
         )
     return kind
 
@@ -480,5 +484,5 @@ def check_same_base(pipe, model_name: str, saved_name: str, saved_arch: str, sav
         what = "different weights" if built_alike else "a different architecture"
         raise ArtifactError(
             f"base model mismatch: the edit was made on {saved_name!r} but the loaded model is {model_name!r} "
-            f"({what}); pass --model with the original base model"
+            f"({what}); pass {MODEL_OPTION} with the original base model"
         )

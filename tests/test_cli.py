@@ -390,7 +390,9 @@ def test_other_base_model_is_named_in_the_error(edit_dir, other_dir, eps_dir, tm
     from peftedit.models import demo_model_dir
 
     code, _, err = run_cli(capsys, "edit", edit_dir, "--model", other_dir, "-o", tmp_path / "x.png")
-    one_line_error(code, err, "base model mismatch", str(eps_dir), str(other_dir), "(different weights)")
+    one_line_error(
+        code, err, "base model mismatch", str(eps_dir), str(other_dir), "(different weights)", "pass --model (model)"
+    )
     demo = demo_model_dir()  # built otherwise
     code, _, err = run_cli(capsys, "edit", edit_dir, "--model", demo, "-o", tmp_path / "x.png")
     one_line_error(code, err, "base model mismatch", "(a different architecture)")
@@ -504,7 +506,8 @@ def test_an_edit_from_a_single_checkpoint_file_re_renders_without_its_configs_ag
     assert f"base_model_config {configs.resolve()}" in run_cli(capsys, "inspect", out)[1]
     configs.rename(tmp_path / "moved")
     code, _, err = run_cli(capsys, "edit", out, "-o", tmp_path / "x.png")
-    one_line_error(code, err, f"{out}: its base model's configs were in {configs.resolve()}, which is gone")
+    gone = f"{out}: its base model's configs were in {configs.resolve()}, which is gone"
+    one_line_error(code, err, f"{gone}; pass --single-file-config (single_file_config)")
     given = load_base(edit, single_file_config=str(tmp_path / "moved"))  # given: over the recorded ones
     assert given.single_file_config == str((tmp_path / "moved").resolve())
 
@@ -515,7 +518,9 @@ def test_an_edit_from_a_single_checkpoint_file_re_renders_without_its_configs_ag
 
     checkpoint.rename(tmp_path / "moved.safetensors")  # the base model moved: said so, not "not a hub id"
     code, _, err = run_cli(capsys, "edit", out, "-o", tmp_path / "x.png")
-    one_line_error(code, err, f"its base model was at {checkpoint.resolve()}, which is gone; pass --model")
+    one_line_error(
+        code, err, f"its base model was at {checkpoint.resolve()}, which is gone; pass --model (model) with"
+    )
     code, _, err = run_cli(capsys, "generate", "a red circle", "--model", checkpoint, "-o", tmp_path / "g3.png")
     one_line_error(code, err, f"model {str(checkpoint)!r} not found: no such folder or file")
 
@@ -577,7 +582,7 @@ def test_rerender_runtime_drops_compile_and_unknown_settings(caplog):
     assert given.offload_idle and given.channels_last  # --set over the recorded ones
     fp32 = {**made, "dtype": "fp32"}
     recorded_runtime(SimpleNamespace(meta={"recipe": {"runtime": fp32}}), "e", {"device": "cpu", "dtype": "bf16"})
-    assert "the edit was made in fp32; rendering in bf16 (--set runtime.dtype=fp32 to match)" in caplog.text
+    assert "the edit was made in fp32; rendering in bf16; to match, --set (settings) runtime.dtype=fp32" in caplog.text
     caplog.clear()  # "auto" recorded: meta.dtype says what it became
     auto = {"runtime": {**made, "dtype": "auto"}}
     recorded_runtime(SimpleNamespace(meta={"recipe": auto, "dtype": "fp32"}), "e", {"device": "cpu", "dtype": "bf16"})
@@ -977,11 +982,16 @@ def test_an_edit_rendered_on_another_base_does_not_take_its_recorded_single_file
     base, other, gone = tmp_path / "base.safetensors", tmp_path / "other", tmp_path / "configs"
     artifact = SimpleNamespace(meta={"base_model": str(base), "base_model_config": str(gone)})
     assert recorded_configs(artifact, str(other), "edit") is None  # --model names another base: not its configs
-    with pytest.raises(ValueError, match="which is gone; pass --single-file-config"):
+    with pytest.raises(ValueError, match=r"which is gone; pass --single-file-config \(single_file_config\)$"):
         recorded_configs(artifact, str(base), "edit")  # the recorded base itself: its configs, which are gone
     monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.raises(ValueError, match="which is gone"):
         recorded_configs(artifact, "~/base.safetensors", "edit")  # the recorded base too, as load_model reads it
+    from peftedit.base import load_base
+
+    moved = SimpleNamespace(meta={"base_model": str(tmp_path / "moved.safetensors")})
+    with pytest.raises(ValueError, match=r"^edit: its base model was at .*; pass --model \(model\) with where it is$"):
+        load_base(moved, name="edit")  # load_base's own argument named beside the flag
     gone.mkdir()
     assert recorded_configs(artifact, None, "edit") == str(gone)
     by_id = SimpleNamespace(meta={"base_model": str(base), "base_model_config": "someone/configs"})

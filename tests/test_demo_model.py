@@ -61,7 +61,7 @@ def _quickstart(tmp_path, capsys, *fewer_steps):
     argv = ["--quiet", "imagic", str(EXAMPLE), "a large blue circle on the left", "-o", str(out), *fewer_steps]
     assert main(argv) == 0
     err = capsys.readouterr().err
-    assert "built-in demo model" in err
+    assert "built-in demo model" in err and "as --model (model), e.g. stable-diffusion-v1-5/" in err
     assert (out / "preview.png").is_file() and (out / "pytorch_lora_weights.safetensors").is_file()
     assert main(["--quiet", "edit", str(out), "--eta", "0.7", "-o", str(tmp_path / "blue.png")]) == 0
     # The edit records the demo as its base model, so re-rendering it does not announce the demo again.

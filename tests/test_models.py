@@ -96,7 +96,7 @@ def test_a_runtime_of_the_wrong_type_is_named_before_loading(eps_dir):
 
 def test_single_file_configs_for_a_folder_are_said_to_be_ignored(eps_dir, caplog):
     load_model(str(eps_dir), RuntimeConfig(device="cpu"), single_file_config="somewhere")
-    assert "--single-file-config is only for a single .safetensors checkpoint" in caplog.text
+    assert "--single-file-config (single_file_config) is only for a single .safetensors checkpoint" in caplog.text
 
 
 def test_a_folder_with_pickled_weights_is_refused(eps_dir, tmp_path, capsys):

@@ -145,5 +145,8 @@ def test_an_sd_file_with_sdxl_configs_is_refused_by_its_tensor_names(xl_dir, eps
     round: one line naming both, not diffusers' error from deep inside the XL loader."""
     path = tmp_path / "tiny-sd.safetensors"
     write_single_file(eps_dir, path)
-    with pytest.raises(PeftEditError, match="is an SD checkpoint but --single-file-config .* is an SDXL pipeline"):
+    with pytest.raises(
+        PeftEditError,
+        match=r"is an SD checkpoint but --single-file-config \(single_file_config\) .* is an SDXL pipeline",
+    ):
         load_model(str(path), RUNTIME, single_file_config=str(xl_dir))

@@ -46,7 +46,7 @@ def test_guessed_configs_come_from_the_cache_with_no_request(
     code, _, err = run_cli(capsys, *argv)
     one_line_error(
         code, err, f"{GUESS!r} (the configs of tiny.safetensors, guessed from its tensors) is not in the local",
-        "the hub cannot be reached", "pass --single-file-config with a local diffusers folder",
+        "the hub cannot be reached", "pass --single-file-config (single_file_config) with a local diffusers folder",
     )  # fmt: skip
     assert len(tries) == 1 and not (tmp_path / "file.png").exists()  # the one reachability check
 
@@ -78,7 +78,11 @@ def test_configs_that_are_neither_a_folder_nor_a_hub_id_are_one_line(checkpoint,
     monkeypatch.setattr(hub, "load", lambda name, *args, **kwargs: pytest.fail(f"asked the hub for {name!r}"))
     for given in (tmp_path / "no-such-folder", "a/b/c", checkpoint, "./configs", "~/configs", "configs"):
         code, _, err = run_cli(capsys, "generate", "a", "--model", checkpoint, "--single-file-config", given)
-        one_line_error(code, err, f"--single-file-config {str(given)!r}: no such folder (nor a hub id, owner/name)")
+        one_line_error(
+            code,
+            err,
+            f"--single-file-config (single_file_config) {str(given)!r}: no such folder (nor a hub id, owner/name)",
+        )
 
 
 def test_a_partial_snapshot_of_the_configs_is_fetched_again(checkpoint, cache, eps_dir, tmp_path, monkeypatch, capsys):

@@ -15,6 +15,7 @@ from ..config import LOAD_TIME_SETTINGS, RuntimeConfig
 from ..diffusion import decode_latents, encode_image, encode_text
 from ..errors import ArtifactError, PeftEditError
 from ..models import (
+    MODEL_OPTION,
     TEXT_ENCODERS,
     Model,
     architecture_hash,
@@ -174,7 +175,7 @@ def check_base(model: Model, artifact: Artifact) -> None:
     if made_on and made_on != loaded:
         raise ArtifactError(
             f"base model mismatch: the edit was made on {meta['base_model']!r}, a {made_on}, but {model.name!r} is a "
-            f"{loaded}; pass --model with the original base model"
+            f"{loaded}; pass {MODEL_OPTION} with the original base model"
         )
     check_same_base(
         model.pipe,

@@ -235,6 +235,8 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+# How messages name one override: the flag that gives it, then the argument of build() that takes it from Python.
+OVERRIDE = "--set (overrides)"
 # The method tables recipes hold, and what reads each: a recipe of one method given to another says so.
 METHOD_TABLES = {"imagic": "Imagic (peftedit imagic)", "nulltext": "inversions (peftedit invert)"}
 
@@ -278,7 +280,7 @@ def build(
     for item in overrides or []:
         key, sep, text = item.partition("=")
         if not sep:
-            raise PeftEditError(f"--set {item!r}: expected key=value")
+            raise PeftEditError(f"{OVERRIDE} {item!r}: expected key=value")
         table, key = _locate(sections, key.strip())
         raw[table][key] = _parse_value(text.strip())
     out = {}
@@ -296,12 +298,12 @@ def _locate(sections: dict[str, type], key: str) -> tuple[str, str]:
     if "." in key:
         table, _, name = key.partition(".")
         if table not in sections:
-            raise PeftEditError(f"--set {key}: unknown table {table!r} (known: {', '.join(sections)})")
+            raise PeftEditError(f"{OVERRIDE} {key}: unknown table {table!r} (known: {', '.join(sections)})")
         return table, name
     owners = [t for t, cls in sections.items() if key in {f.name for f in dataclasses.fields(cls)}]
     if len(owners) != 1:
         what = "is ambiguous" if owners else "is not a known key"
-        raise PeftEditError(f"--set {key}: {what}; write it as table.key (tables: {', '.join(sections)})")
+        raise PeftEditError(f"{OVERRIDE} {key}: {what}; write it as table.key (tables: {', '.join(sections)})")
     return owners[0], key
 
 

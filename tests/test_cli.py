@@ -786,7 +786,7 @@ def test_generate_takes_runtime_settings(eps_dir, tmp_path, capsys, loaded):
     assert loaded[1].on_device == ("vae",)  # the decode ran last
     assert np.array_equal(np.array(Image.open(pictures[0])), np.array(Image.open(pictures[1])))
     for bad, said in (
-        ("imagic.lora_rank=4", "--set imagic.lora_rank: unknown table 'imagic' (known: runtime)"),
+        ("imagic.lora_rank=4", "--set (overrides) imagic.lora_rank: unknown table 'imagic' (known: runtime)"),
         ("runtime.offload=true", "unknown key runtime.offload"),
         ("runtime.seed=4", "--set runtime.seed: generate trains nothing, so only these runtime settings apply"),
         ("optimizer=adamw", "--set runtime.optimizer: generate trains nothing"),
@@ -808,7 +808,7 @@ def test_edit_takes_runtime_settings_over_the_recorded_ones(edit_dir, tmp_path, 
     assert np.array_equal(np.array(Image.open(pictures[0])), np.array(Image.open(pictures[1])))
     for bad, said in (
         ("runtime.gradient_checkpointing=false", "--set runtime.gradient_checkpointing: edit trains nothing"),
-        ("imagic.eta=0.5", "--set imagic.eta: unknown table 'imagic' (known: runtime)"),
+        ("imagic.eta=0.5", "--set (overrides) imagic.eta: unknown table 'imagic' (known: runtime)"),
         ("runtime.dtype=fp8", "runtime.dtype = 'fp8' is not one of"),
     ):
         code, _, err = run_cli(capsys, "edit", edit_dir, "--set", bad, "-o", tmp_path / "x.png")

@@ -25,8 +25,9 @@ def test_overrides_reach_the_right_table_and_type():
     "override, message",
     [
         ("imagic.lora_rnak=4", "unknown key imagic.lora_rnak"),
-        ("nosuch=1", "not a known key"),
-        ("seed", "expected key=value"),
+        ("nosuch=1", r"^--set \(overrides\) nosuch: is not a known key"),
+        ("seed", r"^--set \(overrides\) 'seed': expected key=value$"),
+        ("tables.eta=1", r"^--set \(overrides\) tables.eta: unknown table 'tables'"),
         ("imagic.lora_rank=big", "imagic.lora_rank = 'big' must be an integer"),
         ("imagic.lora_rank=2.5", "must be an integer"),
         ("imagic.lora_rank=0", "must be > 0"),
@@ -84,7 +85,7 @@ def test_a_plain_value_where_a_table_belongs_is_refused(tmp_path):
 def test_a_key_two_tables_have_must_name_its_table():
     """`--set guidance=3` took the first table that has it (imagic) when the check only refused unknown keys."""
     for key in ("guidance", "seed"):  # imagic and nulltext; runtime and nulltext
-        with pytest.raises(PeftEditError, match=rf"^--set {key}: is ambiguous; write it as table.key"):
+        with pytest.raises(PeftEditError, match=rf"^--set \(overrides\) {key}: is ambiguous; write it as table.key"):
             build(recipe_sections(), None, [f"{key}=3"])
     assert build(recipe_sections(), None, ["nulltext.guidance=3"])["nulltext"].guidance == 3.0
 

@@ -364,7 +364,9 @@ def _rendered_for(picture: Path) -> str | None:
     except (OSError, ValueError, Image.DecompressionBombError):
         target = None
     if target is None:
-        raise FileExistsError(f"{picture} exists and was not rendered by peftedit batch; move it or pass --overwrite")
+        raise FileExistsError(
+            f"{picture} exists and was not rendered by peftedit batch; move it or pass --overwrite (overwrite=True)"
+        )
     return target
 
 
@@ -398,7 +400,11 @@ def _earlier(model: Model, folder: Path, item: Item, method: str, config, runtim
     made_in = artifact.meta["recipe"].get("runtime", {})
     changed += [f"runtime.{k}" for k in RESULT_RUNTIME if k in made_in and made_in[k] != getattr(runtime, k)]
     if changed:
-        log.warning("%s was made with other settings (%s); kept (--overwrite redoes it)", folder, ", ".join(changed))
+        log.warning(
+            "%s was made with other settings (%s); kept; --overwrite (overwrite=True) redoes it",
+            folder,
+            ", ".join(changed),
+        )
     return artifact
 
 

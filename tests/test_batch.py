@@ -178,7 +178,10 @@ def test_imagic_batch_resumes_and_goes_on_past_a_failed_entry(eps_dir, photos, t
     # second made
     code, stdout, err = run_cli(capsys, *argv, "--set", "finetune_steps=3", "--set", "runtime.seed=5")
     assert code == 0, err
-    assert "001-shapes-a-red-circle was made with other settings (finetune_steps, runtime.seed); kept" in err
+    assert (
+        "001-shapes-a-red-circle was made with other settings (finetune_steps, runtime.seed); kept; --overwrite ("
+        in err
+    )
     summary = _summary(out)
     assert [i["status"] for i in summary["items"]] == ["done earlier", "done"]
     assert summary["counts"] == {"done": 1, "done earlier": 1, "failed": 0, "pending": 0, "interrupted": 0}
@@ -264,7 +267,7 @@ def test_inversion_batch_renders_each_edit_and_a_missing_picture_again(
     Image.new("RGB", (8, 8)).save(picture)
     code, _, _ = run_cli(capsys, *argv)
     status = json.loads((out / "batch.json").read_text())["items"][0]["status"]
-    assert code == 1 and "was not rendered by peftedit batch" in status
+    assert code == 1 and "was not rendered by peftedit batch; move it or pass --overwrite (overwrite=True)" in status
     assert Image.open(picture).size == (8, 8)
 
     # Interrupted in the first entry: the summary says so, and still says what earlier runs finished (the second).
@@ -314,6 +317,14 @@ def test_an_inversion_named_after_its_target_by_an_older_batch_is_reused(eps_dir
     assert json.loads((out / "batch.json").read_text())["counts"]["done earlier"] == 1
     assert (new / "edit.safetensors").read_bytes() == made and not old.exists()
     assert Path(f"{new}.png").is_file() and not Path(f"{old}.png").exists()
+
+
+def test_a_picture_batch_did_not_render_names_the_overwrite_argument(tmp_path):
+    """batch.run(..., overwrite=True) is how a Python caller replaces it: the error names that beside the flag."""
+    picture = tmp_path / "001-photo-a-cat.png"
+    Image.new("RGB", (8, 8)).save(picture)
+    with pytest.raises(FileExistsError, match=r"; move it or pass --overwrite \(overwrite=True\)$"):
+        batch._rendered_for(picture)
 
 
 def test_a_finished_entry_whose_folder_is_gone_is_pending_again(tmp_path):

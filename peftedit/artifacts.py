@@ -297,8 +297,8 @@ def check_replaceable(path: str | Path, overwrite: bool) -> None:
     reason = _not_an_edit(path)
     if reason:
         raise ArtifactError(
-            f"{path} exists and is not a peftedit edit folder: it {reason}; --overwrite replaces only edit folders "
-            "(choose another -o)"
+            f"{path} exists and is not a peftedit edit folder: it {reason}; --overwrite (overwrite=True) replaces "
+            "only edit folders: choose another -o (folder)"
         )
 
 
@@ -316,7 +316,7 @@ def _not_an_edit(path: Path) -> str | None:
         if _edit_file_problem(path) is None:  # an edit the user saved other things into (renders, notes)
             raise ArtifactError(
                 f"{path} is a peftedit edit folder that also holds other files ({listed}): replacing it would delete "
-                "them; move them out first or choose another -o"
+                "them; move them out first or choose another -o (folder)"
             )
         return f"holds files an edit does not write ({listed})"
     return _edit_file_problem(path)

@@ -332,6 +332,8 @@ def test_overwrite_replaces_only_an_earlier_edit(case, tmp_path):
     message = str(caught.value)
     said = "is a peftedit edit folder that also holds" if "edit plus" in case else "is not a peftedit edit folder"
     assert said in message and fragment in message, message
+    assert message.endswith("choose another -o (folder)"), message  # Artifact.save's argument beside the flag
+    assert "edit plus" in case or "; --overwrite (overwrite=True) replaces only edit folders" in message, message
     assert _snapshot(tmp_path) == before  # nothing removed, nothing left behind
 
 

@@ -503,7 +503,10 @@ def test_cli_invert_edit_and_errors(eps_dir, photo, tmp_path, capsys):
     for argv, fragment in (
         (["edit", folder, "--steps", 7, "-o", edited], "made with 6 DDIM steps"),
         (["edit", folder, "a photo of a big red circle", "--p2p", "replace", "-o", edited], "use --p2p (mode) refine"),
-        (["edit", folder, SOURCE, "--blend", "circle", "--blend-mask", "difference", "-o", edited], "drop the"),
+        (
+            ["edit", folder, SOURCE, "--blend", "circle", "--blend-mask", "difference", "-o", edited],
+            "--blend-mask (blend_mask) difference",
+        ),
         (["invert", photo, SOURCE, *args], "already exists"),
         (["invert", photo, SOURCE, *args, "--overwrite", "--set", "nulltext.method=fast"], "choose one of"),
         (["invert", photo, SOURCE, *args, "--overwrite", "--guidance", "nan"], "nulltext.guidance = nan must be a"),

@@ -744,3 +744,17 @@ def test_a_scheduler_list_read_back_from_json_matches_the_tuple_it_was(eps_model
             check_schedule(eps_model, SimpleNamespace(meta={"scheduler": saved}), TRAINING_SCHEDULE)
     finally:
         eps_model.pipe.scheduler = original
+
+
+@pytest.mark.parametrize("cross_replace", [0.0, 0.05])
+def test_a_reweight_that_cannot_act_is_refused(eps_model, cross_replace):
+    """The factors scale the target's cross-attention only in the steps that borrow the source's (as in the P2P
+    reference): with no such step the edit ran and silently ignored --reweight."""
+    pipe, target = eps_model.pipe, "a photo of a blue circle"
+    control = p2p.Control(reweight={"blue": 2.0}, cross_replace=cross_replace)
+    with pytest.raises(
+        PeftEditError, match=r"--reweight \(reweight\) .* --cross-replace \(cross_replace\) = .* of the 10; raise it$"
+    ):
+        p2p.Controller(pipe.unet, pipe.tokenizer, [SOURCE, target], control, 10)
+    control = p2p.Control(reweight={"blue": 2.0}, cross_replace=0.1)  # one step of ten: it acts there
+    assert p2p.Controller(pipe.unet, pipe.tokenizer, [SOURCE, target], control, 10).equalizer.max() == 2.0

@@ -195,6 +195,12 @@ class Controller:
         if self.editing:
             mode = self.control.mode or self.default_mode(tokenizer, *prompts)
             self.index, self.aligned = token_mapping(tokenizer, prompts[0], prompts[1], mode)
+            if self.control.reweight and int(steps * self.control.cross_replace) == 0:  # see attend: it would not act
+                raise PeftEditError(
+                    f"{named('reweight')} scales the target's attention only in the steps that take the source's "
+                    f"(as P2P's reference does), and {named('cross_replace')} = {self.control.cross_replace} gives "
+                    f"none of the {steps}; raise it"
+                )
             for word, factor in self.control.reweight.items():
                 where = word_positions(tokenizer, prompts[1], word)
                 if not where:

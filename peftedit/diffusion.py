@@ -241,6 +241,9 @@ def sample(
     return latents
 
 
+INVERTIBLE_SPACINGS = ("leading", "trailing")  # the timestep spacings DDIMInverseScheduler implements
+
+
 @torch.no_grad()
 def ddim_invert(
     unet,
@@ -265,6 +268,12 @@ def ddim_invert(
     """
     from diffusers import DDIMInverseScheduler
 
+    spacing = dict(scheduler_config).get("timestep_spacing", "leading")
+    if spacing not in INVERTIBLE_SPACINGS:  # diffusers' inverse scheduler refuses the others with its own ValueError
+        raise PeftEditError(
+            f"timestep_spacing {spacing!r}: DDIM inversion takes {' or '.join(map(repr, INVERTIBLE_SPACINGS))}; use "
+            "a scheduler config with one of them"
+        )
     # Only the keys it takes: a config converted from another scheduler (SDXL ships Euler's) carries keys diffusers
     # would warn about, one line per inversion.
     takes = inspect.signature(DDIMInverseScheduler.__init__).parameters

@@ -170,6 +170,19 @@ def test_pivot_is_on_the_samplers_timesteps(eps_model, photo):
     _assert_sampler_walks_back(scheduler, stub, pivots, 6)
 
 
+def test_pivot_spacings_the_inverse_scheduler_takes(eps_model, photo):
+    """'trailing' inverts onto its sampler's timesteps like 'leading'; 'linspace' is one line naming the setting (it
+    was diffusers' own ValueError, raised from inside its inverse scheduler)."""
+    config, latent, cond, stub, _ = _stub_pivot_inputs(eps_model, photo, seed=0)
+    trailing = DDIMScheduler.from_config(config, timestep_spacing="trailing")
+    trailing.set_timesteps(6)
+    pivots = ddim_invert(stub, trailing.config, latent, cond, 6)
+    _assert_sampler_walks_back(trailing, stub, pivots, 6)
+    linspace = DDIMScheduler.from_config(config, timestep_spacing="linspace").config
+    with pytest.raises(PeftEditError, match="^timestep_spacing 'linspace': DDIM inversion takes 'leading' or 'trail"):
+        ddim_invert(stub, linspace, latent, cond, 6)
+
+
 def test_noised_pivot_starts_on_the_forward_process_then_inverts(eps_model, photo):
     config, latent, cond, stub, scheduler = _stub_pivot_inputs(eps_model, photo, seed=1)
     pivots = ddim_invert(stub, config, latent, cond, 6, noised_steps=2, seed=5)

@@ -126,3 +126,34 @@ def test_a_file_missing_a_parts_weights_is_one_line(checkpoint, eps_dir, tmp_pat
     )
     one_line_error(code, err, "could not load model", "SingleFileComponentError: Failed to load UNet2DConditionModel")
     assert "configs come from --single-file-config" not in err
+
+
+def test_configs_not_in_the_cache_are_downloaded_without_the_weights(checkpoint, eps_dir, tmp_path, monkeypatch):
+    """With the hub in reach, a hub id's configs missing from the cache are downloaded: the JSON and tokenizer files
+    only (the weights of an SD repo are gigabytes, and the checkpoint file has its own)."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.utils import filter_repo_objects
+
+    calls = []
+
+    def snapshot_download(repo, allow_patterns=None, local_files_only=False, **kwargs):
+        calls.append((repo, local_files_only))
+        if local_files_only:
+            raise LocalEntryNotFoundError(f"{repo} is not cached")
+        folder = tmp_path / "downloaded"
+        files = [p.relative_to(eps_dir).as_posix() for p in eps_dir.rglob("*") if p.is_file()]
+        for name in filter_repo_objects(files, allow_patterns=allow_patterns):  # the hub's own pattern matching
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(eps_dir / name, folder / name)
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(hub, "offline", lambda: False)
+    monkeypatch.setattr(hub, "reachable", lambda: True)
+    model = load_model(str(checkpoint), RuntimeConfig(device="cpu"), single_file_config="someone/tiny-configs")
+    assert calls == [("someone/tiny-configs", True), ("someone/tiny-configs", False)]  # the cache, then the hub
+    assert model.single_file_config == "someone/tiny-configs"
+    folder = tmp_path / "downloaded"
+    fetched = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    assert "unet/config.json" in fetched and "tokenizer/tokenizer_config.json" in fetched
+    assert not [name for name in fetched if name.endswith(".safetensors")]

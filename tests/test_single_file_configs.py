@@ -76,7 +76,10 @@ def test_configs_that_are_neither_a_folder_nor_a_hub_id_are_one_line(checkpoint,
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setattr(hub, "load", lambda name, *args, **kwargs: pytest.fail(f"asked the hub for {name!r}"))
-    for given in (tmp_path / "no-such-folder", "a/b/c", checkpoint, "./configs", "~/configs", "configs"):
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "model_index.json").write_text("{}")
+    a_file = "cfg/model_index.json"  # shaped like a hub id, but a file here
+    for given in (tmp_path / "no-such-folder", "a/b/c", checkpoint, "./configs", "~/configs", "configs", a_file):
         code, _, err = run_cli(capsys, "generate", "a", "--model", checkpoint, "--single-file-config", given)
         one_line_error(
             code,
@@ -106,10 +109,13 @@ def test_a_partial_snapshot_of_the_configs_is_fetched_again(checkpoint, cache, e
     assert len(tries) == 2
 
 
-def test_a_relative_configs_folder_is_recorded_absolute(checkpoint, eps_dir, monkeypatch):
+def test_a_relative_or_home_relative_configs_folder_is_recorded_absolute(checkpoint, eps_dir, monkeypatch):
     """An edit records its base's configs to load them again from any working folder, as it records the base."""
     monkeypatch.chdir(eps_dir.parent)
     model = load_model(str(checkpoint), RuntimeConfig(device="cpu"), single_file_config=eps_dir.name)
+    assert model.single_file_config == str(eps_dir.resolve())
+    monkeypatch.setenv("HOME", str(eps_dir.parent))  # "~/NAME" is a folder in one's home, as for --model
+    model = load_model(str(checkpoint), RuntimeConfig(device="cpu"), single_file_config=f"~/{eps_dir.name}")
     assert model.single_file_config == str(eps_dir.resolve())
 
 

@@ -174,6 +174,11 @@ def load_model(
         if path.suffix.lower() in PICKLE_SUFFIXES:
             raise PeftEditError(f"{path}: pickle checkpoints are not loaded (unsafe); convert it to .safetensors")
         if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+            if path.suffix not in SINGLE_FILE_SUFFIXES:  # diffusers would unpickle it (refused: a long traceback)
+                raise PeftEditError(
+                    f"{path}: diffusers reads a file as safetensors by its lower-case suffix alone; "
+                    f"rename it to {path.stem}.safetensors"
+                )
             configs = _checkpoint_configs(path, single_file_config)
             pipeline = pipeline_class(_single_file_kind(path, configs.folder, configs.source))
             pipe = pipeline.from_single_file(

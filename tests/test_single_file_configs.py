@@ -163,3 +163,12 @@ def test_configs_not_in_the_cache_are_downloaded_without_the_weights(checkpoint,
     fetched = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
     assert "unet/config.json" in fetched and "tokenizer/tokenizer_config.json" in fetched
     assert not [name for name in fetched if name.endswith(".safetensors")]
+
+
+def test_a_checkpoint_file_with_an_upper_case_suffix_is_one_line_naming_the_rename(checkpoint, eps_dir, capsys):
+    """NAME.SAFETENSORS was taken for a checkpoint file, but diffusers reads a file as safetensors by its lower-case
+    suffix alone: it tried to unpickle it, and the user got torch's refusal to, as a "could not load model"."""
+    upper = checkpoint.rename(checkpoint.with_name("TINY.SAFETENSORS"))
+    code, _, err = run_cli(capsys, "generate", "a", "--model", upper, "--single-file-config", eps_dir)
+    one_line_error(code, err, f"{upper}: diffusers reads a file as safetensors by its lower-case suffix alone; "
+                   "rename it to TINY.safetensors")  # fmt: skip

@@ -662,6 +662,7 @@ def test_broken_model_folders_and_missing_devices_are_one_line(tmp_path, capsys)
     (folder / "model_index.json").write_text("{}")
     code, _, err = run_cli(capsys, "generate", "a dog", "--model", folder, "-o", tmp_path / "x.png")
     one_line_error(code, err, "could not load model")
+    assert "--single-file-config" not in err  # advice for a single checkpoint file only, not a folder
 
     import torch
 

@@ -119,7 +119,7 @@ def test_a_relative_or_home_relative_configs_folder_is_recorded_absolute(checkpo
     assert model.single_file_config == str(eps_dir.resolve())
 
 
-def test_a_file_missing_a_parts_weights_is_one_line(checkpoint, eps_dir, tmp_path, capsys):
+def test_a_file_missing_a_parts_weights_is_one_line(checkpoint, cache, eps_dir, tmp_path, monkeypatch, capsys):
     """A file without the UNet's weights (a VAE or LoRA file given as the model) was diffusers' traceback; and the
     advice to give --single-file-config is not repeated to one who gave it."""
     tensors = load_file(checkpoint)
@@ -132,6 +132,11 @@ def test_a_file_missing_a_parts_weights_is_one_line(checkpoint, eps_dir, tmp_pat
     )
     one_line_error(code, err, "could not load model", "SingleFileComponentError: Failed to load UNet2DConditionModel")
     assert "configs come from --single-file-config" not in err
+    network_refused(monkeypatch)
+    cache_snapshot(cache, GUESS, eps_dir, weights=False)  # the guessed configs: the advice is for one who gave none
+    code, _, err = run_cli(capsys, "generate", "a", "--model", tmp_path / "no-unet.safetensors")
+    one_line_error(code, err, "Failed to load UNet2DConditionModel", "(a single checkpoint file's configs come from "
+                   "--single-file-config: diffusers folder or hub id)")  # fmt: skip
 
 
 def test_configs_not_in_the_cache_are_downloaded_without_the_weights(checkpoint, eps_dir, tmp_path, monkeypatch):

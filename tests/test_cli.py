@@ -997,3 +997,21 @@ def test_an_edit_rendered_on_another_base_does_not_take_its_recorded_single_file
     assert recorded_configs(artifact, None, "edit") == str(gone)
     by_id = SimpleNamespace(meta={"base_model": str(base), "base_model_config": "someone/configs"})
     assert recorded_configs(by_id, None, "edit") == "someone/configs"  # a hub id is no folder that is gone
+
+
+def test_an_edit_whose_recorded_base_is_gone_renders_on_the_model_given(eps_dir, tmp_path):
+    """ "Its base model was at …, which is gone; pass --model": with --model given, the edit loads on it, and a
+    --model that is not there is said to be not found (not that the edit's base is gone)."""
+    from types import SimpleNamespace
+
+    from peftedit.base import load_base
+    from peftedit.errors import ArtifactError, PeftEditError
+
+    gone = str(tmp_path / "moved-away")
+    artifact = SimpleNamespace(meta={"base_model": gone, "recipe": {"runtime": {"device": "cpu"}}})
+    with pytest.raises(ArtifactError, match=f"^edit: its base model was at {gone}, which is gone; pass --model"):
+        load_base(artifact, name="edit")
+    assert load_base(artifact, model=str(eps_dir), name="edit").name == str(eps_dir.resolve())
+    missing = str(tmp_path / "no-such-model")  # a --model that is not there is not the edit's base that is gone
+    with pytest.raises(PeftEditError, match=f"^model {missing!r} not found: no such folder or file"):
+        load_base(artifact, model=missing, name="edit")

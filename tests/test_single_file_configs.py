@@ -145,10 +145,11 @@ def test_configs_not_in_the_cache_are_downloaded_without_the_weights(checkpoint,
     from huggingface_hub.errors import LocalEntryNotFoundError
     from huggingface_hub.utils import filter_repo_objects
 
-    calls = []
+    calls, patterns = [], []
 
     def snapshot_download(repo, allow_patterns=None, local_files_only=False, **kwargs):
         calls.append((repo, local_files_only))
+        patterns.append(allow_patterns)
         if local_files_only:
             raise LocalEntryNotFoundError(f"{repo} is not cached")
         folder = tmp_path / "downloaded"
@@ -168,6 +169,20 @@ def test_configs_not_in_the_cache_are_downloaded_without_the_weights(checkpoint,
     fetched = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
     assert "unet/config.json" in fetched and "tokenizer/tokenizer_config.json" in fetched
     assert not [name for name in fetched if name.endswith(".safetensors")]
+    sd15 = [
+        "model_index.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/config.json",
+        "text_encoder/model.fp16.safetensors",
+        "tokenizer/merges.txt",
+        "tokenizer/vocab.json",
+        "tokenizer/special_tokens_map.json",
+        "safety_checker/pytorch_model.bin",
+        "v1-5-pruned.safetensors",
+    ]
+    taken = list(filter_repo_objects(sd15, allow_patterns=patterns[-1]))  # a real repo's files: its tokenizer's too
+    assert taken == [name for name in sd15 if name.endswith((".json", ".txt"))]
 
 
 def test_a_checkpoint_file_with_an_upper_case_suffix_is_one_line_naming_the_rename(checkpoint, eps_dir, capsys):

@@ -365,6 +365,12 @@ def test_a_render_that_diverges_is_an_error_not_a_black_picture(eps_model, photo
     assert alone.lora and alone.preview.size == grid([picture], ["input"]).size
     with pytest.raises(NumericalError, match="^the render diverged"):  # skipped only while some render did not
         imagic.render(eps_model, artifact, eta=[1e30, 1e31], skip_diverged=True)
+    with pytest.raises(NumericalError, match="^the render diverged"):  # and only when asked to: no None in the list
+        imagic.render(eps_model, artifact, eta=[0.5, 1e30], steps=2)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "peftedit"):  # of several seeds, the warning names the render's
+        imagic.render(eps_model, artifact, eta=[0.5, 1e30], seed=[1, 2], steps=2, skip_diverged=True)
+    assert "render eta 1e+30, seed 2: the render diverged" in caplog.text
     with pytest.raises(NumericalError, match="^the render diverged: its latents are NaN or infinite; try a lower eta"):
         imagic.render(eps_model, artifact, eta=1e30)
     with pytest.raises(NumericalError, match="latents are NaN or infinite; try a lower eta or guidance$"):

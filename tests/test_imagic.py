@@ -345,6 +345,10 @@ def test_several_seeds_render_in_one_call_like_one_call_each(fitted, tiny_model)
     assert np.array_equal(picked, np.asarray(together[3].resize((cell, cell), Image.NEAREST)))
     one = imagic.render_grid(tiny_model, fitted, (0.5,), 1, steps=3)  # a number or tuple as render takes them
     assert np.array_equal(np.asarray(one), np.asarray(eta_seed_grid(together[:1], [0.5], [1])))
+    guided = imagic.render(tiny_model, fitted, eta=0.5, seed=1, steps=3, guidance=1.5)  # not the recipe's guidance
+    assert not np.array_equal(np.asarray(guided), np.asarray(together[0]))
+    sheet = imagic.render_grid(tiny_model, fitted, 0.5, 1, steps=3, guidance=1.5)
+    assert np.array_equal(np.asarray(sheet), np.asarray(eta_seed_grid([guided], [0.5], [1])))
 
 
 def test_a_render_that_diverges_is_an_error_not_a_black_picture(eps_model, photo, caplog):

@@ -701,6 +701,7 @@ def test_blend_words_are_marked_in_the_prompt_that_has_them(eps_model):
     assert marked == [[], p2p.word_positions(pipe.tokenizer, prompts[1], "square")] and marked[1]
     several = p2p.Control(blend=["blue square"])  # several words in one --blend argument: each is a blend word
     assert several.blend == ["blue", "square"]
+    assert p2p.Control(blend=[" blue  square\t"]).blend == ["blue", "square"]  # any spacing: no empty "word"
     controller = p2p.Controller(pipe.unet, pipe.tokenizer, prompts, several, 10)  # "blue square" was in no prompt
     expected = sorted(p2p.word_positions(pipe.tokenizer, prompts[1], "blue") + marked[1])
     assert controller.blend_alpha[1].nonzero().flatten().tolist() == expected

@@ -449,8 +449,9 @@ def test_bad_control_and_input_are_refused(eps_model, photo, tmp_path):
         p2p.Control(map_divisor=0)
     with pytest.raises(PeftEditError, match=r"^--blend \(blend\) = 'cat' must be a list"):
         p2p.Control(blend="cat")
-    with pytest.raises(PeftEditError, match="WORD=FACTOR"):
-        p2p.parse_reweight(["cat:2"])
+    for bad in (["cat:2"], ["=2"], [" =2"]):  # no word: said here, not as a word missing from the prompt later
+        with pytest.raises(PeftEditError, match="WORD=FACTOR"):
+            p2p.parse_reweight(bad)
     assert p2p.parse_reweight(["cat=2", "red=0.5,blue=1"]) == {"cat": 2.0, "red": 0.5, "blue": 1.0}
     with pytest.raises(PeftEditError, match="prompt is empty"):
         nulltext.invert(eps_model, photo, "  ", NullTextConfig(**FAST), RUNTIME, False)

@@ -253,6 +253,9 @@ def test_render_takes_tuples_and_numpy_seeds_and_names_an_empty_list(eps_model, 
             imagic.render(eps_model, fitted, **empty)
     with pytest.raises(PeftEditError, match=r"^eta = \[\]: give at least one value$"):
         imagic.render_grid(eps_model, fitted, [], [0])
+    for bad, said in ((float("nan"), "eta = nan must be a finite number"), ("0.5", "eta = '0.5' must be a number")):
+        with pytest.raises(PeftEditError, match=f"^{said}$"):  # every eta of a list, before any render
+            imagic.render(eps_model, fitted, eta=[0.5, bad])
 
 
 @pytest.mark.parametrize(

@@ -292,14 +292,14 @@ def check_replaceable(path: str | Path, overwrite: bool) -> None:
         return
     if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
         return
-    if not overwrite:
-        raise ArtifactError(f"{path} already exists; choose another path or pass --overwrite (overwrite=True)")
-    reason = _not_an_edit(path)
+    reason = _not_an_edit(path)  # first: --overwrite would not help, so the message must not suggest it
     if reason:
         raise ArtifactError(
             f"{path} exists and is not a peftedit edit folder: it {reason}; --overwrite (overwrite=True) replaces "
             "only edit folders: choose another -o (folder)"
         )
+    if not overwrite:
+        raise ArtifactError(f"{path} already exists; choose another path or pass --overwrite (overwrite=True)")
 
 
 def _not_an_edit(path: Path) -> str | None:

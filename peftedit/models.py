@@ -168,7 +168,9 @@ def load_model(
         name = str(path.resolve())  # recorded in edits as their base: found again from any working folder
     kwargs: dict = {"dtype": dtype}
     configs = None  # a single checkpoint file's
-    if single_file_config and not (path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES):
+    is_single_file = path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES
+    # not for a model that is not there: its own "not found" is the one thing to say ("not one" misled for a typo)
+    if single_file_config and not is_single_file and (path.exists() or hub.is_hub_id(name) or name == DEMO_NAME):
         log.warning("%s is only for a single .safetensors checkpoint; %s is not one: ignored", CONFIGS_OPTION, name)
     try:
         if path.suffix.lower() in PICKLE_SUFFIXES:

@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from cli_run import one_line_error, run_cli
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -97,6 +98,14 @@ def test_a_runtime_of_the_wrong_type_is_named_before_loading(eps_dir):
 def test_single_file_configs_for_a_folder_are_said_to_be_ignored(eps_dir, caplog):
     load_model(str(eps_dir), RuntimeConfig(device="cpu"), single_file_config="somewhere")
     assert "--single-file-config (single_file_config) is only for a single .safetensors checkpoint" in caplog.text
+
+
+def test_a_missing_checkpoint_with_its_configs_is_only_not_found(eps_dir, tmp_path, capsys):
+    """A mistyped .safetensors path with --single-file-config warned that the configs were ignored because the file
+    "is not" a single checkpoint, before the real error: not found."""
+    missing = tmp_path / "v1-5-pruned-emaonly.safetensors"
+    code, _, err = run_cli(capsys, "generate", "a", "--model", missing, "--single-file-config", eps_dir)
+    one_line_error(code, err, f"model {str(missing)!r} not found")
 
 
 def test_a_folder_with_pickled_weights_is_refused(eps_dir, tmp_path, capsys):

@@ -8,8 +8,8 @@ import logging
 from pathlib import Path
 
 from .artifacts import Artifact
-from .config import RuntimeConfig
-from .errors import ArtifactError
+from .config import LOAD_TIME_SETTINGS, RuntimeConfig
+from .errors import ArtifactError, PeftEditError
 from .models import CONFIGS_OPTION, DTYPES, MODEL_OPTION, Model, dtype_name, load_model, resolve_device, resolve_dtype
 
 log = logging.getLogger("peftedit")
@@ -65,9 +65,19 @@ def recorded_runtime(artifact: Artifact, name: str = "the edit", settings: dict 
     made_in = artifact.meta.get("dtype") or saved.get("dtype")  # edits before meta.dtype: the setting, maybe "auto"
     saved.update(device="auto", dtype="auto", attention="auto", compile=False)
     try:
-        runtime = RuntimeConfig(**{**saved, **(settings or {})})
+        runtime = RuntimeConfig(**saved)
     except (TypeError, ValueError) as err:  # only a format-1 edit (no header checksum) can carry a changed value
         raise ArtifactError(f"{name}: damaged metadata: recorded runtime settings: {err}") from None
+    # The caller's own settings checked apart: a mistake in them is theirs, not "damaged metadata" in the edit.
+    settings = dict(settings or {})
+    for key in settings:
+        if key not in LOAD_TIME_SETTINGS:
+            what = "a training setting" if key in known else "not a runtime setting"
+            raise PeftEditError(
+                f"settings: {key!r} is {what}; a render trains nothing, so only these apply: "
+                f"{', '.join(LOAD_TIME_SETTINGS)}"
+            )
+    runtime = dataclasses.replace(runtime, **settings)  # checked as RuntimeConfig checks its fields
     dtype = resolve_dtype(runtime, resolve_device(runtime))
     if made_in in DTYPES and dtype not in (DTYPES[made_in], DTYPES["fp32"]):
         log.warning(

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -589,6 +590,25 @@ def test_rerender_runtime_drops_compile_and_unknown_settings(caplog):
     assert "the edit was made in fp32; rendering in bf16" in caplog.text
     older = recorded_runtime(SimpleNamespace(meta={"recipe": {"runtime": {"gradient_checkpointing": False}}}), "e")
     assert not older.gradient_checkpointing and not older.channels_last  # edits made before a setting existed
+
+
+def test_a_mistake_in_load_base_settings_is_the_callers_not_damaged_metadata():
+    """load_base(..., settings=) blamed a typo or a bad value in the caller's own settings on the edit ("damaged
+    metadata: recorded runtime settings"), and took a training setting that `edit --set` refuses."""
+    from types import SimpleNamespace
+
+    from peftedit.base import recorded_runtime
+    from peftedit.errors import ArtifactError, PeftEditError
+
+    edit = SimpleNamespace(meta={"recipe": {"runtime": {"optimizer": "adamw"}}})
+    for given, said in (
+        ({"offload_idl": True}, "settings: 'offload_idl' is not a runtime setting"),
+        ({"seed": 3}, "settings: 'seed' is a training setting; a render trains nothing"),
+        ({"offload_idle": "yes"}, "runtime.offload_idle = 'yes' must be true or false"),
+    ):
+        with pytest.raises(PeftEditError, match=re.escape(said)) as caught:
+            recorded_runtime(edit, "adapters/e", given)
+        assert not isinstance(caught.value, ArtifactError) and "damaged" not in str(caught.value)
 
 
 def test_a_bad_recorded_runtime_names_the_edit_folder():

@@ -146,16 +146,23 @@ def items_from(
         raise PeftEditError(f"images folder not found: {folder}")
     if not isinstance(entries, list) or not entries:
         raise PeftEditError(f"{where}: expected a non-empty JSON array of objects")
-    items, mistakes = [], []
+    items, mistakes, missing = [], [], 0
     for index, entry in enumerate(entries[:limit], start=1):
         try:
             items.append(_item(entry, index, folder, method))
         except (PeftEditError, OSError) as err:
             mistakes.append(f"entry {index}: {one_line(err)}")
+            missing += isinstance(err, FileNotFoundError)
     if mistakes:
         more = f" (and {len(mistakes) - REPORTED_MISTAKES} more)" if len(mistakes) > REPORTED_MISTAKES else ""
         count = f"{len(mistakes)} bad entries: " if len(mistakes) > 1 else ""
-        raise PeftEditError(f"{where}: {count}{'; '.join(mistakes[:REPORTED_MISTAKES])}{more}")
+        # No photo found at all: most likely the wrong folder (TEdBench's list sits beside its originals/, not in it)
+        hint = (
+            f"; none of the photos is in {folder}: give their folder with --images (images=)"
+            if missing == len(entries[:limit]) > 1
+            else ""
+        )
+        raise PeftEditError(f"{where}: {count}{'; '.join(mistakes[:REPORTED_MISTAKES])}{more}{hint}")
     if method == "imagic" and any(item.source for item in items):
         log.warning("%s: Imagic does not use the source prompts; they are left out", where)
         items = [Item(item.index, item.image, item.target) for item in items]

@@ -106,6 +106,21 @@ def test_every_bad_entry_is_counted_and_limit_reads_only_its_entries(photos):
     assert [i.index for i in batch.items_from(entries, photos, limit=1)] == [1]
 
 
+def test_a_list_none_of_whose_photos_is_found_points_at_images(photos, tmp_path):
+    """TEdBench's list sits beside originals/: without --images all 100 entries said "image not found", and nothing
+    said that the folder they were looked for in was the thing to change."""
+    entries = [{"image": "dog.png", "target": "a"}, {"image": "dog.png", "target": "b"}]
+    with pytest.raises(PeftEditError) as caught:
+        batch.items_from(entries, tmp_path)
+    assert str(caught.value).endswith(
+        f"; none of the photos is in {tmp_path}: give their folder with --images (images=)"
+    )
+    entries.append({"image": "gone.png", "target": "c"})  # one missing photo among found ones: no such hint
+    with pytest.raises(PeftEditError) as caught:
+        batch.items_from(entries, photos)
+    assert "none of the photos" not in str(caught.value)
+
+
 @pytest.mark.parametrize("freetype", [True, False])
 def test_the_overview_takes_any_caption(freetype, monkeypatch):
     """Pillow draws with FreeType's font where it has FreeType, else with its bitmap font, which takes Latin-1 only

@@ -30,6 +30,8 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # load_base (both call them so), as every library message names an option.
 MODEL_OPTION = "--model (model)"
 CONFIGS_OPTION = "--single-file-config (single_file_config)"
+# Where a single checkpoint in the original (CompVis/LDM) layout keeps its UNet: the part every such file has.
+LDM_UNET_PREFIX = "model.diffusion_model."
 # The files of a hub id a single checkpoint's configs take (those diffusers' single-file loader fetches).
 CONFIG_PATTERNS = ["*.json", "**/*.json", "*.txt", "**/*.txt", "**/*.model"]
 # Values sampled from each weight tensor for the fingerprint's probe.
@@ -181,6 +183,7 @@ def load_model(
                     f"{path}: diffusers reads a file as safetensors by its lower-case suffix alone; "
                     f"rename it to {path.stem}.safetensors"
                 )
+            _check_whole_checkpoint(path)
             configs = _checkpoint_configs(path, single_file_config)
             pipeline = pipeline_class(_single_file_kind(path, configs.folder, configs.source))
             pipe = pipeline.from_single_file(
@@ -361,6 +364,24 @@ def _open_checkpoint(path: Path):
         raise PeftEditError(f"{path}: not a readable .safetensors checkpoint ({first_line(err)})") from err
     with checkpoint:
         yield checkpoint
+
+
+def _check_whole_checkpoint(path: Path) -> None:
+    """Refuse a .safetensors file that is not a whole checkpoint in the original layout (an edit's file, a LoRA, a VAE
+    or a diffusers part's weights) before its configs are looked for: diffusers' guess for such a file is SD 1.5, so
+    the error was about fetching SD 1.5's configs, which would not have helped."""
+    with _open_checkpoint(path) as checkpoint:
+        names, header = list(checkpoint.keys()), checkpoint.metadata() or {}
+    if "peftedit.format_version" in header or (path.parent / "edit.safetensors").is_file():
+        raise PeftEditError(
+            f"{path} is part of a peftedit edit, not a model: render the edit with peftedit edit {path.parent}"
+        )
+    if not any(name.startswith(LDM_UNET_PREFIX) for name in names):
+        raise PeftEditError(
+            f"{path} is not a whole Stable Diffusion checkpoint in the original layout (no {LDM_UNET_PREFIX}* "
+            "tensors: a LoRA, a VAE, or one part of a diffusers folder?); give a full checkpoint, a diffusers folder "
+            "or a hub id"
+        )
 
 
 def _single_file_kind(path: Path, configs: str, source: str) -> str:

@@ -120,23 +120,23 @@ def test_a_relative_or_home_relative_configs_folder_is_recorded_absolute(checkpo
 
 
 def test_a_file_missing_a_parts_weights_is_one_line(checkpoint, cache, eps_dir, tmp_path, monkeypatch, capsys):
-    """A file without the UNet's weights (a VAE or LoRA file given as the model) was diffusers' traceback; and the
-    advice to give --single-file-config is not repeated to one who gave it."""
+    """A file without a part's weights (here the VAE's) was diffusers' traceback; and the advice to give
+    --single-file-config is not repeated to one who gave it."""
     tensors = load_file(checkpoint)
     save_file(
-        {k: v for k, v in tensors.items() if not k.startswith("model.diffusion_model.")},
-        tmp_path / "no-unet.safetensors",
+        {k: v for k, v in tensors.items() if not k.startswith("first_stage_model.")},
+        tmp_path / "no-vae.safetensors",
     )
     code, _, err = run_cli(
-        capsys, "generate", "a", "--model", tmp_path / "no-unet.safetensors", "--single-file-config", eps_dir
+        capsys, "generate", "a", "--model", tmp_path / "no-vae.safetensors", "--single-file-config", eps_dir
     )
-    one_line_error(code, err, "could not load model", "SingleFileComponentError: Failed to load UNet2DConditionModel")
+    one_line_error(code, err, "could not load model", "SingleFileComponentError")
     assert "configs come from --single-file-config" not in err
     network_refused(monkeypatch)
     cache_snapshot(cache, GUESS, eps_dir, weights=False)  # the guessed configs: the advice is for one who gave none
-    code, _, err = run_cli(capsys, "generate", "a", "--model", tmp_path / "no-unet.safetensors")
-    one_line_error(code, err, "Failed to load UNet2DConditionModel", "(a single checkpoint file's configs come from "
-                   "--single-file-config: diffusers folder or hub id)")  # fmt: skip
+    code, _, err = run_cli(capsys, "generate", "a", "--model", tmp_path / "no-vae.safetensors")
+    one_line_error(code, err, "SingleFileComponentError", "; a single checkpoint file's configs come from "
+                   "--single-file-config (single_file_config), a diffusers folder or hub id")  # fmt: skip
 
 
 def test_configs_not_in_the_cache_are_downloaded_without_the_weights(checkpoint, eps_dir, tmp_path, monkeypatch):
@@ -192,3 +192,28 @@ def test_a_checkpoint_file_with_an_upper_case_suffix_is_one_line_naming_the_rena
     code, _, err = run_cli(capsys, "generate", "a", "--model", upper, "--single-file-config", eps_dir)
     one_line_error(code, err, f"{upper}: diffusers reads a file as safetensors by its lower-case suffix alone; "
                    "rename it to TINY.safetensors")  # fmt: skip
+
+
+def test_a_file_that_is_no_checkpoint_is_said_to_be_none(checkpoint, eps_dir, tmp_path, monkeypatch, capsys):
+    """A LoRA or VAE file, or an edit's own file, given as --model: diffusers guesses SD 1.5 for any file without its
+    marker tensors, so offline the error was that SD 1.5's configs could not be fetched, and with them (or with
+    --single-file-config) that the text encoder's weights were missing. Neither says what is wrong."""
+    monkeypatch.setattr(hub, "load", lambda name, *args, **kwargs: pytest.fail(f"asked the hub for {name!r}"))
+    tensors = load_file(checkpoint)
+    save_file({k: v for k, v in tensors.items() if k.startswith("first_stage_model.")}, tmp_path / "vae.safetensors")
+    for configs in ([], ["--single-file-config", eps_dir]):
+        code, _, err = run_cli(capsys, "generate", "a", "--model", tmp_path / "vae.safetensors", *configs)
+        one_line_error(
+            code, err, "is not a whole Stable Diffusion checkpoint in the original layout (no model.diffusion_model.*"
+        )
+    edit = tmp_path / "edit"
+    edit.mkdir()
+    save_file(
+        {"e_tgt": tensors[next(iter(tensors))]}, edit / "edit.safetensors", metadata={"peftedit.format_version": "2"}
+    )
+    save_file({"unet.x.lora_A.weight": tensors[next(iter(tensors))]}, edit / "pytorch_lora_weights.safetensors")
+    for part in ("edit.safetensors", "pytorch_lora_weights.safetensors"):
+        code, _, err = run_cli(capsys, "generate", "a", "--model", edit / part)
+        one_line_error(
+            code, err, f"is part of a peftedit edit, not a model: render the edit with peftedit edit {edit}"
+        )

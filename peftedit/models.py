@@ -190,6 +190,8 @@ def load_model(
                 str(path), config=configs.folder, local_files_only=True, **kwargs, **_extra_kwargs(pipeline)
             )
         elif path.is_dir():
+            if (path / "edit.safetensors").is_file():
+                raise PeftEditError(f"{path} is a peftedit edit, not a model: render it with peftedit edit {path}")
             if not (path / "model_index.json").is_file():
                 raise PeftEditError(f"{path} is not a diffusers model folder (no model_index.json)")
             pipeline = pipeline_class(_folder_kind(str(path)))

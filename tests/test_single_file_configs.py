@@ -217,3 +217,5 @@ def test_a_file_that_is_no_checkpoint_is_said_to_be_none(checkpoint, eps_dir, tm
         one_line_error(
             code, err, f"is part of a peftedit edit, not a model: render the edit with peftedit edit {edit}"
         )
+    code, _, err = run_cli(capsys, "generate", "a", "--model", edit)  # the folder itself: not "no model_index.json"
+    one_line_error(code, err, f"{edit} is a peftedit edit, not a model: render it with peftedit edit {edit}")

@@ -232,3 +232,20 @@ def test_a_list_default_is_a_fresh_copy_for_every_config():
     first.widths.append(64)
     first.names["b"] = 2
     assert Sizes().widths == [16, 32] and Sizes().names == {"a": 1}
+
+
+def test_only_null_text_has_a_learning_rate_to_run_out_and_the_error_says_what_to_give():
+    """--steps 101 blamed lr_decay without saying what to change, and ddim (nothing optimized) was refused at 200 steps
+    for a learning rate it does not have."""
+    for method in ("ddim", "negative-prompt", "direct"):
+        assert NullTextConfig(method=method, steps=200).steps == 200
+    assert NullTextConfig(steps=100).steps == 100  # lr reaches 1e-2 * (1 - 99/100) > 0 at the last step
+    with pytest.raises(PeftEditError) as caught:
+        NullTextConfig(steps=101)
+    assert str(caught.value) == (
+        "nulltext.lr_decay = 0.01 makes the learning rate reach 0 within nulltext.steps = 101; give at most 100 steps "
+        "or an lr_decay below 0.01"
+    )
+    with pytest.raises(PeftEditError, match="give at most 34 steps or an lr_decay below 0.0294"):
+        NullTextConfig(steps=35, lr_decay=0.03)
+    assert NullTextConfig(steps=34, lr_decay=0.03).steps == 34

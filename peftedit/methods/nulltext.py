@@ -112,9 +112,12 @@ class NullTextConfig:
                 "nulltext.guidance = 1 leaves null-text nothing to optimize (guided sampling at 1 does not use the "
                 "null embedding); --method (nulltext.method) ddim inverts for guidance 1 as it is"
             )
-        if self.lr_decay * (self.steps - 1) >= 1:
+        # Only null-text optimizes: the other methods have no learning rate to run out (ddim at 200 steps was refused)
+        if self.method == "null-text" and self.lr_decay * (self.steps - 1) >= 1:
             raise PeftEditError(
-                f"nulltext.lr_decay = {self.lr_decay} makes the learning rate reach 0 within {self.steps} steps"
+                f"nulltext.lr_decay = {self.lr_decay} makes the learning rate reach 0 within nulltext.steps = "
+                f"{self.steps}; give at most {math.ceil(1 / self.lr_decay)} steps or an lr_decay below "
+                f"{1 / (self.steps - 1):.3g}"
             )
 
     def sampling_steps(self) -> tuple[int, str]:

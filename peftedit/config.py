@@ -198,7 +198,11 @@ def check_type(name: str, kind: Any, value: Any) -> Any:
         }
     if base not in _KIND_WORDS:
         return value
-    raise PeftEditError(f"{name} = {value!r} must be {_KIND_WORDS[base]}")
+    hint = ""
+    if base in (list, dict) and isinstance(value, str) and value.lstrip().startswith(("[", "{")):
+        # --set reads values as TOML; one that is not (unquoted strings) arrives as text, which "must be a list" missed
+        hint = ', written in TOML: strings in quotes, e.g. ["attention", "conv"]'
+    raise PeftEditError(f"{name} = {value!r} must be {_KIND_WORDS[base]}{hint}")
 
 
 def field_kinds(cls: type) -> dict[str, Any]:

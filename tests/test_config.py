@@ -249,3 +249,15 @@ def test_only_null_text_has_a_learning_rate_to_run_out_and_the_error_says_what_t
     with pytest.raises(PeftEditError, match="give at most 34 steps or an lr_decay below 0.0294"):
         NullTextConfig(steps=35, lr_decay=0.03)
     assert NullTextConfig(steps=34, lr_decay=0.03).steps == 34
+
+
+def test_a_list_with_unquoted_strings_is_said_to_need_quotes():
+    """--set imagic.lora_targets=[attention] (not TOML: bare words) said only "must be a list" of what was one."""
+    with pytest.raises(PeftEditError) as caught:
+        build({"imagic": ImagicConfig}, None, ["imagic.lora_targets=[attention, conv]"])
+    assert str(caught.value) == (
+        "imagic.lora_targets = '[attention, conv]' must be a list, written in TOML: strings in quotes, "
+        'e.g. ["attention", "conv"]'
+    )
+    with pytest.raises(PeftEditError, match=r"^imagic.lora_targets = 'attention' must be a list$"):
+        build({"imagic": ImagicConfig}, None, ["imagic.lora_targets=attention"])

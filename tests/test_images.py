@@ -235,9 +235,10 @@ def test_bad_pil_images_are_one_line_errors(tmp_path, monkeypatch):
         load_image(np.zeros((40, 40, 3), dtype=np.uint8), 32)
 
 
-def test_captions_beyond_ascii_are_drawn_in_a_system_font_where_there_is_one():
-    """Pillow's default font drew every Cyrillic, Greek or CJK glyph as the same box in batch.png and grids."""
-    if images_mod._font_for("Ж") is None:
+def test_captions_are_drawn_in_a_system_font_where_there_is_one():
+    """Pillow's default font drew every Cyrillic, Greek or CJK glyph as the same box in batch.png and grids, and its
+    spaces about 1 px wide: "a photo of a" read "a photoofa"."""
+    if images_mod._wide_font() is None:
         pytest.skip(f"none of {images_mod.WIDE_FONTS} is installed here")
     tile = Image.new("RGB", (8, 8), "white")
 
@@ -246,4 +247,12 @@ def test_captions_beyond_ascii_are_drawn_in_a_system_font_where_there_is_one():
 
     for one, other in zip(drawn("кот Ж"), drawn("кот Д"), strict=True):
         assert not np.array_equal(one, other)
-    assert images_mod._font_for("a plain caption") is None  # ASCII keeps Pillow's default font
+    space = images_mod._wide_font().getlength(" ")
+    assert space >= 3, f"{space} px"
+
+    def ink_width(caption):  # of the caption row drawn by sheet
+        row = np.asarray(images_mod.sheet([(caption, [], "black")]).convert("L"))[:12] < 128
+        columns = np.flatnonzero(row.any(0))
+        return columns[-1] - columns[0]
+
+    assert ink_width("a b c d e") - ink_width("abcde") >= 4 * 3  # four spaces, each seen

@@ -283,7 +283,7 @@ def build(
             raw[table].update(values)
     for item in overrides or []:
         key, sep, text = item.partition("=")
-        if not sep:
+        if not sep or not key.strip():  # "=3" said "--set : is not a known key"
             raise PeftEditError(f"{OVERRIDE} {item!r}: expected key=value")
         table, key = _locate(sections, key.strip())
         raw[table][key] = _parse_value(text.strip())

@@ -27,6 +27,7 @@ def test_overrides_reach_the_right_table_and_type():
         ("imagic.lora_rnak=4", "unknown key imagic.lora_rnak"),
         ("nosuch=1", r"^--set \(overrides\) nosuch: is not a known key"),
         ("seed", r"^--set \(overrides\) 'seed': expected key=value$"),
+        (" =3", r"^--set \(overrides\) ' =3': expected key=value$"),  # it said "--set : is not a known key"
         ("tables.eta=1", r"^--set \(overrides\) tables.eta: unknown table 'tables'"),
         ("imagic.lora_rank=big", "imagic.lora_rank = 'big' must be an integer"),
         ("imagic.lora_rank=2.5", "must be an integer"),

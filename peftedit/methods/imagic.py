@@ -335,7 +335,7 @@ def render(
     is ``None`` in the list instead, with a warning, unless every render diverged.
     """
     if artifact.method != METHOD or artifact.lora is None:
-        raise ArtifactError(f"this is a {artifact.method!r} edit, not an Imagic one")
+        raise ArtifactError(f"this edit's method is {artifact.method!r}, not Imagic")
     artifact.require("e_tgt", "e_opt", "e_uncond", "base_probe")
     if check:
         check_base(model, artifact)

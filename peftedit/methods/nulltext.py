@@ -257,7 +257,7 @@ class EditResult:
 def check_inversion(model: Model, artifact: Artifact, steps: int | None = None, check: bool = True) -> None:
     """Raise :class:`ArtifactError` unless ``artifact`` is an inversion this model can edit with ``steps`` steps."""
     if artifact.method not in METHODS:
-        raise ArtifactError(f"this is a {artifact.method!r} edit, not an inversion ({', '.join(METHODS)})")
+        raise ArtifactError(f"this edit's method is {artifact.method!r}, not an inversion ({', '.join(METHODS)})")
     artifact.require("z_T", "timesteps", "e_src", "e_uncond", "base_probe")
     if artifact.method == "null-text":
         artifact.require("null_embeddings")

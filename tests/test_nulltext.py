@@ -334,7 +334,7 @@ def test_mismatched_edits_are_clear_errors(eps_model, eps_inverted):
         p2p.Control(blend=["circle"], blend_mask="difference")
     with pytest.raises(PeftEditError, match="choose one of attention, difference"):
         p2p.Control(blend_mask="edges")
-    with pytest.raises(ArtifactError, match="^this edit's method is 'null-text', not Imagic$"):
+    with pytest.raises(ArtifactError, match="^this edit's method is 'negative-prompt', not Imagic$"):
         imagic.render(eps_model, eps_inverted)
     imagic_like = Artifact("imagic", dict(eps_inverted.tensors), dict(eps_inverted.meta))
     with pytest.raises(ArtifactError, match="^this edit's method is 'imagic', not an inversion"):

@@ -290,6 +290,8 @@ def _control(args):
     """The Prompt-to-Prompt control the edit flags ask for (checked), or None for the defaults."""
     from .methods import p2p
 
+    if args.blend_mask == "attention" and not args.blend:  # as Control's default it asks for nothing: no blend
+        raise ValueError("--blend-mask attention keeps what lies outside the --blend words' attention: give the words")
     chosen = {
         "mode": args.p2p,
         "blend": args.blend,

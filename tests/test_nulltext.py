@@ -521,6 +521,10 @@ def test_cli_invert_edit_and_errors(eps_dir, photo, tmp_path, capsys):
             ["edit", folder, SOURCE, "--blend", "circle", "--blend-mask", "difference", "-o", edited],
             "--blend-mask (blend_mask) difference",
         ),
+        (  # no words: it blended nothing, silently
+            ["edit", folder, SOURCE, "--blend-mask", "attention", "-o", edited],
+            "--blend-mask attention keeps what lies outside the --blend words' attention: give the words",
+        ),
         (["invert", photo, SOURCE, *args], "already exists"),
         (["invert", photo, SOURCE, *args, "--overwrite", "--set", "nulltext.method=fast"], "choose one of"),
         (["invert", photo, SOURCE, *args, "--overwrite", "--guidance", "nan"], "nulltext.guidance = nan must be a"),

@@ -374,11 +374,13 @@ def _check_whole_checkpoint(path: Path) -> None:
     the error was about fetching SD 1.5's configs, which would not have helped."""
     with _open_checkpoint(path) as checkpoint:
         names, header = list(checkpoint.keys()), checkpoint.metadata() or {}
-    if "peftedit.format_version" in header or (path.parent / "edit.safetensors").is_file():
+    whole = any(name.startswith(LDM_UNET_PREFIX) for name in names)
+    # The folder tells only for a file that is no checkpoint: a whole one beside an edit's file is still a model.
+    if "peftedit.format_version" in header or (not whole and (path.parent / "edit.safetensors").is_file()):
         raise PeftEditError(
             f"{path} is part of a peftedit edit, not a model: render the edit with peftedit edit {path.parent}"
         )
-    if not any(name.startswith(LDM_UNET_PREFIX) for name in names):
+    if not whole:
         raise PeftEditError(
             f"{path} is not a whole Stable Diffusion checkpoint in the original layout (no {LDM_UNET_PREFIX}* "
             "tensors: a LoRA, a VAE, or one part of a diffusers folder?); give a full checkpoint, a diffusers folder "

@@ -219,3 +219,5 @@ def test_a_file_that_is_no_checkpoint_is_said_to_be_none(checkpoint, eps_dir, tm
         )
     code, _, err = run_cli(capsys, "generate", "a", "--model", edit)  # the folder itself: not "no model_index.json"
     one_line_error(code, err, f"{edit} is a peftedit edit, not a model: render it with peftedit edit {edit}")
+    beside = shutil.copy(checkpoint, edit / "model.safetensors")  # a whole checkpoint is a model wherever it lies
+    assert load_model(str(beside), RuntimeConfig(device="cpu"), single_file_config=str(eps_dir)).pipe.unet is not None

@@ -216,6 +216,12 @@ def cmd_edit(args) -> int:
         maps_to = check_picture_output(args.save_attention, args.overwrite)
         if maps_to.resolve() == output.resolve():
             raise ValueError(f"--save-attention and -o both name {output}; give the attention maps their own file")
+    pictures = [output, maps_to] if args.save_attention else [output]
+    for path in (picture for picture in pictures if _within(picture, args.folder)):
+        logging.getLogger("peftedit").warning(
+            "%s is inside the edit folder: --overwrite will no longer replace the folder while it holds other files",
+            path,
+        )
     given = runtime_sets(args.set, "edit")
     model = load_base(artifact, args.model, args.single_file_config, given, args.folder)
     show = not args.quiet
@@ -225,6 +231,11 @@ def cmd_edit(args) -> int:
         image = _edit_inversion(args, model, artifact, control)
     print(f"wrote {save_image_atomic(image, output)}")
     return 0
+
+
+def _within(path: Path, folder: str | Path) -> bool:
+    """Whether ``path`` lies inside ``folder`` (their real paths)."""
+    return Path(folder).resolve() in Path(path).resolve().parents
 
 
 def _imagic_pictures(model, artifact, etas: list[float], seeds: list[int], guidance, steps, show: bool):

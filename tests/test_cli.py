@@ -770,6 +770,14 @@ def test_edit_run_inside_its_folder_writes_the_picture_beside_it(edit_dir, photo
     code, _, err = run_cli(capsys, "edit", edit_dir, "--steps", 2)
     assert code == 0, err
     assert (tmp_path / "edit-eta0.7-seed0.png").is_file()  # elsewhere: the current folder, as before
+    assert "inside the edit folder" not in err
+    inside = edit_dir / "mine.png"  # asked for: written, with a word on what it costs
+    try:
+        code, _, err = run_cli(capsys, "edit", edit_dir, "--steps", 2, "-o", inside)
+        assert code == 0 and inside.is_file(), err
+        assert f"warning: {inside} is inside the edit folder: --overwrite will no longer replace the folder" in err
+    finally:
+        inside.unlink(missing_ok=True)  # the edit folder is shared by other tests
 
 
 def test_inspect_of_a_file_says_it_is_not_a_folder(photo, capsys):

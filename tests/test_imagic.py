@@ -193,6 +193,24 @@ def test_too_many_sampling_steps_are_refused_before_any_work(eps_model, photo, m
         generate.generate(eps_model, "a red circle", steps=1001)
 
 
+def test_a_lora_rank_above_the_narrowest_adapted_layer_is_refused_before_any_work(eps_model, photo, monkeypatch):
+    """A rank past a layer's width adds parameters, not capacity; a huge one (a typo) ran stage 1, then exhausted
+    memory building the adapter, with no message."""
+    from peftedit.methods.imagic import check_lora_rank
+
+    def started(*args, **kwargs):
+        raise AssertionError("work started before the rank was checked")
+
+    unet = eps_model.pipe.unet  # the tiny model's narrowest attention layer: 32 wide; its feed-forward ones: 64
+    check_lora_rank(unet, ImagicConfig(lora_rank=32))
+    check_lora_rank(unet, ImagicConfig(lora_rank=64, lora_targets=["feedforward"]))
+    with pytest.raises(PeftEditError, match="^imagic.lora_rank = 65 is above the narrowest adapted layer's width, 64"):
+        check_lora_rank(unet, ImagicConfig(lora_rank=65, lora_targets=["feedforward"]))
+    monkeypatch.setattr(imagic, "encode_photo", started)
+    with pytest.raises(PeftEditError, match="^imagic.lora_rank = 100000 is above the narrowest adapted layer's wid"):
+        imagic.fit(eps_model, photo, "a red circle", ImagicConfig(**{**FAST, "lora_rank": 10**5}), RUNTIME, False)
+
+
 def test_a_failed_render_leaves_the_model_usable_and_renders_leave_the_global_rng(fitted, tiny_model):
     """An adapter that failed to go on (peft refused its settings) left diffusers' UNet marked as holding adapters,
     so every later fit and render failed; a LoRA for other layer sizes gave torch's multi-line size mismatch; peft's

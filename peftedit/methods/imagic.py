@@ -74,7 +74,7 @@ class ImagicConfig:
         "Stage 2 LoRA learning rate. Measured on the demo model (benchmarks/edit_quality.py, 200 feed-forward + conv "
         "steps): 3e-4 edits 9/10, 1e-3 5/10, 3e-3 4/10.",
     )
-    lora_rank: int = option(8, "LoRA rank.")
+    lora_rank: int = option(8, "LoRA rank: at most the narrowest adapted layer's width (SD 1.5 attention: 320).")
     lora_alpha: float = option(8.0, "LoRA alpha; the update is scaled by alpha/rank (stored for diffusers).")
     lora_targets: list[str] = option(
         ["feedforward", "conv"],
@@ -189,6 +189,24 @@ def lora_parameters(unet) -> list[torch.nn.Parameter]:
     return params
 
 
+def check_lora_rank(unet, config: ImagicConfig) -> None:
+    """Refuse a LoRA rank above the narrowest adapted layer's width (its in or out features, or conv channels): past
+    it the adapter grows but can express nothing more, and a huge rank (a typo) exhausted memory without a word."""
+    targets = config.lora_config()["target_modules"]
+    suffixes = tuple(f".{target}" for target in targets)  # peft's matching: the whole name, or its last parts
+    widths = [
+        min(getattr(m, "in_features", 0) or m.in_channels, getattr(m, "out_features", 0) or m.out_channels)
+        for name, m in unet.named_modules()
+        if isinstance(m, torch.nn.Linear | torch.nn.Conv2d) and (name.endswith(suffixes) or name in targets)
+    ]
+    narrowest = min(widths, default=None)
+    if narrowest is not None and config.lora_rank > narrowest:
+        raise PeftEditError(
+            f"imagic.lora_rank = {config.lora_rank} is above the narrowest adapted layer's width, {narrowest}; "
+            "give at most that"
+        )
+
+
 def finetune_lora(unet, scheduler, latent, e_opt, config, runtime, generator, show) -> tuple[dict, float | None]:
     """Stage 2: train a LoRA on the UNet with e_opt fixed; returns its state dict (peft keys, fp32) and last loss."""
     from peft import LoraConfig
@@ -240,6 +258,7 @@ def fit(
     pipe, unet = model.pipe, model.pipe.unet
     target_text = check_prompt(pipe.tokenizer, target_text)
     check_steps(model, *config.sampling_steps())  # the preview renders after both stages
+    check_lora_rank(unet, config)  # before stage 1's minutes
     picture, image_info = load_image(image, model.resolution)
     latent = encode_photo(model, picture)
     e_tgt = text_embedding(model, target_text)

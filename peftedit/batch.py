@@ -154,7 +154,10 @@ def items_from(
             mistakes.append(f"entry {index}: {one_line(err)}")
             missing += isinstance(err, FileNotFoundError)
     if mistakes:
-        more = f" (and {len(mistakes) - REPORTED_MISTAKES} more)" if len(mistakes) > REPORTED_MISTAKES else ""
+        for mistake in mistakes:  # the line below names a few; --debug lists them all (one fix-and-rerun, not many)
+            log.debug("%s: %s", where, mistake)
+        unnamed = len(mistakes) - REPORTED_MISTAKES
+        more = f" (and {unnamed} more; --debug lists them all)" if unnamed > 0 else ""
         count = f"{len(mistakes)} bad entries: " if len(mistakes) > 1 else ""
         # No photo found at all: most likely the wrong folder (TEdBench's list sits beside its originals/, not in it)
         hint = (

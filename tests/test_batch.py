@@ -4,6 +4,7 @@ resumed runs that keep finished edits, and a failed entry that does not stop the
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -94,15 +95,18 @@ def test_list_files_read_with_a_bom_and_refuse_repeated_keys(photos):
         batch.read_list(path)
 
 
-def test_every_bad_entry_is_counted_and_limit_reads_only_its_entries(photos):
+def test_every_bad_entry_is_counted_and_limit_reads_only_its_entries(photos, caplog):
     entries = [{"image": "dog.png", "target": "a"}, {"image": "x.png", "target": "b"}, {"image": "dog.png"}]
     entries += [{"image": "dog.png", "target": ""}, {"image": "dog.png", "target": "c", "mask": "m"}]
-    with pytest.raises(PeftEditError) as caught:
+    with caplog.at_level(logging.DEBUG, logger="peftedit"), pytest.raises(PeftEditError) as caught:
         batch.items_from(entries, photos)
     message = str(caught.value)
     assert message.startswith("list: 4 bad entries: entry 2: image not found")
     assert "; entry 3: no target prompt (an Imagic edit needs one); entry 4: the target prompt is empty" in message
-    assert message.endswith("(and 1 more)")
+    assert message.endswith("(and 1 more; --debug lists them all)")
+    listed = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert [line.split(": ")[1] for line in listed] == ["entry 2", "entry 3", "entry 4", "entry 5"]
+    assert listed[-1].startswith("list: entry 5: unknown key 'mask'"), listed[-1]  # the one the line left out
     assert [i.index for i in batch.items_from(entries, photos, limit=1)] == [1]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -197,7 +198,8 @@ def sheet(rows: list[tuple[str, list[Image.Image], str]], height: int = 160) -> 
     caption_h = 16
     widths = [sum(round(im.width * height / im.height) for im in images) for _, images, _ in rows]
     tall = sum(caption_h + (height if images else 0) for _, images, _ in rows)
-    page = Image.new("RGB", (max([640, *widths]), tall), "white")
+    captions = [_text_width(caption) + 6 for caption, _, _ in rows]  # 3 px margin each side
+    page = Image.new("RGB", (max(*widths, *captions), tall), "white")  # as wide as needed: no blank beside a grid
     draw = ImageDraw.Draw(page)
     y = 0
     for caption, images, colour in rows:
@@ -243,6 +245,15 @@ def _wide_font():
         except OSError:
             continue
     return None
+
+
+def _text_width(text: str) -> int:
+    """How many pixels wide :func:`_text` draws ``text``."""
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    try:
+        return math.ceil(draw.textlength(text, font=_wide_font()))
+    except UnicodeEncodeError:  # Pillow's bitmap font (no FreeType), which _text draws in Latin-1
+        return math.ceil(draw.textlength(text.encode("latin-1", "replace").decode("latin-1")))
 
 
 def _text(draw: ImageDraw.ImageDraw, at: tuple[int, int], text: str, fill: str) -> None:

@@ -8,11 +8,13 @@ import logging
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from cli_run import run_cli
 from PIL import Image
 
 from peftedit import Artifact, batch
+from peftedit import images as images_mod
 from peftedit.errors import PeftEditError
 
 DATA = Path(__file__).parent / "data"
@@ -125,6 +127,16 @@ def test_a_list_none_of_whose_photos_is_found_points_at_images(photos, tmp_path)
     assert "none of the photos" not in str(caught.value)
 
 
+def test_the_overview_is_as_wide_as_its_pictures_or_its_longest_caption():
+    """It was at least 640 px wide: an eta x seed grid of two 128 px cells sat beside 384 px of white."""
+    short = images_mod.sheet([("seed 0", [Image.new("RGB", (256, 160), "blue")], "black")])
+    assert short.width == 256
+    caption = "001  dog.png: " + " ".join(["a photo of a dog sitting on the grass"] * 4)
+    long = np.asarray(images_mod.sheet([(caption, [Image.new("RGB", (64, 160), "blue")], "black")]).convert("L"))
+    ink = np.flatnonzero((long[:CAPTION] < 128).any(0))
+    assert long.shape[1] > 64 and long.shape[1] - 6 <= ink[-1] < long.shape[1]  # the caption's end is on the page
+
+
 @pytest.mark.parametrize("freetype", [True, False])
 def test_the_overview_takes_any_caption(freetype, monkeypatch):
     """Pillow draws with FreeType's font where it has FreeType, else with its bitmap font, which takes Latin-1 only
@@ -137,7 +149,7 @@ def test_the_overview_takes_any_caption(freetype, monkeypatch):
         monkeypatch.setattr(ImageFont, "load_default", lambda size=None: ImageFont.load_default_imagefont())
     rows = [("001 猫.png: 日本語 🐱 café", [Image.new("RGB", (32, 16))], "black"), ("002 failed: no", [], "red")]
     page = sheet(rows)
-    assert page.size == (640, ROW + CAPTION)
+    assert page.size == (max(320, images_mod._text_width(rows[0][0]) + 6), ROW + CAPTION)  # the picture: 320 wide
     assert page.getpixel((0, CAPTION + 1)) == (0, 0, 0)  # the picture, scaled to the row's height
     assert any(page.getpixel((x, ROW + 8)) != (255, 255, 255) for x in range(3, 200))  # the second caption
 
@@ -262,7 +274,7 @@ def test_inversion_batch_renders_each_edit_and_a_missing_picture_again(
     overview = Image.open(out / "batch.png")
     preview = Image.open(out / "001-shapes-a-red-circle" / "preview.png")
     assert overview.height == 2 * ROW
-    assert overview.width == max(640, round(preview.width * 160 / preview.height) + 160)  # preview, then the edit
+    assert overview.width == round(preview.width * 160 / preview.height) + 160  # preview, then the edit: no blank
     assert Image.open(picture).text["peftedit.target"] == "a blue circle"
     picture.unlink()  # e.g. a run stopped between saving the inversion and rendering its edit
     code, _, err = run_cli(capsys, *argv)

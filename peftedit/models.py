@@ -375,10 +375,15 @@ def _check_whole_checkpoint(path: Path) -> None:
     with _open_checkpoint(path) as checkpoint:
         names, header = list(checkpoint.keys()), checkpoint.metadata() or {}
     whole = any(name.startswith(LDM_UNET_PREFIX) for name in names)
+    in_edit = (path.parent / "edit.safetensors").is_file()
     # The folder tells only for a file that is no checkpoint: a whole one beside an edit's file is still a model.
-    if "peftedit.format_version" in header or (not whole and (path.parent / "edit.safetensors").is_file()):
+    if not whole and in_edit:
         raise PeftEditError(
             f"{path} is part of a peftedit edit, not a model: render the edit with peftedit edit {path.parent}"
+        )
+    if "peftedit.format_version" in header:  # an edit's file moved out of its folder: the one it is in is no edit
+        raise PeftEditError(
+            f"{path} is a peftedit edit's file, not a model: render the edit folder it came from with peftedit edit"
         )
     if not whole:
         raise PeftEditError(

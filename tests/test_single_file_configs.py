@@ -217,7 +217,20 @@ def test_a_file_that_is_no_checkpoint_is_said_to_be_none(checkpoint, eps_dir, tm
         one_line_error(
             code, err, f"is part of a peftedit edit, not a model: render the edit with peftedit edit {edit}"
         )
+        assert err.endswith(f"peftedit edit {edit}\n"), err  # the folder, not the file given
     code, _, err = run_cli(capsys, "generate", "a", "--model", edit)  # the folder itself: not "no model_index.json"
     one_line_error(code, err, f"{edit} is a peftedit edit, not a model: render it with peftedit edit {edit}")
     beside = shutil.copy(checkpoint, edit / "model.safetensors")  # a whole checkpoint is a model wherever it lies
     assert load_model(str(beside), RuntimeConfig(device="cpu"), single_file_config=str(eps_dir)).pipe.unet is not None
+
+
+def test_an_edit_file_moved_out_of_its_folder_is_still_said_to_be_an_edit_file(checkpoint, tmp_path, capsys):
+    """An edit's file copied away from its folder is known by its header: said to be an edit's file, not "a LoRA, a
+    VAE", and the advice names no folder, since the one it lies in now is no edit."""
+    tensors = load_file(checkpoint)
+    moved = tmp_path / "downloads" / "my-edit.safetensors"
+    moved.parent.mkdir()
+    save_file({"e_tgt": tensors[next(iter(tensors))]}, moved, metadata={"peftedit.format_version": "2"})
+    code, _, err = run_cli(capsys, "generate", "a", "--model", moved)
+    one_line_error(code, err, f"{moved} is a peftedit edit's file, not a model: render the edit folder it came from")
+    assert f"peftedit edit {moved.parent}" not in err, err

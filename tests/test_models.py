@@ -11,7 +11,7 @@ from cli_run import one_line_error, run_cli
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from peftedit import PeftEditError, RuntimeConfig, load_model
+from peftedit import PeftEditError, RuntimeConfig, hub, load_model
 from peftedit.demo import DEMO_MODEL_DIR
 from peftedit.diffusion import decode_latents
 from peftedit.models import PROBE_PER_TENSOR, probe_indices
@@ -208,3 +208,15 @@ def test_a_model_shipped_with_another_scheduler_samples_with_ddim_on_its_noise_s
     assert type(scheduler) is DDIMScheduler
     for key in ("beta_start", "beta_end", "beta_schedule", "prediction_type", "num_train_timesteps"):
         assert scheduler.config[key] == shipped[key], key
+
+
+def test_single_file_configs_for_a_hub_id_are_said_to_be_ignored(monkeypatch, caplog):
+    """A hub id is no path that exists here, yet it is a model: configs given with it are ignored, and said so."""
+
+    def load(name, *args, **kwargs):
+        raise PeftEditError(f"stopped before fetching {name}")
+
+    monkeypatch.setattr(hub, "load", load)
+    with pytest.raises(PeftEditError, match="stopped before fetching someone/model"):
+        load_model("someone/model", RuntimeConfig(device="cpu"), single_file_config="somewhere")
+    assert "is only for a single .safetensors checkpoint; someone/model is not one: ignored" in caplog.text

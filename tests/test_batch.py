@@ -137,6 +137,24 @@ def test_the_overview_is_as_wide_as_its_pictures_or_its_longest_caption():
     assert long.shape[1] > 64 and long.shape[1] - 6 <= ink[-1] < long.shape[1]  # the caption's end is on the page
 
 
+def test_the_images_hint_is_for_missing_photos_only_and_counts_the_limited_entries(photos, tmp_path):
+    """The hint is for a list whose photos are all missing from the folder: not for entries wrong in other ways, nor
+    for a one-entry list (its one name may be the typo), and with a limit it counts only the entries taken."""
+    no_targets = [{"image": "dog.png"}, {"image": "shapes.png"}]  # photos found, prompts missing
+    with pytest.raises(PeftEditError) as caught:
+        batch.items_from(no_targets, photos)
+    assert "2 bad entries" in str(caught.value) and "none of the photos" not in str(caught.value)
+    with pytest.raises(PeftEditError) as caught:
+        batch.items_from([{"image": "dog.png", "target": "a"}], tmp_path)
+    assert str(caught.value).endswith("image not found: " + str(tmp_path / "dog.png")), caught.value
+    missing = [{"image": f"gone{i}.png", "target": "a"} for i in range(3)] + [{"image": "dog.png", "target": "a"}]
+    with pytest.raises(PeftEditError) as caught:
+        batch.items_from(missing, tmp_path, limit=2)
+    assert str(caught.value).endswith(
+        f"none of the photos is in {tmp_path}: give their folder with --images (images=)"
+    )
+
+
 @pytest.mark.parametrize("freetype", [True, False])
 def test_the_overview_takes_any_caption(freetype, monkeypatch):
     """Pillow draws with FreeType's font where it has FreeType, else with its bitmap font, which takes Latin-1 only

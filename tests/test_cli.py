@@ -609,6 +609,11 @@ def test_a_mistake_in_load_base_settings_is_the_callers_not_damaged_metadata():
         with pytest.raises(PeftEditError, match=re.escape(said)) as caught:
             recorded_runtime(edit, "adapters/e", given)
         assert not isinstance(caught.value, ArtifactError) and "damaged" not in str(caught.value)
+    with pytest.raises(PeftEditError) as caught:
+        recorded_runtime(edit, "adapters/e", {"seed": 3})
+    assert str(caught.value).endswith(  # the settings a render takes, not every runtime one
+        "only these apply: device, dtype, attention, vae_slicing, channels_last, compile, offload_idle"
+    )
 
 
 def test_a_bad_recorded_runtime_names_the_edit_folder():

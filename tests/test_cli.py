@@ -428,6 +428,44 @@ def test_usage_mistakes_are_one_line(argv, said, capsys):
     assert err.startswith(f"peftedit: error: {said}") and "--help)" in err, err
 
 
+def test_help_gives_each_flags_key_and_default_and_lists_the_recipes_the_command_takes():
+    """The help's defaults are the config dataclasses' (some flags had none, one its own copy of the number), and
+    --recipe lists the shipped recipes made only of the command's tables, by name."""
+    import tomllib
+
+    from peftedit.cli import build_parser
+    from peftedit.commands import recipe_sections
+    from peftedit.config import RECIPES_DIR
+    from peftedit.methods.p2p import Control
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    helps = {
+        name: {a.option_strings[-1]: a.help for a in p._actions if a.option_strings} for name, p in commands.items()
+    }
+    sections = recipe_sections()
+    for command, flag, key in (
+        ("imagic", "--embedding-steps", "imagic.embedding_steps"),
+        ("imagic", "--seed", "runtime.seed"),
+        ("invert", "--method", "nulltext.method"),
+        ("invert", "--steps", "nulltext.steps"),
+        ("invert", "--pivot-noise", "nulltext.pivot_noise"),
+        ("invert", "--seed", "nulltext.seed"),
+    ):
+        table, _, name = key.partition(".")
+        default = getattr(sections[table](), name)
+        assert helps[command][flag].endswith(f" ({key}; default {default} unless the recipe sets it)"), flag
+    for flag, name in (("--cross-replace", "cross_replace"), ("--self-replace", "self_replace")):
+        assert helps["edit"][flag].endswith(f" (default {getattr(Control(), name)})"), flag
+    recipes = {p.stem: set(tomllib.loads(p.read_text(encoding="utf-8"))) for p in sorted(RECIPES_DIR.glob("*.toml"))}
+    for command, tables in (
+        ("imagic", {"runtime", "imagic"}),
+        ("invert", {"runtime", "nulltext"}),
+        ("batch", {"runtime", "imagic", "nulltext"}),
+    ):
+        names = ", ".join(name for name, made_of in recipes.items() if made_of <= tables)
+        assert names and helps[command]["--recipe"].startswith(f"a shipped recipe ({names}) or a .toml path"), command
+
+
 @pytest.mark.parametrize("command", ["imagic", "invert", "edit", "inspect", "generate"])
 def test_each_command_shows_its_own_examples(command, capsys):
     with pytest.raises(SystemExit):

@@ -178,6 +178,8 @@ def test_pivot_spacings_the_inverse_scheduler_takes(eps_model, photo):
     trailing.set_timesteps(6)
     pivots = ddim_invert(stub, trailing.config, latent, cond, 6)
     _assert_sampler_walks_back(trailing, stub, pivots, 6)
+    unset = {k: v for k, v in config.items() if k != "timestep_spacing"}  # a config without it: diffusers' leading
+    assert torch.equal(ddim_invert(stub, unset, latent, cond, 6)[-1], ddim_invert(stub, config, latent, cond, 6)[-1])
     linspace = DDIMScheduler.from_config(config, timestep_spacing="linspace").config
     with pytest.raises(PeftEditError, match="^timestep_spacing 'linspace': DDIM inversion takes 'leading' or 'trail"):
         ddim_invert(stub, linspace, latent, cond, 6)
@@ -765,7 +767,7 @@ def test_a_scheduler_list_read_back_from_json_matches_the_tuple_it_was(eps_model
         eps_model.pipe.scheduler = original
 
 
-@pytest.mark.parametrize("cross_replace", [0.0, 0.05])
+@pytest.mark.parametrize("cross_replace", [0.0, 0.05, 0.09])  # 0.9 of a step is no step: it is not rounded
 def test_a_reweight_that_cannot_act_is_refused(eps_model, cross_replace):
     """The factors scale the target's cross-attention only in the steps that borrow the source's (as in the P2P
     reference): with no such step the edit ran and silently ignored --reweight."""
@@ -777,3 +779,5 @@ def test_a_reweight_that_cannot_act_is_refused(eps_model, cross_replace):
         p2p.Controller(pipe.unet, pipe.tokenizer, [SOURCE, target], control, 10)
     control = p2p.Control(reweight={"blue": 2.0}, cross_replace=0.1)  # one step of ten: it acts there
     assert p2p.Controller(pipe.unet, pipe.tokenizer, [SOURCE, target], control, 10).equalizer.max() == 2.0
+    control = p2p.Control(blend=["blue"], cross_replace=cross_replace)  # no reweight: nothing to act, nothing refused
+    assert p2p.Controller(pipe.unet, pipe.tokenizer, [SOURCE, target], control, 10).blend_alpha.max() == 1.0

@@ -192,6 +192,9 @@ def test_a_checkpoint_file_with_an_upper_case_suffix_is_one_line_naming_the_rena
     code, _, err = run_cli(capsys, "generate", "a", "--model", upper, "--single-file-config", eps_dir)
     one_line_error(code, err, f"{upper}: diffusers reads a file as safetensors by its lower-case suffix alone; "
                    "rename it to TINY.safetensors")  # fmt: skip
+    mixed = upper.rename(upper.with_name("Tiny.SafeTensors"))  # any capital in the suffix, not only all of them
+    code, _, err = run_cli(capsys, "generate", "a", "--model", mixed, "--single-file-config", eps_dir)
+    one_line_error(code, err, f"{mixed}: diffusers reads a file as safetensors by its lower-case suffix alone")
 
 
 def test_a_file_that_is_no_checkpoint_is_said_to_be_none(checkpoint, eps_dir, tmp_path, monkeypatch, capsys):

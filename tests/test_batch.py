@@ -125,6 +125,10 @@ def test_a_list_none_of_whose_photos_is_found_points_at_images(photos, tmp_path)
     with pytest.raises(PeftEditError) as caught:
         batch.items_from(entries, photos)
     assert "none of the photos" not in str(caught.value)
+    entries.append({"image": "lost.png", "target": "d"})  # every bad entry a missing photo, but some found: no hint
+    with pytest.raises(PeftEditError) as caught:
+        batch.items_from(entries, photos)
+    assert "2 bad entries" in str(caught.value) and "none of the photos" not in str(caught.value)
 
 
 def test_the_overview_is_as_wide_as_its_pictures_or_its_longest_caption():

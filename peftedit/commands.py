@@ -381,9 +381,9 @@ def cmd_inspect(args) -> int:
     shown = ("folder", "method", "prompts", "base_model", "base_model_config", "base_pipeline", "base_fingerprint")
     for key in (*shown, "resolution"):
         if key not in ("base_model_config", "base_pipeline") or info[key]:  # single files' edits; newer edits
-            print(f"{key:17} {info[key]}")
-    for key in ("created", "losses"):
-        print(f"{key:17} {info[key]}")
+            print(f"{key:17} {_pairs(info[key]) if isinstance(info[key], dict) else info[key]}")
+    print(f"{'created':17} {info['created']}")
+    print(f"{'losses':17} {_pairs(info['losses'], measured=True)}")
     image = info["image"] or {}
     print(f"{'image':17} {image.get('name')} {image.get('size')} {image.get('mode')} sha256 {image.get('sha256')}")
     for name, shape in info["tensors"].items():
@@ -395,6 +395,18 @@ def cmd_inspect(args) -> int:
         print(f"{'recipe.' + section:17} " + ", ".join(f"{k}={v}" for k, v in values.items()))
     print(f"{'files':17} {', '.join(info['files'])}")
     return 0
+
+
+def _pairs(values: dict | None, measured: bool = False) -> str:
+    """``key=value, ...`` for ``inspect``'s prompts (quoted: they hold spaces) and ``measured`` numbers (losses, to 4
+    significant digits; ``--json`` keeps every digit)."""
+
+    def shown(value):
+        if measured and isinstance(value, float):
+            return f"{value:.4g}"
+        return repr(value) if isinstance(value, str) else value
+
+    return ", ".join(f"{k}={shown(v)}" for k, v in (values or {}).items())
 
 
 def cmd_generate(args) -> int:

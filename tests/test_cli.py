@@ -74,7 +74,11 @@ def test_inspect_reports_the_edit(edit_dir, capsys):
     assert info["recipe"]["imagic"]["embedding_steps"] == 20
     assert info["tensors"]["e_opt"] == [1, 77, 32]
     code, out, _ = run_cli(capsys, "inspect", edit_dir)
-    assert code == 0 and "a photo of a red circle" in out and "lora" in out
+    assert code == 0 and "lora" in out
+    lines = {line[:17].strip(): line[17:].strip() for line in out.splitlines()}
+    assert lines["prompts"] == "target='a photo of a red circle'"  # it was a Python dict
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in info["losses"].items())  # it was every digit of a float
+    assert lines["losses"] == shown and len(shown) < 40, shown
 
 
 @pytest.mark.parametrize("kind", [ValueError, OSError])

@@ -81,9 +81,10 @@ def recorded_runtime(artifact: Artifact, name: str = "the edit", settings: dict 
     dtype = resolve_dtype(runtime, resolve_device(runtime))
     if made_in in DTYPES and dtype not in (DTYPES[made_in], DTYPES["fp32"]):
         log.warning(
-            "the edit was made in %s; rendering in %s; to match, --set (settings) runtime.dtype=%s",
+            "the edit was made in %s; rendering in %s; to match, --set runtime.dtype=%s (settings={'dtype': '%s'})",
             made_in,
             dtype_name(dtype),
+            made_in,
             made_in,
         )
     return runtime

@@ -625,7 +625,7 @@ def test_rerender_runtime_drops_compile_and_unknown_settings(caplog):
     assert given.offload_idle and given.channels_last  # --set over the recorded ones
     fp32 = {**made, "dtype": "fp32"}
     recorded_runtime(SimpleNamespace(meta={"recipe": {"runtime": fp32}}), "e", {"device": "cpu", "dtype": "bf16"})
-    assert "the edit was made in fp32; rendering in bf16; to match, --set (settings) runtime.dtype=fp32" in caplog.text
+    assert "rendering in bf16; to match, --set runtime.dtype=fp32 (settings={'dtype': 'fp32'})" in caplog.text
     caplog.clear()  # "auto" recorded: meta.dtype says what it became
     auto = {"runtime": {**made, "dtype": "auto"}}
     recorded_runtime(SimpleNamespace(meta={"recipe": auto, "dtype": "fp32"}), "e", {"device": "cpu", "dtype": "bf16"})

@@ -231,15 +231,31 @@ def eta_seed_grid(pictures: list[Image.Image | None], etas: list[float], seeds: 
 # Greek, Cyrillic, ...), where Pillow's default font is Latin only, and draw a space 3 px wide, where the default's
 # 10 px font draws it about 1 px ("a photoofa" in batch.png). Size 10: the default FreeType font's.
 WIDE_FONTS = ("DejaVuSans.ttf", "NotoSans-Regular.ttf", "LiberationSans-Regular.ttf", "Arial Unicode.ttf", "arial.ttf")
+# For captions with Chinese, Japanese or Korean characters, which none of those draws (boxes): the usual file names
+# on Linux (Noto CJK, WenQuanYi), Windows and macOS, tried before WIDE_FONTS.
+CJK_FONTS = (
+    "NotoSansCJK-Regular.ttc",
+    "NotoSansCJKsc-Regular.otf",
+    "wqy-microhei.ttc",
+    "wqy-zenhei.ttc",
+    "msyh.ttc",
+    "msgothic.ttc",
+    "malgun.ttf",
+    "PingFang.ttc",
+    "Hiragino Sans GB.ttc",
+    "AppleSDGothicNeo.ttc",
+)
+# Code point ranges of CJK scripts: kana, CJK ideographs and symbols, Hangul, full-width forms.
+CJK_RANGES = ((0x2E80, 0x9FFF), (0xAC00, 0xD7AF), (0xF900, 0xFAFF), (0xFF00, 0xFFEF), (0x20000, 0x2FA1F))
 WIDE_FONT_SIZE = 10
 
 
 @functools.cache
-def _wide_font():
-    """The first of :data:`WIDE_FONTS` that loads, or None (looked for once)."""
+def _first_font(names: tuple[str, ...]):
+    """The first of ``names`` that Pillow loads, or None (each list looked for once)."""
     from PIL import ImageFont
 
-    for name in WIDE_FONTS:
+    for name in names:
         try:
             return ImageFont.truetype(name, WIDE_FONT_SIZE)
         except OSError:
@@ -247,20 +263,33 @@ def _wide_font():
     return None
 
 
+def _wide_font():
+    """The first of :data:`WIDE_FONTS` there is, or None."""
+    return _first_font(WIDE_FONTS)
+
+
+def _font_for(text: str):
+    """The font captions with ``text`` are drawn in: a CJK one where the text has CJK characters and the system has
+    such a font, else :func:`_wide_font` (None: Pillow's default)."""
+    if any(low <= ord(c) <= high for c in text for low, high in CJK_RANGES):
+        return _first_font(CJK_FONTS) or _wide_font()
+    return _wide_font()
+
+
 def _text_width(text: str) -> int:
     """How many pixels wide :func:`_text` draws ``text``."""
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     try:
-        return math.ceil(draw.textlength(text, font=_wide_font()))
+        return math.ceil(draw.textlength(text, font=_font_for(text)))
     except UnicodeEncodeError:  # Pillow's bitmap font (no FreeType), which _text draws in Latin-1
         return math.ceil(draw.textlength(text.encode("latin-1", "replace").decode("latin-1")))
 
 
 def _text(draw: ImageDraw.ImageDraw, at: tuple[int, int], text: str, fill: str) -> None:
-    """Draw ``text`` in a system font where there is one (:data:`WIDE_FONTS`). Pillow's default font is
-    FreeType's where Pillow has FreeType (glyphs it lacks are drawn as boxes); its bitmap font otherwise, which
-    encodes Latin-1 only: other characters become '?'."""
-    font = _wide_font()
+    """Draw ``text`` in a system font where there is one (:func:`_font_for`). Pillow's default font is FreeType's where
+    Pillow has FreeType (glyphs it lacks are drawn as boxes); its bitmap font otherwise, which encodes Latin-1 only:
+    other characters become '?'."""
+    font = _font_for(text)
     try:
         draw.text(at, text, fill=fill, font=font)
     except UnicodeEncodeError:

@@ -256,3 +256,20 @@ def test_captions_are_drawn_in_a_system_font_where_there_is_one():
         return columns[-1] - columns[0]
 
     assert ink_width("a b c d e") - ink_width("abcde") >= 4 * 3  # four spaces, each seen
+
+
+def test_cjk_captions_take_a_cjk_font_where_the_system_has_one(monkeypatch):
+    """DejaVu and the other wide fonts have no Chinese, Japanese or Korean glyphs: such captions were boxes."""
+    if images_mod._wide_font() is None:
+        pytest.skip(f"none of {images_mod.WIDE_FONTS} is installed here")
+    images_mod._first_font.cache_clear()
+    monkeypatch.setattr(images_mod, "CJK_FONTS", ("no-such-font.ttc",))  # a system without one: the wide font
+    assert images_mod._font_for("猫 cat") is images_mod._wide_font()
+    stand_in = images_mod._first_font(("DejaVuSerif.ttf",))  # any other installed font stands for a CJK one here
+    if stand_in is None:
+        pytest.skip("DejaVuSerif.ttf is not installed here")
+    monkeypatch.setattr(images_mod, "CJK_FONTS", ("no-such-font.ttc", "DejaVuSerif.ttf"))
+    for text in ("001 猫.png: a cat", "ねこ", "고양이", "ＡＢＣ"):
+        assert images_mod._font_for(text).path == stand_in.path, text
+    assert images_mod._font_for("a cat, кот, café") is images_mod._wide_font()
+    images_mod._first_font.cache_clear()

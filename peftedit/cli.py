@@ -15,6 +15,7 @@ from .commands import cmd_batch, cmd_edit, cmd_generate, cmd_imagic, cmd_inspect
 from .config import shipped_recipes
 from .errors import one_line, out_of_memory
 
+DEBUG_HELP = "show tracebacks and details (every bad entry of a batch list)"
 MODEL_HELP = "SD 1.x/2.x or SDXL: hub id, diffusers folder or .safetensors file (default: the demo model)"
 SINGLE_FILE_CONFIG_HELP = (
     "diffusers config folder or hub id for a single .safetensors file (default: diffusers' guess from its tensors)"
@@ -98,7 +99,7 @@ def _command(sub, name: str, help: str) -> argparse.ArgumentParser:
     epilog = f"examples:\n{EXAMPLES[name]}" + (f"\n\n{FOOTER}" if name != "inspect" else "")  # inspect loads no model
     p = sub.add_parser(name, help=help, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     # also after the command (peftedit edit F --quiet); SUPPRESS keeps a value given before it
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     return p
 
@@ -120,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"peftedit {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parser.commands = sub.choices  # each command's parser, for errors found after parsing (see main)

@@ -442,7 +442,7 @@ def test_help_gives_each_flags_key_and_default_and_lists_the_recipes_the_command
     from peftedit.config import RECIPES_DIR
     from peftedit.methods.p2p import Control
 
-    commands = build_parser()._subparsers._group_actions[0].choices
+    commands = build_parser().commands  # each command's parser (main uses it for errors)
     helps = {
         name: {a.option_strings[-1]: a.help for a in p._actions if a.option_strings} for name, p in commands.items()
     }

@@ -188,6 +188,9 @@ class Controller:
     def __init__(self, unet, tokenizer, prompts: list[str], control: Control | None, steps: int) -> None:
         self.control = control or Control()
         self.prompts, self.steps, self.step = prompts, steps, 0
+        # The first steps in which the target borrows the source's cross- and self-attention (see attend).
+        self.cross_steps = int(steps * self.control.cross_replace)
+        self.self_steps = int(steps * self.control.self_replace)
         self.branches = len(prompts)
         self.editing = self.branches == 2
         length = tokenizer.model_max_length
@@ -195,7 +198,7 @@ class Controller:
         if self.editing:
             mode = self.control.mode or self.default_mode(tokenizer, *prompts)
             self.index, self.aligned = token_mapping(tokenizer, prompts[0], prompts[1], mode)
-            if self.control.reweight and int(steps * self.control.cross_replace) == 0:  # see attend: it would not act
+            if self.control.reweight and self.cross_steps == 0:  # the factors act only in those steps (see attend)
                 raise PeftEditError(
                     f"{named('reweight')} scales the target's attention only in the steps that take the source's "
                     f"(as P2P's reference does), and {named('cross_replace')} = {self.control.cross_replace} gives "
@@ -257,10 +260,10 @@ class Controller:
         """Edit a layer's attention probabilities [batch, heads, queries, keys]; the conditional half is last."""
         if edit:
             source, target = probs[-2], probs[-1]
-            if cross and self.step < int(self.steps * self.control.cross_replace):
+            if cross and self.step < self.cross_steps:
                 borrowed, aligned = source[..., self.index], self.aligned.to(probs.dtype)
                 probs[-1] = (borrowed * aligned + target * (1 - aligned)) * self.equalizer.to(probs.dtype)
-            elif not cross and self.step < int(self.steps * self.control.self_replace):
+            elif not cross and self.step < self.self_steps:
                 probs[-1] = source
         if store:
             side = math.isqrt(probs.shape[2])

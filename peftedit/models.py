@@ -177,15 +177,15 @@ def load_model(
     try:
         if path.suffix.lower() in PICKLE_SUFFIXES:
             raise PeftEditError(f"{path}: pickle checkpoints are not loaded (unsafe); convert it to .safetensors")
-        if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        if is_single_file:
             if path.suffix not in SINGLE_FILE_SUFFIXES:  # diffusers would unpickle it (refused: a long traceback)
                 raise PeftEditError(
                     f"{path}: diffusers reads a file as safetensors by its lower-case suffix alone; "
                     f"rename it to {path.stem}.safetensors"
                 )
-            _check_whole_checkpoint(path)
+            names = _check_whole_checkpoint(path)
             configs = _checkpoint_configs(path, single_file_config)
-            pipeline = pipeline_class(_single_file_kind(path, configs.folder, configs.source))
+            pipeline = pipeline_class(_single_file_kind(path, names, configs.folder, configs.source))
             pipe = pipeline.from_single_file(
                 str(path), config=configs.folder, local_files_only=True, **kwargs, **_extra_kwargs(pipeline)
             )
@@ -368,10 +368,11 @@ def _open_checkpoint(path: Path):
         yield checkpoint
 
 
-def _check_whole_checkpoint(path: Path) -> None:
-    """Refuse a .safetensors file that is not a whole checkpoint in the original layout (an edit's file, a LoRA, a VAE
-    or a diffusers part's weights) before its configs are looked for: diffusers' guess for such a file is SD 1.5, so
-    the error was about fetching SD 1.5's configs, which would not have helped."""
+def _check_whole_checkpoint(path: Path) -> list[str]:
+    """The tensor names of ``path``; raises for a .safetensors file that is not a whole checkpoint in the original
+    layout (an edit's file, a LoRA, a VAE or a diffusers part's weights) before its configs are looked for:
+    diffusers' guess for such a file is SD 1.5, so the error was about fetching SD 1.5's configs, which would not
+    have helped."""
     with _open_checkpoint(path) as checkpoint:
         names, header = list(checkpoint.keys()), checkpoint.metadata() or {}
     whole = any(name.startswith(LDM_UNET_PREFIX) for name in names)
@@ -391,13 +392,13 @@ def _check_whole_checkpoint(path: Path) -> None:
             "tensors: a LoRA, a VAE, or one part of a diffusers folder?); give a full checkpoint, a diffusers folder "
             "or a hub id"
         )
+    return names
 
 
-def _single_file_kind(path: Path, configs: str, source: str) -> str:
-    """The architecture of a single checkpoint: its configs' (a local folder, named ``source`` in errors), when the
-    file's tensor names do not say otherwise (the original layouts' text-encoder prefixes tell SDXL from SD)."""
-    with _open_checkpoint(path) as checkpoint:
-        names = list(checkpoint.keys())
+def _single_file_kind(path: Path, names: list[str], configs: str, source: str) -> str:
+    """The architecture of the single checkpoint ``path``: its configs' (a local folder, named ``source`` in errors),
+    when the file's tensor ``names`` do not say otherwise (the original layouts' text-encoder prefixes tell SDXL from
+    SD)."""
     said = {SDXL: "conditioner.embedders.", SD: "cond_stage_model."}
     found = next((kind for kind, prefix in said.items() if any(n.startswith(prefix) for n in names)), None)
     kind = _folder_kind(configs)

@@ -71,20 +71,24 @@ def _listed(kind: type):
     return parse
 
 
+def _default(config: type, name: str):
+    """The default of field ``name`` of the config dataclass ``config``: what the help shows, read from the code so
+    that it cannot drift from it."""
+    (default,) = [f.default for f in dataclasses.fields(config) if f.name == name]
+    return default
+
+
 def _set(text: str, key: str) -> str:
-    """The help of a flag that sets the recipe key ``key``: ``text``, the key and its default, read from the config
-    dataclass so that the help cannot drift from the code."""
+    """The help of a flag that sets the recipe key ``key``: ``text``, the key and its default."""
     section, _, name = key.partition(".")
-    (default,) = [f.default for f in dataclasses.fields(recipe_sections()[section]) if f.name == name]
-    return f"{text} ({key}; default {default} unless the recipe sets it)"
+    return f"{text} ({key}; default {_default(recipe_sections()[section], name)} unless the recipe sets it)"
 
 
 def _control(text: str, name: str) -> str:
-    """The help of an edit flag that sets ``p2p.Control.<name>``, with its default read from there."""
+    """The help of an edit flag that sets ``p2p.Control.<name>``, with its default."""
     from .methods.p2p import Control
 
-    (default,) = [f.default for f in dataclasses.fields(Control) if f.name == name]
-    return f"{text} (default {default})"
+    return f"{text} (default {_default(Control, name)})"
 
 
 def _add_model_args(p: argparse.ArgumentParser, tables: tuple[str, ...]) -> None:
